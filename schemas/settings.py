@@ -1,0 +1,50 @@
+"""Environment facts: where the store lives, which device and dtype to run on.
+
+These describe the machine, not the edit, so they live apart from the pipeline spec and are read
+from ``REELFLOW_*`` environment variables (``REELFLOW_STORE``, ``REELFLOW_DEVICE``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_store() -> str:
+    return str(Path.home() / ".cache" / "reelflow" / "store")
+
+
+class Settings(BaseSettings):
+    """Per-machine configuration; every field can be set as ``REELFLOW_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="REELFLOW_", frozen=True, extra="forbid")
+
+    store: str = Field(
+        default_factory=_default_store,
+        description="Root URL of the artifact store (a local path, file://, memory:// or s3://).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for the store (JSON in the environment), e.g. an S3 endpoint.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        default="auto", description="Torch device for model stages; 'auto' picks cuda when available."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Default model dtype; 'auto' is float16 on cuda and float32 elsewhere. A model's own dtype wins.",
+    )
+    model_cache_dir: str | None = Field(
+        default=None, description="Where from_pretrained caches hub downloads (None: the Hugging Face default)."
+    )
+    max_concurrency: int = Field(
+        default=2, ge=1, le=64, description="How many independent stages of one edit run at once."
+    )
+    lease_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a stage's lease on its artifact lasts without renewal before another run may take it over.",
+    )

@@ -1,0 +1,288 @@
+"""The artifact store: one Zarr v3 group per stage output, on any fsspec filesystem.
+
+Layout: ``{root}/artifacts/{stage}/{key[:2]}/{key}.zarr``. Each group carries its provenance in
+attrs and a ``complete`` attribute that is written last; readers refuse a group without it, so a
+crashed writer never leaves something that reads as finished.
+
+Commit protocol by capability (``atomic_rename``):
+- local disks: write to a sibling ``{key}.zarr.tmp-{unix time}-{token}``, mark it complete, then
+  ``os.rename`` it into place (atomic within one filesystem);
+- object stores and memory://: there is no atomic directory rename, so write in place and let the
+  single PUT of the group's ``zarr.json`` that sets ``complete`` be the publish step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from zarr.storage import FsspecStore, LocalStore
+
+from schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
+from schemas.refs import ArraySpec, ArtifactRef
+from storage.arrays import frame_chunks, storage_dtype
+
+ARTIFACTS = "artifacts"
+TEMP_MARK = ".tmp-"
+_COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
+_ARTIFACT_URL = re.compile(r"^(?P<root>.*?)/?artifacts/(?P<stage>[a-z0-9_]+)/[0-9a-f]{2}/(?P<key>[0-9a-f]{64})\.zarr/?$")
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a listing knows about one artifact without opening its arrays."""
+
+    stage: str
+    key: str
+    path: str
+    url: str
+    complete: bool
+    created_at: float
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ArtifactWriter:
+    """Writes arrays and attrs into a group that is not yet complete."""
+
+    def __init__(self, group: zarr.Group, path: str) -> None:
+        self.group = group
+        self.path = path
+
+    def create_array(
+        self,
+        name: str,
+        *,
+        shape: tuple[int, ...],
+        dtype: str | np.dtype,
+        dims: tuple[str, ...],
+        chunks: tuple[int, ...] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> zarr.Array:
+        """An empty array chunked along its first axis, for stages that stream their output."""
+        dtype = np.dtype(dtype)
+        return self.group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks or frame_chunks(shape, dtype.itemsize),
+            compressors=_COMPRESSOR,
+            dimension_names=list(dims),
+            attributes=dict(attrs or {}),
+            fill_value=0,
+        )
+
+    def write_array(
+        self,
+        name: str,
+        data: np.ndarray,
+        *,
+        dims: tuple[str, ...],
+        dtype: str | np.dtype | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> zarr.Array:
+        """Write a whole array; floats are stored as float16 when that is lossless enough, unless ``dtype`` is given."""
+        dtype = np.dtype(dtype) if dtype is not None else storage_dtype(data)
+        array = self.create_array(name, shape=data.shape, dtype=dtype, dims=dims, attrs=attrs)
+        array[...] = data.astype(dtype, copy=False)
+        return array
+
+    def update_attrs(self, values: Mapping[str, Any]) -> None:
+        self.group.attrs.update(dict(values))
+
+
+class ArtifactStore:
+    """Artifacts under one root URL (local path, file://, memory://, s3://, ...)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        url = str(url)
+        local = "://" not in url or url.startswith("file://")
+        self.url = os.path.abspath(url.removeprefix("file://")) if local else url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.url_to_fs(self.url, **self.storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open store {url!r}: {exc}; check the URL scheme and storage options") from exc
+        self.root = self.root.rstrip("/")
+        self.atomic_rename = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # paths -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def artifact_path(stage: str, key: str) -> str:
+        return f"{ARTIFACTS}/{stage}/{key[:2]}/{key}.zarr"
+
+    def abspath(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return self.abspath(rel) if self.atomic_rename else self.fs.unstrip_protocol(self.abspath(rel))
+
+    def ensure_reachable(self) -> None:
+        """Fail early, with the fix, when the store root cannot be created or written."""
+        probe = self.abspath(f".probe-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.makedirs(self.abspath(ARTIFACTS), exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as exc:
+            raise StoreError(
+                f"store {self.url!r} is not writable ({type(exc).__name__}: {exc}); "
+                "point --store or REELFLOW_STORE at a writable location"
+            ) from exc
+
+    # reading ---------------------------------------------------------------------------------
+
+    def read_attrs(self, rel: str) -> dict[str, Any]:
+        """The group attrs straight from ``zarr.json``, without opening any array."""
+        try:
+            meta = json.loads(self.fs.cat_file(f"{self.abspath(rel)}/zarr.json"))
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"no artifact at {self.url_of(rel)!r}") from None
+        return dict(meta.get("attributes", {}))
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        try:
+            return bool(self.read_attrs(self.artifact_path(stage, key)).get("complete"))
+        except ArtifactNotFound:
+            return False
+
+    def open(self, stage: str, key: str) -> zarr.Group:
+        return self.open_path(self.artifact_path(stage, key))
+
+    def open_path(self, rel: str) -> zarr.Group:
+        """Open a complete artifact read-only; an unfinished one raises ArtifactIncomplete."""
+        if not self.read_attrs(rel).get("complete"):
+            raise ArtifactIncomplete(
+                f"artifact {self.url_of(rel)!r} was never completed (its writer failed or is still running); "
+                "rerun the pipeline to recompute it"
+            )
+        return zarr.open_group(self._zarr_store(self.abspath(rel), read_only=True), mode="r")
+
+    def ref(self, stage: str, key: str) -> ArtifactRef:
+        group = self.open(stage, key)
+        arrays = {
+            name: ArraySpec(shape=a.shape, dtype=str(a.dtype), dims=tuple(a.metadata.dimension_names or ()))
+            for name, a in sorted(group.arrays())
+        }
+        run_id = str(group.attrs.get("provenance", {}).get("run_id", ""))
+        return ArtifactRef(
+            store=self.url, path=self.artifact_path(stage, key), stage=stage, key=key, arrays=arrays, run_id=run_id
+        )
+
+    # writing ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self, stage: str, key: str, attrs: Mapping[str, Any]) -> Iterator[ArtifactWriter]:
+        """Create the artifact's group; on success mark it complete and publish it, on error remove it."""
+        final = self.abspath(self.artifact_path(stage, key))
+        target = f"{final}{TEMP_MARK}{int(time.time())}-{uuid.uuid4().hex[:8]}" if self.atomic_rename else final
+        if not self.atomic_rename and self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        started = {**attrs, "complete": False, "started_at": time.time()}
+        group = zarr.open_group(self._zarr_store(target, read_only=False), mode="w", attributes=started)
+        try:
+            yield ArtifactWriter(group, target)
+            group.attrs.update({"complete": True, "completed_at": time.time()})
+        except BaseException:
+            self._remove_abs(target)
+            raise
+        if self.atomic_rename:
+            self._publish(target, final)
+
+    def _publish(self, temp: str, final: str) -> None:
+        try:
+            os.rename(temp, final)
+        except OSError:
+            # Another writer published the same key first; its output is equivalent, keep it.
+            if self.is_complete(*_stage_and_key(final)):
+                shutil.rmtree(temp, ignore_errors=True)
+                return
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(temp, final)
+
+    def remove(self, rel: str) -> None:
+        self._remove_abs(self.abspath(rel))
+
+    def _remove_abs(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def _zarr_store(self, path: str, *, read_only: bool) -> LocalStore | FsspecStore:
+        if self.atomic_rename:
+            return LocalStore(path, read_only=read_only)
+        return FsspecStore.from_url(
+            self.fs.unstrip_protocol(path), storage_options=self.storage_options or None, read_only=read_only
+        )
+
+    # listing ---------------------------------------------------------------------------------
+
+    def list(self, stage: str | None = None) -> Iterator[ArtifactInfo]:
+        """Every artifact group, complete or not (temporary siblings excluded), oldest first."""
+        pattern = self.abspath(f"{ARTIFACTS}/{stage or '*'}/*/*.zarr")
+        infos = [self._info(path) for path in self.fs.glob(pattern)]
+        yield from sorted((i for i in infos if i is not None), key=lambda i: i.created_at)
+
+    def temporaries(self) -> list[tuple[str, float]]:
+        """Relative paths of temporary write siblings with the unix time they were started."""
+        found = []
+        for path in self.fs.glob(self.abspath(f"{ARTIFACTS}/*/*/*.zarr{TEMP_MARK}*")):
+            stamp = path.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+            found.append((self._relative(path), float(stamp) if stamp.isdigit() else 0.0))
+        return found
+
+    def find(self, key: str) -> ArtifactInfo:
+        """Locate an artifact by its key or a unique prefix of it (at least 6 hex digits)."""
+        if not re.fullmatch(r"[0-9a-f]{6,64}", key):
+            raise ArtifactNotFound(f"{key!r} is not a stage key; give 6 to 64 lowercase hex digits")
+        matches = [i for i in self.list() if i.key.startswith(key)]
+        if len(matches) != 1:
+            what = "no artifact" if not matches else f"{len(matches)} artifacts"
+            raise ArtifactNotFound(f"{what} in {self.url!r} with a key starting {key!r}; give more digits or check --store")
+        return matches[0]
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.du(self.abspath(rel), total=True))
+
+    def _info(self, path: str) -> ArtifactInfo | None:
+        rel = self._relative(path)
+        stage, key = _stage_and_key(path)
+        try:
+            attrs = self.read_attrs(rel)
+        except ArtifactNotFound:
+            return None
+        created = float(attrs.get("completed_at") or attrs.get("started_at") or 0.0)
+        return ArtifactInfo(stage, key, rel, self.url_of(rel), bool(attrs.get("complete")), created, attrs)
+
+    def _relative(self, path: str) -> str:
+        path = self.fs._strip_protocol(path)
+        return path[len(self.root) :].lstrip("/")
+
+
+def _stage_and_key(path: str) -> tuple[str, str]:
+    parts = path.rstrip("/").split("/")
+    return parts[-3], parts[-1].split(".zarr")[0]
+
+
+def locate_artifact_url(url: str) -> tuple[str, str, str]:
+    """Split an artifact URL into (store root, stage, key); ArtifactNotFound when it is not one."""
+    match = _ARTIFACT_URL.match(url.rstrip("/"))
+    if not match:
+        raise ArtifactNotFound(
+            f"{url!r} is not an artifact URL; expected <store>/artifacts/<stage>/<xx>/<key>.zarr"
+        )
+    return match["root"] or ".", match["stage"], match["key"]

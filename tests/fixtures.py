@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny model bundle, synthetic clips, stores, and one Prefect harness per session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from core.tiny import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 96x64, 24 fps, 1 s synthetic clip with motion and a sound track."""
+    from core.video import write_synthetic_clip
+
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    write_synthetic_clip(path, width=96, height=64, fps=24, seconds=1.0)
+    return path
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    url = f"memory://reelflow-test-{uuid.uuid4().hex[:8]}"
+    yield url
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = url.removeprefix("memory://")
+    if fs.exists(f"/{root}"):
+        fs.rm(f"/{root}", recursive=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Prefect test server for the session, with result storage of its own."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}):
+        with prefect_test_harness(server_startup_timeout=90):
+            from prefect.settings import PREFECT_API_URL
+
+            yield PREFECT_API_URL.value()

@@ -1,0 +1,226 @@
+"""The artifact-store contract. Every backend runs the same tests by subclassing StoreContract."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from schemas.errors import ArtifactIncomplete, ArtifactNotFound
+from storage.gc import collect_garbage
+from storage.leases import Leases
+from storage.store import ArtifactStore, locate_artifact_url
+
+KEY_A = "a1" * 32
+KEY_B = "b2" * 32
+DIMS = ("frame", "channel", "y", "x")
+
+
+def write_latents(store: ArtifactStore, key: str, frames: int = 5, run_id: str = "run-1") -> np.ndarray:
+    data = np.random.default_rng(0).standard_normal((frames, 4, 8, 8)).astype(np.float32)
+    with store.write("encode_latents", key, {"provenance": {"run_id": run_id, "key": key}}) as writer:
+        writer.write_array("latents", data, dims=DIMS)
+    return data
+
+
+class StoreContract:
+    """Subclasses provide ``store`` (an empty ArtifactStore)."""
+
+    @pytest.fixture
+    def store(self) -> ArtifactStore:
+        raise NotImplementedError
+
+    def test_write_then_read_round_trip_with_float16_and_dims(self, store: ArtifactStore) -> None:
+        data = write_latents(store, KEY_A)
+        group = store.open("encode_latents", KEY_A)
+        stored = group["latents"]
+        assert stored.dtype == np.float16
+        assert tuple(stored.metadata.dimension_names) == DIMS
+        np.testing.assert_allclose(stored[:], data, rtol=1e-3, atol=1e-3)
+        assert group.attrs["complete"] is True
+        assert group.attrs["provenance"]["run_id"] == "run-1"
+
+    def test_any_zarr_v3_reader_opens_the_group_by_url(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        url = store.url_of(store.artifact_path("encode_latents", KEY_A))
+        group = zarr.open_group(url, mode="r", storage_options=store.storage_options or None)
+        assert group.metadata.zarr_format == 3
+        assert group["latents"].shape == (5, 4, 8, 8)
+
+    def test_chunks_split_only_the_frame_axis(self, store: ArtifactStore) -> None:
+        with store.write("encode_latents", KEY_A, {}) as writer:
+            array = writer.create_array("latents", shape=(40, 4, 64, 64), dtype="float16", dims=DIMS)
+        assert array.chunks[1:] == (4, 64, 64)
+        assert 1 <= array.chunks[0] < 40
+
+    def test_layout_is_content_addressed(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        expected = f"artifacts/encode_latents/{KEY_A[:2]}/{KEY_A}.zarr"
+        assert store.artifact_path("encode_latents", KEY_A) == expected
+        assert store.fs.exists(store.abspath(expected) + "/zarr.json")
+
+    def test_incomplete_until_the_block_ends(self, store: ArtifactStore) -> None:
+        with store.write("encode_latents", KEY_A, {}) as writer:
+            writer.write_array("latents", np.ones((2, 4, 8, 8), np.float32), dims=DIMS)
+            assert not store.is_complete("encode_latents", KEY_A)
+            with pytest.raises(ArtifactNotFound):
+                store.open("encode_latents", KEY_A)
+        assert store.is_complete("encode_latents", KEY_A)
+
+    def test_failed_write_leaves_nothing_that_reads_as_complete(self, store: ArtifactStore) -> None:
+        with pytest.raises(RuntimeError):
+            with store.write("encode_latents", KEY_A, {}) as writer:
+                writer.write_array("latents", np.ones((2, 4, 8, 8), np.float32), dims=DIMS)
+                raise RuntimeError("boom")
+        assert not store.is_complete("encode_latents", KEY_A)
+        assert list(store.list()) == []
+        assert store.temporaries() == []
+
+    def test_reader_refuses_a_group_without_marker(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        rel = store.artifact_path("encode_latents", KEY_A)
+        meta_path = store.abspath(rel) + "/zarr.json"
+        meta = json.loads(store.fs.cat_file(meta_path))
+        meta["attributes"]["complete"] = False
+        store.fs.pipe_file(meta_path, json.dumps(meta).encode())
+        with pytest.raises(ArtifactIncomplete, match="never completed"):
+            store.open("encode_latents", KEY_A)
+        assert not store.is_complete("encode_latents", KEY_A)
+
+    def test_rewrite_after_an_abandoned_write(self, store: ArtifactStore) -> None:
+        writer_cm = store.write("encode_latents", KEY_A, {})
+        writer = writer_cm.__enter__()
+        writer.write_array("latents", np.zeros((2, 4, 8, 8), np.float32), dims=DIMS)
+        # The process "dies" here: the context manager is never exited.
+        data = write_latents(store, KEY_A)
+        np.testing.assert_allclose(store.open("encode_latents", KEY_A)["latents"][:], data, atol=1e-2)
+
+    def test_missing_artifact(self, store: ArtifactStore) -> None:
+        with pytest.raises(ArtifactNotFound) as info:
+            store.open("encode_latents", KEY_B)
+        assert isinstance(info.value, FileNotFoundError)
+
+    def test_ref_describes_arrays(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A, run_id="run-9")
+        ref = store.ref("encode_latents", KEY_A)
+        assert ref.key == KEY_A and ref.stage == "encode_latents" and ref.run_id == "run-9"
+        assert ref.arrays["latents"].shape == (5, 4, 8, 8)
+        assert ref.arrays["latents"].dims == DIMS
+        assert ref.url.endswith(f"{KEY_A}.zarr")
+
+    def test_list_and_find_by_prefix(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        write_latents(store, KEY_B)
+        assert sorted(i.key for i in store.list()) == [KEY_A, KEY_B]
+        assert [i.key for i in store.list("encode_latents")] == [KEY_A, KEY_B]
+        assert list(store.list("decode_video")) == []
+        assert store.find(KEY_B[:8]).key == KEY_B
+        with pytest.raises(ArtifactNotFound, match="no artifact"):
+            store.find("cafe" * 4)
+        with pytest.raises(ArtifactNotFound, match="not a stage key"):
+            store.find("xyz")
+
+    def test_url_round_trips_through_locate(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        info = store.find(KEY_A)
+        root, stage, key = locate_artifact_url(info.url)
+        assert (stage, key) == ("encode_latents", KEY_A)
+        assert ArtifactStore(root, store.storage_options).is_complete(stage, key)
+
+    def test_leases_are_exclusive_and_expire(self, store: ArtifactStore) -> None:
+        leases = Leases(store)
+        assert leases.acquire(KEY_A, "one", ttl=30)
+        assert not leases.acquire(KEY_A, "two", ttl=30)
+        assert leases.acquire(KEY_A, "one", ttl=30)  # renewal by the holder
+        leases.release(KEY_A, "two")  # not the holder: no effect
+        assert leases.read(KEY_A).holder == "one"
+        leases.release(KEY_A, "one")
+        assert leases.acquire(KEY_A, "two", ttl=0.05)
+        time.sleep(0.1)
+        assert leases.acquire(KEY_A, "three", ttl=30), "an expired lease is taken over"
+        assert leases.live_keys() == {KEY_A}
+
+    def test_gc_by_age_keeps_held_artifacts(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        write_latents(store, KEY_B)
+        Leases(store).hold("run-x", [KEY_A], ttl=60)
+        report = collect_garbage(store, older_than=0.0)
+        assert [store.find(KEY_A).key] == [KEY_A]
+        assert report.kept_held == [store.artifact_path("encode_latents", KEY_A)]
+        assert report.removed == [store.artifact_path("encode_latents", KEY_B)]
+        assert not store.is_complete("encode_latents", KEY_B)
+
+    def test_gc_dry_run_deletes_nothing(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        report = collect_garbage(store, older_than=0.0, dry_run=True)
+        assert report.removed and store.is_complete("encode_latents", KEY_A)
+
+    def test_gc_by_size_removes_oldest_first(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A, frames=20)
+        time.sleep(0.01)
+        write_latents(store, KEY_B, frames=20)
+        one = store.size(store.artifact_path("encode_latents", KEY_B))
+        report = collect_garbage(store, max_bytes=one)
+        assert report.removed == [store.artifact_path("encode_latents", KEY_A)]
+        assert store.is_complete("encode_latents", KEY_B)
+        assert report.remaining_bytes <= one
+
+    def test_gc_sweeps_stale_unfinished_writes_only(self, store: ArtifactStore) -> None:
+        abandoned = store.write("encode_latents", KEY_A, {})
+        abandoned.__enter__().write_array("latents", np.ones((2, 4, 8, 8), np.float32), dims=DIMS)
+        assert collect_garbage(store, stale_after=3600).removed == []
+        report = collect_garbage(store, stale_after=-1)
+        assert len(report.removed) == 1
+        assert store.temporaries() == [] and list(store.list()) == []
+
+    def test_gc_never_sweeps_a_write_under_a_live_lease(self, store: ArtifactStore) -> None:
+        Leases(store).acquire(KEY_A, "writer", ttl=60)
+        abandoned = store.write("encode_latents", KEY_A, {})
+        abandoned.__enter__().write_array("latents", np.ones((2, 4, 8, 8), np.float32), dims=DIMS)
+        assert collect_garbage(store, stale_after=-1).removed == []
+
+
+class TestLocalStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> ArtifactStore:
+        store = ArtifactStore(str(tmp_path / "store"))
+        store.ensure_reachable()
+        assert store.atomic_rename
+        return store
+
+    def test_file_url_is_the_same_local_store(self, tmp_path: Path) -> None:
+        store = ArtifactStore(f"file://{tmp_path}/store")
+        assert store.atomic_rename and store.url == str(tmp_path / "store")
+
+    def test_writes_go_to_a_temporary_sibling_then_rename(self, store: ArtifactStore) -> None:
+        with store.write("encode_latents", KEY_A, {}) as writer:
+            assert ".zarr.tmp-" in writer.path
+            assert len(store.temporaries()) == 1
+        assert store.temporaries() == []
+
+    def test_unwritable_root_is_a_clear_error(self, tmp_path: Path) -> None:
+        from schemas.errors import StoreError
+
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        with pytest.raises(StoreError, match="not writable.*REELFLOW_STORE"):
+            ArtifactStore(str(blocker / "store")).ensure_reachable()
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def store(self, memory_url: str) -> ArtifactStore:
+        store = ArtifactStore(memory_url)
+        store.ensure_reachable()
+        assert not store.atomic_rename
+        return store
+
+    def test_writes_in_place_with_marker_as_commit(self, store: ArtifactStore) -> None:
+        with store.write("encode_latents", KEY_A, {}) as writer:
+            assert writer.path.endswith(f"{KEY_A}.zarr")
+            assert not store.is_complete("encode_latents", KEY_A)
+        assert store.is_complete("encode_latents", KEY_A)
