@@ -36,7 +36,20 @@ class Lease:
     pid: int = 0
 
     def live(self, now: float | None = None) -> bool:
-        return self.expires_at > (time.time() if now is None else now)
+        """Unexpired, and, when the holder ran on this host, its process still exists."""
+        if self.expires_at <= (time.time() if now is None else now):
+            return False
+        return not (self.host == socket.gethostname() and self.pid and not _process_exists(self.pid))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_holder() -> str:
@@ -95,10 +108,8 @@ class Leases:
             self._remove(self._lease_path(key))
 
     def read(self, key: str) -> Lease | None:
-        try:
-            return Lease(**json.loads(self.fs.cat_file(self._lease_path(key))))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            return None
+        record = _load(self.fs, self._lease_path(key))
+        return _as_lease(record) if record else None
 
     def live_keys(self) -> set[str]:
         return {lease.key for lease in self._all(LEASES) if lease.live()}
@@ -107,7 +118,7 @@ class Leases:
 
     def hold(self, run_id: str, keys: Iterable[str], ttl: float) -> None:
         """Protect ``keys`` from garbage collection for ``ttl`` seconds (call again to renew)."""
-        record = {"key": run_id, "holder": run_id, "expires_at": time.time() + ttl, "keys": sorted(set(keys))}
+        record = {**asdict(self._lease(run_id, run_id, ttl)), "keys": sorted(set(keys))}
         self.fs.makedirs(self.store.abspath(HOLDS), exist_ok=True)
         self.fs.pipe_file(self.store.abspath(f"{HOLDS}/{run_id}.json"), json.dumps(record).encode())
 
@@ -127,21 +138,19 @@ class Leases:
 
     def held_keys(self) -> set[str]:
         keys: set[str] = set()
-        now = time.time()
         for path in self.fs.glob(self.store.abspath(f"{HOLDS}/*.json")):
             record = _load(self.fs, path)
-            if record and record.get("expires_at", 0) > now:
+            if record and _as_lease(record).live():
                 keys.update(record.get("keys", []))
         return keys
 
     def sweep_expired(self) -> int:
         """Delete expired leases and holds; returns how many were removed."""
         removed = 0
-        now = time.time()
         for folder in (LEASES, HOLDS):
             for path in self.fs.glob(self.store.abspath(f"{folder}/*.json")):
                 record = _load(self.fs, path)
-                if record is None or record.get("expires_at", 0) <= now:
+                if record is None or not _as_lease(record).live():
                     self._remove(path)
                     removed += 1
         return removed
@@ -165,7 +174,7 @@ class Leases:
         for path in self.fs.glob(self.store.abspath(f"{folder}/*.json")):
             record = _load(self.fs, path)
             if record:
-                leases.append(Lease(**{k: record[k] for k in ("key", "holder", "expires_at") if k in record}))
+                leases.append(_as_lease(record))
         return leases
 
     def _remove(self, path: str) -> None:
@@ -173,6 +182,10 @@ class Leases:
             self.fs.rm(path)
         except FileNotFoundError:
             pass
+
+
+def _as_lease(record: dict) -> Lease:
+    return Lease(**{k: record[k] for k in ("key", "holder", "expires_at", "host", "pid") if k in record})
 
 
 def _dump(lease: Lease) -> bytes:

@@ -19,7 +19,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 96x64, 24 fps, 1 s synthetic clip with motion and a sound track."""
-    from core.video import write_synthetic_clip
+    from core.synthetic import write_synthetic_clip
 
     path = tmp_path_factory.mktemp("clips") / "clip.mp4"
     write_synthetic_clip(path, width=96, height=64, fps=24, seconds=1.0)

@@ -224,3 +224,19 @@ class TestMemoryStore(StoreContract):
             assert writer.path.endswith(f"{KEY_A}.zarr")
             assert not store.is_complete("encode_latents", KEY_A)
         assert store.is_complete("encode_latents", KEY_A)
+
+
+def test_a_lease_whose_process_died_is_taken_over_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    code = (
+        "import sys; from storage.store import ArtifactStore; from storage.leases import Leases; "
+        f"Leases(ArtifactStore(sys.argv[1])).acquire('{KEY_A}', 'dead-run', ttl=600)"
+    )
+    subprocess.run([sys.executable, "-c", code, store.url], check=True)
+    leases = Leases(store)
+    assert leases.read(KEY_A).holder == "dead-run"
+    assert not leases.read(KEY_A).live(), "the holder's process has exited"
+    assert leases.acquire(KEY_A, "next-run", ttl=60)

@@ -1,0 +1,81 @@
+"""The ``reelflow`` command line: run, demo, inspect, gc, models tiny.
+
+Errors a user can cause end in one line on stderr and a non-zero exit; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from flows import commands  # noqa: E402  (after the Prefect environment defaults)
+from schemas.errors import ReelflowError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reelflow", description="Declarative, cached diffusion video editing.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and Prefect's own error logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline spec (or a preset name) on a video")
+    run.add_argument("spec", help="pipeline YAML file, or a preset name such as 'reconstruct'")
+    run.add_argument("--input", help="source video path or URL (overrides the spec's `input`)")
+    run.add_argument("--store", help="artifact store URL (overrides the spec and REELFLOW_STORE)")
+    run.add_argument("--output", help="directory for the output video and run manifest")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field, e.g. stages.encode_video.params.crf=23 (repeatable)")
+    run.set_defaults(handler=commands.run)
+
+    demo = sub.add_parser("demo", help="run the reconstruct preset on a synthetic clip with a tiny model")
+    demo.add_argument("--workdir", default="demo", help="where the clip, models, store and outputs go")
+    demo.set_defaults(handler=commands.demo)
+
+    inspect = sub.add_parser("inspect", help="show what an artifact holds and where it came from")
+    inspect.add_argument("target", help="a stage key (or a unique prefix of 6+ hex digits) or an artifact URL")
+    inspect.add_argument("--store", help="store URL to search for a key (default: REELFLOW_STORE)")
+    inspect.set_defaults(handler=commands.inspect)
+
+    gc = sub.add_parser("gc", help="delete old artifacts and crashed writes, keep the store under a budget")
+    gc.add_argument("--store", help="store URL (default: REELFLOW_STORE)")
+    gc.add_argument("--older-than", type=commands.parse_duration, metavar="AGE", help="e.g. 30d, 12h, 45m")
+    gc.add_argument("--max-size", type=commands.parse_size, metavar="SIZE", help="e.g. 200GB, 512MiB")
+    gc.add_argument("--stale-after", type=commands.parse_duration, default=commands.parse_duration("6h"),
+                    metavar="AGE", help="age after which unfinished writes are swept (default 6h)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    gc.set_defaults(handler=commands.gc)
+
+    models = sub.add_parser("models", help="model utilities")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser("tiny", help="write a tiny random Stable-Diffusion-style bundle for tests")
+    tiny.add_argument("dir", help="target directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=commands.models_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        commands.quiet_tracebacks()
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("reelflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (the one place that turns any failure into an exit code)
+        if args.debug:
+            traceback.print_exc()
+        kind = "" if isinstance(exc, ReelflowError) else f"unexpected {type(exc).__name__}: "
+        print(f"reelflow: error: {kind}{exc}".replace("\n", " "), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""What each ``reelflow`` subcommand does. Heavy imports (torch, Prefect) happen inside the handlers
+that need them, so ``reelflow inspect`` and ``reelflow gc`` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import SpecError
+from schemas.loading import load_spec
+from schemas.settings import Settings
+from storage.gc import collect_garbage
+from storage.store import ArtifactStore, locate_artifact_url
+
+PRESETS = Path(__file__).resolve().parents[1] / "deployments" / "presets"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use a number and s, m, h, d or w (e.g. 30d)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match[2] not in _SIZES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 500MB, 20GiB or 1TB")
+    return int(float(match[1]) * _SIZES[match[2]])
+
+
+def resolve_spec_path(name: str) -> Path:
+    """A spec file path, or the preset of that name in deployments/presets/."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise SpecError(f"{name!r} is neither a spec file nor a preset; presets: {known}")
+
+
+def quiet_tracebacks() -> None:
+    """Keep Prefect's failure logs to their one-line message; --debug restores the tracebacks."""
+    import prefect.logging.configuration  # noqa: F401  (installs Prefect's handlers)
+
+    def strip(record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(strip)
+
+
+# run / demo ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for field in ("input", "store", "output"):
+        if getattr(args, field):
+            overrides.append(f"{field}={json.dumps(getattr(args, field))}")
+    spec = load_spec(resolve_spec_path(args.spec), overrides)
+    manifest = run_spec(spec)
+    print_summary(manifest)
+    return 0
+
+
+def run_spec(spec: Any) -> Any:
+    from flows.edit import check_inputs, edit_video
+
+    check_inputs(spec, Settings())
+    return edit_video(spec)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from flows.demo import prepare_demo
+
+    workdir = Path(args.workdir).resolve()
+    spec = prepare_demo(workdir)
+    manifest = run_spec(spec)
+    print_summary(manifest)
+    print(f"\nsource clip  {spec.input}\nmodels       {spec.models['sd'].id}\nstore        {spec.store}")
+    print(f"try          reelflow inspect {manifest.stages[1].key[:12]} --store {spec.store}")
+    return 0
+
+
+def print_summary(manifest: Any) -> None:
+    print(f"\n{manifest.pipeline}: {manifest.status} in {manifest.seconds:.1f}s (run {manifest.run_id})")
+    for r in manifest.stages:
+        print(f"  {r.name:<18} {r.status:<9} {r.seconds:>7.2f}s  {r.key[:12]}")
+    for stage_id, values in manifest.metrics.items():
+        print(f"  metrics[{stage_id}]: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    for name, url in manifest.outputs.items():
+        print(f"  {name:<18} {url}")
+
+
+# inspect / gc --------------------------------------------------------------------------------
+
+
+def _store(url: str | None) -> ArtifactStore:
+    settings = Settings()
+    return ArtifactStore(url or settings.store, settings.storage_options)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    if "/" in args.target:
+        root, stage, key = locate_artifact_url(args.target)
+        store, rel = _store(root), ArtifactStore.artifact_path(stage, key)
+    else:
+        store = _store(args.store)
+        rel = store.find(args.target).path
+    print(describe_artifact(store, rel))
+    return 0
+
+
+def describe_artifact(store: ArtifactStore, rel: str) -> str:
+    attrs = store.read_attrs(rel)
+    prov = attrs.get("provenance", {})
+    lines = [
+        f"artifact   {store.url_of(rel)}",
+        f"stage      {prov.get('stage')} (id {prov.get('stage_id')}, version {prov.get('version')}) "
+        f"of pipeline {prov.get('pipeline')}",
+        f"key        {prov.get('key')}",
+        f"status     {_status(attrs)}",
+        f"size       {_human(store.size(rel))} stored",
+    ]
+    if attrs.get("complete"):
+        lines.append("arrays")
+        for name, array in sorted(store.open_path(rel).arrays()):
+            dims = ",".join(array.metadata.dimension_names or ())
+            lines.append(f"  {name:<12} {str(array.shape):<20} {str(array.dtype):<8} dims ({dims}) chunks {array.chunks}")
+    lines.append("inputs")
+    for slot, ref in prov.get("inputs", {}).items():
+        lines.append(f"  {slot:<12} {ref.get('stage', 'file')} {ref['key'][:16]}  {ref.get('url', '')}")
+    lines.append(f"params     {json.dumps(prov.get('params', {}), sort_keys=True)}")
+    if prov.get("model"):
+        lines.append(f"model      {prov['model']['id']} ({prov['model']['dtype']}, {prov['model']['fingerprint']})")
+    lines.append(f"run        {prov.get('run_id')} on {prov.get('host')} ({prov.get('device')})")
+    lines.append("libraries  " + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items()))
+    extra = {k: v for k, v in attrs.items() if k not in ("provenance", "complete", "started_at", "completed_at", "seconds")}
+    for name, value in extra.items():
+        lines.append(f"{name:<10} {json.dumps(value, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def _status(attrs: dict[str, Any]) -> str:
+    if not attrs.get("complete"):
+        started = dt.datetime.fromtimestamp(attrs.get("started_at", 0)).isoformat(timespec="seconds")
+        return f"INCOMPLETE (started {started}; never finished, readers refuse it)"
+    done = dt.datetime.fromtimestamp(attrs["completed_at"]).isoformat(timespec="seconds")
+    return f"complete at {done}, computed in {attrs.get('seconds', 0):.2f}s"
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def gc(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    report = collect_garbage(
+        store, older_than=args.older_than, max_bytes=args.max_size, stale_after=args.stale_after, dry_run=args.dry_run
+    )
+    verb = "would remove" if report.dry_run else "removed"
+    for rel in report.removed:
+        print(f"{verb} {store.url_of(rel)}")
+    print(
+        f"{verb} {len(report.removed)} entries, {_human(report.freed_bytes)}; kept {len(report.kept_held)} held by "
+        f"running edits; {_human(report.remaining_bytes)} of artifacts remain"
+    )
+    return 0
+
+
+def models_tiny(args: argparse.Namespace) -> int:
+    from core.tiny import build_tiny_bundle
+
+    path = build_tiny_bundle(Path(args.dir), seed=args.seed)
+    print(f"wrote a tiny random Stable-Diffusion-style bundle to {path}")
+    return 0

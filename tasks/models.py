@@ -1,0 +1,36 @@
+"""Load a stage's model component on this worker's device, through core's per-process cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.models import load_component
+from schemas.calls import ResolvedModel
+from schemas.settings import Settings
+
+
+def resolve_device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(settings: Settings, device: str) -> str:
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "float16" if device == "cuda" else "float32"
+
+
+def component(model: ResolvedModel | None, name: str, settings: Settings) -> Any:
+    if model is None:
+        raise ValueError(f"this stage needs a model for its {name}, but none was resolved")
+    return load_component(
+        model.id,
+        name,
+        revision=model.revision,
+        dtype=model.dtype,
+        device=resolve_device(settings),
+        cache_dir=settings.model_cache_dir,
+    )

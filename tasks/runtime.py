@@ -1,0 +1,148 @@
+"""What every stage task shares: open the store, wait for or take the compute lease, write the
+artifact with provenance, and return its reference.
+
+A stage body is idempotent: if its artifact is already complete it returns the reference without
+computing, so a Prefect cache miss on a finished stage (a lost result record, a new store for the
+records) costs one metadata read.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+import zarr
+
+from schemas.calls import StageCall, StoreSpec
+from schemas.errors import LeaseHeld
+from schemas.refs import ArtifactRef
+from schemas.settings import Settings
+from storage.leases import Leases, default_holder, renewing
+from storage.store import ArtifactStore, ArtifactWriter
+from tasks.models import resolve_device
+from tasks.progress import Progress
+
+_LIBRARIES = ("reelflow", "torch", "diffusers", "transformers", "zarr", "numpy", "av", "prefect")
+_POLL_SECONDS = 0.5
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: its call, the store, the writer of its output and a progress reporter."""
+
+    call: StageCall
+    store: ArtifactStore
+    writer: ArtifactWriter
+    progress: Progress
+    settings: Settings
+
+    def input(self, slot: str) -> zarr.Group:
+        ref = self.call.inputs[slot]
+        return self.store.open(ref.stage, ref.key)
+
+
+@lru_cache(maxsize=16)
+def _cached_store(url: str, options: str) -> ArtifactStore:
+    import json
+
+    return ArtifactStore(url, json.loads(options))
+
+
+def open_store(spec: StoreSpec) -> ArtifactStore:
+    """One ArtifactStore per (url, options) per process."""
+    from storage.keys import canonical_json
+
+    return _cached_store(spec.url, canonical_json(spec.storage_options))
+
+
+def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] | None]) -> ArtifactRef:
+    """Return the stage's artifact, computing it with ``body`` unless it is already complete."""
+    store = open_store(call.store)
+    if store.is_complete(call.stage_type, call.key):
+        return store.ref(call.stage_type, call.key)
+    settings = Settings()
+    with compute_lease(store, call, settings.lease_seconds):
+        if not store.is_complete(call.stage_type, call.key):
+            _compute(call, store, settings, body)
+    return store.ref(call.stage_type, call.key)
+
+
+def _compute(
+    call: StageCall, store: ArtifactStore, settings: Settings, body: Callable[[StageContext], Mapping[str, Any] | None]
+) -> None:
+    started = time.time()
+    with store.write(call.stage_type, call.key, {"provenance": provenance(call, store, settings)}) as writer:
+        progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage_type})")
+        extra = body(StageContext(call, store, writer, progress, settings)) or {}
+        progress.finish()
+        writer.update_attrs({**extra, "seconds": round(time.time() - started, 4)})
+
+
+@contextmanager
+def compute_lease(store: ArtifactStore, call: StageCall, ttl: float) -> Iterator[None]:
+    """Hold the compute lease on the stage key, renewing it from a thread while the body runs.
+
+    If another live run holds it, wait until that run completes the artifact (then the caller
+    finds it complete) or its lease expires (then this run takes over).
+    """
+    leases = Leases(store)
+    holder = f"{default_holder()}:{call.run_id}:{threading.get_ident()}"
+    deadline = time.time() + ttl * 4
+    while not leases.acquire(call.key, holder, ttl):
+        if store.is_complete(call.stage_type, call.key):
+            yield
+            return
+        if time.time() > deadline:
+            raise LeaseHeld(
+                f"stage {call.stage_id!r} key {call.key[:12]} stays leased by "
+                f"{getattr(leases.read(call.key), 'holder', '?')}; wait for that run or remove the lease"
+            )
+        time.sleep(_POLL_SECONDS)
+    try:
+        with renewing(lambda: leases.renew(call.key, holder, ttl), ttl / 3):
+            yield
+    finally:
+        leases.release(call.key, holder)
+
+
+def provenance(call: StageCall, store: ArtifactStore, settings: Settings) -> dict[str, Any]:
+    """Where an artifact came from, stored in its attrs: enough to recompute or audit it."""
+    inputs = {
+        slot: {"stage": ref.stage, "key": ref.key, "url": store.url_of(store.artifact_path(ref.stage, ref.key))}
+        for slot, ref in call.inputs.items()
+    }
+    if call.source is not None:
+        inputs["source"] = {"url": call.source.url, "key": call.source.key}
+    return {
+        "pipeline": call.pipeline,
+        "stage": call.stage_type,
+        "stage_id": call.stage_id,
+        "version": call.stage.version,
+        "key": call.key,
+        "params": call.stage.params.model_dump(mode="json"),
+        "inputs": inputs,
+        "model": call.model.model_dump(mode="json") if call.model else None,
+        "seed": call.seed if call.stage.seeded() else None,
+        "run_id": call.run_id,
+        "device": resolve_device(settings),
+        "host": platform.node(),
+        "libraries": library_versions(),
+    }
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,42 @@
+"""Flow tests share one Prefect server for the session and build specs on the tiny bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.commands import resolve_spec_path
+from schemas.loading import load_spec
+from schemas.pipeline import PipelineSpec
+
+TINY_OVERRIDES = (
+    "stages.decode_video.params.num_frames=6",
+    "stages.decode_video.params.width=64",
+    "stages.decode_video.params.height=64",
+    "stages.decode_video.params.multiple=8",
+    "stages.encode_latents.params.chunk_size=2",
+    "stages.decode_latents.params.chunk_size=2",
+    "stages.encode_video.params.preset=ultrafast",
+)
+
+
+@pytest.fixture(autouse=True)
+def _harness(prefect_harness: str) -> str:
+    return prefect_harness
+
+
+@pytest.fixture
+def make_spec(tiny_bundle: Path, clip: Path, tmp_path: Path):
+    """Build the reconstruct preset on the tiny bundle; extra ``key=value`` overrides win."""
+
+    def make(*overrides: str, input: Path | None = None, store: Path | None = None) -> PipelineSpec:
+        base = (
+            f"models.sd.id={tiny_bundle}",
+            f"input={input or clip}",
+            f"store={store or tmp_path / 'store'}",
+            f"output={tmp_path / 'out'}",
+        )
+        return load_spec(resolve_spec_path("reconstruct"), [*base, *TINY_OVERRIDES, *overrides])
+
+    return make

@@ -1,0 +1,158 @@
+"""The edit-video flow on tiny models: cold run, cached rerun, partial recompute, failure isolation."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from core.video import probe_video
+from flows.edit import edit_video
+from schemas.errors import StageFailed
+from storage.store import ArtifactStore
+
+pytestmark = pytest.mark.flow
+ALL = ("decode_video", "encode_latents", "decode_latents", "encode_video", "compute_metrics")
+
+
+def statuses(manifest) -> dict[str, str]:
+    return {r.name: r.status for r in manifest.stages}
+
+
+def prefect_task_states(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_cold_run_computes_every_stage_and_writes_outputs(make_spec, clip: Path) -> None:
+    manifest = edit_video(make_spec())
+    assert statuses(manifest) == {name: "computed" for name in ALL}
+    assert manifest.status == "completed"
+
+    video = Path(manifest.outputs["encode_video"])
+    assert video.name == "clip.reconstruct.mp4"
+    info, source = probe_video(video), probe_video(clip)
+    assert (info.width, info.height, info.num_frames) == (64, 64, 6)
+    assert info.fps == source.fps and info.has_audio
+    assert abs(info.duration - 6 / 24) < 1 / 24
+
+    written = json.loads(Path(manifest.outputs["manifest"]).read_text())
+    assert written["status"] == "completed" and [s["name"] for s in written["stages"]] == list(ALL)
+    assert written["input"]["key"] == manifest.input.key and written["spec"]["name"] == "reconstruct"
+    assert set(written["metrics"]["compute_metrics"]) == {"psnr", "ssim"}
+    for record in written["stages"]:
+        assert ArtifactStore(manifest.store).find(record["key"]).complete
+
+
+def test_rerun_is_served_from_cache_without_running_any_stage(make_spec, monkeypatch) -> None:
+    spec = make_spec()
+    edit_video(spec)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached stage was computed again")
+
+    monkeypatch.setattr("tasks.runtime._compute", refuse)
+    again = edit_video(spec)
+    assert statuses(again) == {name: "cached" for name in ALL}
+    assert set(prefect_task_states(again.run_id).values()) == {"Cached"}
+    Path(again.outputs["encode_video"]).unlink()
+    third = edit_video(spec)
+    assert Path(third.outputs["encode_video"]).is_file(), "outputs are re-exported from the store"
+
+
+def test_changing_one_stage_recomputes_it_and_its_descendants_only(make_spec) -> None:
+    edit_video(make_spec())
+    crf = edit_video(make_spec("stages.encode_video.params.crf=30"))
+    assert statuses(crf) == {
+        "decode_video": "cached",
+        "encode_latents": "cached",
+        "decode_latents": "cached",
+        "encode_video": "computed",
+        "compute_metrics": "cached",
+    }
+    chunk = edit_video(make_spec("stages.encode_latents.params.chunk_size=3"))
+    assert statuses(chunk) == {"decode_video": "cached"} | {name: "computed" for name in ALL[1:]}
+
+
+def test_a_deleted_artifact_is_recomputed_even_with_a_prefect_record(make_spec) -> None:
+    spec = make_spec()
+    first = edit_video(spec)
+    store = ArtifactStore(first.store)
+    store.remove(store.find(first.stages[2].key).path)
+    again = edit_video(spec)
+    assert statuses(again) == {name: "computed" if name == "decode_latents" else "cached" for name in ALL}
+    assert store.is_complete("decode_latents", first.stages[2].key)
+
+
+def test_a_failed_stage_skips_its_descendants_but_not_its_siblings(make_spec, monkeypatch) -> None:
+    def broken(reference, test):
+        raise ValueError("metric exploded")
+
+    monkeypatch.setitem(__import__("tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    spec = make_spec()
+    with pytest.raises(StageFailed, match="stage 'compute_metrics' failed: ValueError: metric exploded"):
+        edit_video(spec)
+    manifest = json.loads(Path(spec.output, "clip.reconstruct.manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert {s["name"]: s["status"] for s in manifest["stages"]}["encode_video"] == "computed"
+    failed = [s for s in manifest["stages"] if s["status"] == "failed"]
+    assert [s["name"] for s in failed] == ["compute_metrics"] and "metric exploded" in failed[0]["error"]
+    assert not ArtifactStore(spec.store).is_complete("compute_metrics", failed[0]["key"])
+
+
+def test_deterministic_failures_are_not_retried(make_spec, monkeypatch) -> None:
+    calls = []
+
+    def broken(reference, test):
+        calls.append(1)
+        raise ValueError("deterministic")
+
+    monkeypatch.setitem(__import__("tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    with pytest.raises(StageFailed):
+        edit_video(make_spec())
+    assert len(calls) == 1
+
+
+def test_transient_io_errors_are_retried(make_spec, monkeypatch) -> None:
+    import tasks.metrics
+
+    calls = []
+    real = tasks.metrics.METRICS["psnr"]
+
+    def flaky(reference, test):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionResetError("store connection dropped")
+        return real(reference, test)
+
+    monkeypatch.setitem(tasks.metrics.METRICS, "psnr", flaky)
+    manifest = edit_video(make_spec("stages.compute_metrics.params.metrics=[psnr]"))
+    assert len(calls) == 2 and manifest.status == "completed"
+
+
+def test_independent_branches_run_concurrently(make_spec, monkeypatch) -> None:
+    """encode_video and compute_metrics both wait on one barrier: run one after the other, they would time out."""
+    import tasks.metrics
+    import tasks.video
+
+    barrier = threading.Barrier(2, timeout=30)
+    real_encode, real_metrics = tasks.video._encode, tasks.metrics._compute
+
+    def encode(ctx):
+        barrier.wait()
+        return real_encode(ctx)
+
+    def metrics(ctx):
+        barrier.wait()
+        return real_metrics(ctx)
+
+    monkeypatch.setattr(tasks.video, "_encode", encode)
+    monkeypatch.setattr(tasks.metrics, "_compute", metrics)
+    manifest = edit_video(make_spec())
+    assert manifest.status == "completed"
