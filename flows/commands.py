@@ -49,16 +49,18 @@ def resolve_spec_path(name: str) -> Path:
 
 
 def quiet_tracebacks() -> None:
-    """Keep Prefect's failure logs to their one-line message; --debug restores the tracebacks."""
-    import prefect.logging.configuration  # noqa: F401  (installs Prefect's handlers)
+    """Keep Prefect's failure logs to their one-line message; --debug restores the tracebacks.
+
+    Logger-level filters run before a record reaches any handler, and Prefect's own logging
+    set-up (which happens later, when a flow starts) keeps them.
+    """
 
     def strip(record: logging.LogRecord) -> bool:
         record.exc_info, record.exc_text = None, None
         return True
 
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(strip)
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(strip)
 
 
 # run / demo ----------------------------------------------------------------------------------

@@ -6,7 +6,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
+
+
+def write_audio_only(path: Path, rate: int = 16000) -> None:
+    """A one-second AAC tone in an MP4 container with no video stream."""
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.float32)[None]
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 
 from core import video
 from core.synthetic import write_synthetic_clip
+from tests.fixtures import write_audio_only
 from core.video import (
     AudioTrack,
     FrameSelection,
@@ -56,16 +57,6 @@ def _write_plain_mp4(path: Path, frames: np.ndarray, **options: str) -> None:
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
             container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-
-
-def _write_audio_only(path: Path) -> None:
-    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE)).astype(np.float32)[None]
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=RATE, layout="mono")
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = RATE, 0
-        container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
 
 
@@ -341,7 +332,7 @@ def test_truncated_mp4_with_index_at_end_fails_on_probe(clip_frames: np.ndarray,
 
 def test_audio_only_file(tmp_path: Path) -> None:
     m4a = tmp_path / "voice.m4a"
-    _write_audio_only(m4a)
+    write_audio_only(m4a)
     with pytest.raises(InputVideoError, match=r"no video stream \(streams: audio \(aac\)\)"):
         probe_video(m4a)
     track = decode_audio(m4a, 0.0, 0.5)

@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up its own virtual
+# environment on first use (Python >= 3.11; a few GB of packages, a couple of minutes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+demo: $(STAMP)
+	$(BIN)/reelflow demo --workdir demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest --runslow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/orchestration_overhead.py
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,158 @@
+"""The reelflow command line: exit codes, one-line errors before heavy work, inspect, gc, models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from storage.store import ArtifactStore
+from tests.fixtures import write_audio_only
+
+pytestmark = pytest.mark.flow
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(bundle: Path, store: Path, output: Path) -> list[str]:
+    return [
+        "--store", str(store), "--output", str(output),
+        "--set", f"models.sd.id={bundle}",
+        "--set", "stages.decode_video.params.num_frames=4",
+        "--set", "stages.decode_video.params.width=64",
+        "--set", "stages.decode_video.params.height=64",
+        "--set", "stages.decode_video.params.multiple=8",
+        "--set", "stages.encode_video.params.preset=ultrafast",
+    ]  # fmt: skip
+
+
+def complete_artifacts(store: Path) -> list[str]:
+    if not store.exists():
+        return []
+    return [i.path for i in ArtifactStore(str(store)).list() if i.complete]
+
+
+def test_run_then_inspect_and_gc(capsys, tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+    store, output = tmp_path / "store", tmp_path / "out"
+    code, out, _ = run_cli(capsys, "run", "reconstruct", "--input", str(clip), *tiny_args(tiny_bundle, store, output))
+    assert code == 0
+    assert "reconstruct: completed" in out and "decode_video" in out and "computed" in out
+    manifest = json.loads((output / "clip.reconstruct.manifest.json").read_text())
+    latents = next(s for s in manifest["stages"] if s["name"] == "encode_latents")
+
+    code, out, _ = run_cli(capsys, "inspect", latents["key"][:10], "--store", str(store))
+    assert code == 0
+    assert "encode_latents" in out and "(4, 4, 8, 8)" in out and "float16" in out and "dims (frame,channel,y,x)" in out
+    assert manifest["stages"][0]["key"][:16] in out, "inspect lists the input artifact"
+    code, by_url, _ = run_cli(capsys, "inspect", latents["artifact"])
+    assert code == 0 and by_url == out
+
+    code, out, _ = run_cli(capsys, "gc", "--store", str(store), "--older-than", "0s", "--dry-run")
+    assert code == 0 and "would remove 5 entries" in out and len(complete_artifacts(store)) == 5
+    code, out, _ = run_cli(capsys, "gc", "--store", str(store), "--older-than", "0s")
+    assert code == 0 and "removed 5 entries" in out and complete_artifacts(store) == []
+
+
+def test_inspect_unknown_key_is_one_line(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "inspect", "deadbeef", "--store", str(tmp_path / "store"))
+    assert code == 1
+    assert err.strip().startswith("reelflow: error: no artifact") and err.count("\n") == 1
+
+
+def test_models_tiny_writes_a_loadable_bundle(capsys, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "models", "tiny", str(tmp_path / "bundle"))
+    assert code == 0 and (tmp_path / "bundle" / "model_index.json").is_file()
+    assert (tmp_path / "bundle" / "tokenizer" / "vocab.json").is_file()
+
+
+def _text_as_mp4(path: Path) -> None:
+    path.write_text("this is not a video\n" * 100)
+
+
+BAD_INPUTS = {
+    "missing": (lambda p, clip: None, "does not exist"),
+    "zero-byte": (lambda p, clip: p.write_bytes(b""), "is empty (0 bytes)"),
+    "text named .mp4": (lambda p, clip: _text_as_mp4(p), "not a media file"),
+    "no video stream": (lambda p, clip: write_audio_only(p), "no video stream"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_video_fails_cleanly(case: str, capsys, tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+    make, message = BAD_INPUTS[case]
+    video = tmp_path / "input.mp4"
+    make(video, clip)
+    store = tmp_path / "store"
+    args = tiny_args(tiny_bundle, store, tmp_path / "out")
+    every_frame = ["--set", "stages.decode_video.params.num_frames=24"]
+    code, _, err = run_cli(capsys, "run", "reconstruct", "--input", str(video), *args, *every_frame)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("reelflow: error:") and message in lines[-1]
+    assert "Traceback" not in err
+    assert complete_artifacts(store) == []
+
+
+def test_truncated_video_fails_in_decode_with_one_line_and_no_traceback(
+    prefect_harness: str, tiny_bundle: Path, clip: Path, tmp_path: Path
+) -> None:
+    """Run as a user would, in a subprocess: the header reads, decoding finds the frames missing."""
+    video, store, output = tmp_path / "cut.mp4", tmp_path / "store", tmp_path / "out"
+    data = clip.read_bytes()
+    video.write_bytes(data[: len(data) // 2])
+    argv = ["run", "reconstruct", "--input", str(video), *tiny_args(tiny_bundle, store, output)]
+    argv += ["--set", "stages.decode_video.params.num_frames=24"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_LOGGING_LEVEL": "INFO"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("reelflow: error: stage 'decode_video' failed: InputVideoError:")
+    assert "truncated or corrupt: expected 24 frames" in last
+    assert "Traceback" not in done.stderr + done.stdout
+    assert complete_artifacts(store) == []
+    manifest = json.loads((output / "cut.reconstruct.manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["failed"] + ["skipped"] * 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.0.stage=decod_video", "does not match any of the expected tags"),
+        ("stages.encode_video.params.crff=2", "stages.encode_video.params.crff: unknown field"),
+        ("stages.encode_latents.inputs.frames=nowhere", "not a stage of this pipeline"),
+    ],
+)
+def test_bad_spec_fails_before_anything_runs(override: str, message: str, capsys, tiny_bundle, clip, tmp_path) -> None:
+    store = tmp_path / "store"
+    args = ["run", "reconstruct", "--input", str(clip), *tiny_args(tiny_bundle, store, tmp_path / "out"), "--set", override]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert not store.exists()
+
+
+def test_unwritable_store_fails_before_anything_runs(capsys, tiny_bundle, clip, tmp_path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the store's parent should be")
+    code, _, err = run_cli(capsys, "run", "reconstruct", "--input", str(clip), *tiny_args(tiny_bundle, blocker / "store", tmp_path / "out"))
+    assert code == 1 and "is not writable" in err and err.count("\n") == 1
+
+
+def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -> None:
+    store = tmp_path / "store"
+    code, _, err = run_cli(capsys, "run", "reconstruct", "--input", str(clip), *tiny_args(tmp_path / "no-model", store, tmp_path / "out"))
+    assert code == 1 and "no-model" in err and err.count("\n") == 1
+    assert complete_artifacts(store) == []
+
+
+def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "run", "no-such-preset")
+    assert code == 1 and "presets: reconstruct" in err

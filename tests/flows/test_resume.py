@@ -1,0 +1,87 @@
+"""A run killed with SIGKILL in the middle of a stage resumes from the stages that finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.edit import edit_video
+from storage.leases import Leases
+from storage.store import ArtifactStore
+
+pytestmark = pytest.mark.flow
+
+# Runs the flow in a child process whose VAE decoding writes its first chunk, says so, and hangs.
+CHILD = """
+import pathlib, sys, time
+import tasks.vae
+
+real_decode = tasks.vae.vae_decode
+
+def decode_then_hang(vae, latents, *, chunk_size, on_chunk):
+    def first_chunk_then_hang(start, stop, chunk):
+        on_chunk(start, stop, chunk)
+        pathlib.Path(sys.argv[2]).write_text("one chunk written")
+        time.sleep(600)
+    return real_decode(vae, latents, chunk_size=chunk_size, on_chunk=first_chunk_then_hang)
+
+tasks.vae.vae_decode = decode_then_hang
+
+from flows.edit import edit_video
+from schemas.pipeline import PipelineSpec
+edit_video(PipelineSpec.model_validate_json(pathlib.Path(sys.argv[1]).read_text()))
+"""
+
+
+def kill_mid_decode(spec, tmp_path: Path, api_url: str) -> None:
+    spec_file, marker, log = tmp_path / "spec.json", tmp_path / "hanging", tmp_path / "child.log"
+    spec_file.write_text(spec.model_dump_json())
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    with log.open("w") as out:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec_file), str(marker)], env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                pytest.fail(f"the child never reached decode_latents:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def test_sigkill_mid_stage_then_rerun_recomputes_only_from_that_stage(
+    make_spec, prefect_harness: str, tmp_path: Path
+) -> None:
+    spec = make_spec()
+    kill_mid_decode(spec, tmp_path, prefect_harness)
+
+    store = ArtifactStore(spec.store)
+    complete = {i.stage for i in store.list() if i.complete}
+    assert complete == {"decode_video", "encode_latents"}
+    assert len(store.temporaries()) == 1, "the killed attempt's partial write is still there"
+    killed_key = store.temporaries()[0][0].rsplit("/", 1)[1].split(".zarr")[0]
+    assert Leases(store).read(killed_key) is not None, "and so is its lease"
+
+    manifest = edit_video(spec)
+    assert {r.name: r.status for r in manifest.stages} == {
+        "decode_video": "cached",
+        "encode_latents": "cached",
+        "decode_latents": "computed",
+        "encode_video": "computed",
+        "compute_metrics": "computed",
+    }
+    assert manifest.stages[2].key == killed_key
+    assert Leases(store).read(killed_key) is None, "the dead run's lease was taken over and released"
+
+    # Nothing from the killed attempt leaked in: the result equals a clean run in a fresh store.
+    clean = edit_video(make_spec(f"store={tmp_path / 'clean-store'}", f"output={tmp_path / 'clean-out'}"))
+    resumed = store.open("decode_latents", killed_key)["frames"][:]
+    fresh = ArtifactStore(clean.store).open("decode_latents", clean.stages[2].key)["frames"][:]
+    np.testing.assert_array_equal(resumed, fresh)
