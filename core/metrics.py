@@ -31,7 +31,10 @@ def ssim(reference: np.ndarray, test: np.ndarray, *, window: int = 11, sigma: fl
     """Mean SSIM of uint8 frames ``(F, H, W, C)``, one value per frame, in [-1, 1] (1 for identical frames)."""
     _check_pair(reference, test)
     if min(reference.shape[1:3]) < window:
-        raise ValueError(f"frames of {reference.shape[1:3]} are smaller than the {window}px SSIM window")
+        raise ValueError(
+            f"frames of {reference.shape[1:3]} are smaller than the {window}px SSIM window; "
+            f"decode at least {window}x{window} pixels or pass a smaller window"
+        )
     x = torch.from_numpy(reference).permute(0, 3, 1, 2).double()
     y = torch.from_numpy(test).permute(0, 3, 1, 2).double()
     kernel = _gaussian_kernel(window, sigma, channels=x.shape[1])

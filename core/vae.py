@@ -46,7 +46,7 @@ def encode_frames(
         Latents ``(F, 4, H/8, W/8)``, float32 on the CPU, scaled as the UNet expects.
     """
     _check_batch(frames, channels=3, chunk_size=chunk_size, name="frames")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downscale_factor(vae)
     if frames.shape[-2] % factor or frames.shape[-1] % factor:
         # The encoder floors odd sizes, and the decoded frames would no longer match the input.
         size = tuple(frames.shape[-2:])
@@ -88,6 +88,11 @@ def decode_latents(
         return vae.decode(z).sample.clamp(-1.0, 1.0)
 
     return _chunked(decode, latents, chunk_size, on_chunk)
+
+
+def downscale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along each side: one halving per encoder block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _latent_scale(vae: AutoencoderKL) -> tuple[float, float]:

@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from deployments import PRESETS, preset_names
 from schemas.errors import SpecError
 from schemas.loading import load_spec
 from schemas.settings import Settings
 from storage.gc import collect_garbage
 from storage.store import ArtifactStore, locate_artifact_url
 
-PRESETS = Path(__file__).resolve().parents[1] / "deployments" / "presets"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -44,7 +44,7 @@ def resolve_spec_path(name: str) -> Path:
     preset = PRESETS / f"{name}.yaml"
     if preset.is_file():
         return preset
-    known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    known = ", ".join(preset_names())
     raise SpecError(f"{name!r} is neither a spec file nor a preset; presets: {known}")
 
 
@@ -78,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_spec(spec: Any) -> Any:
-    from flows.edit import check_inputs, edit_video
+    from flows.edit import check_inputs, edit_video_with_settings
 
-    check_inputs(spec, Settings())
-    return edit_video(spec)
+    settings = Settings()
+    check_inputs(spec, settings)
+    return edit_video_with_settings(settings)(spec)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -95,9 +95,7 @@ class Outcome:
     ref: ArtifactRef | None = None
 
 
-def execute(
-    planned: list[PlannedStage], store: ArtifactStore, *, run_id: str, result_storage: Path | None
-) -> dict[str, Outcome]:
+def execute(planned: list[PlannedStage], store: ArtifactStore, *, result_storage: Path | None) -> dict[str, Outcome]:
     """Run the planned stages on the current flow's task runner; returns an outcome per stage id."""
     by_id = {p.id: p for p in planned}
     outcomes: dict[str, Outcome] = {}
@@ -116,7 +114,7 @@ def execute(
             continue
         future = next(iter(as_completed(list(running))))
         stage_id, started = running.pop(future)
-        outcomes[stage_id] = _outcome(by_id[stage_id], future, store, run_id, time.perf_counter() - started)
+        outcomes[stage_id] = _outcome(by_id[stage_id], future, store, time.perf_counter() - started)
     return {p.id: outcomes[p.id] for p in planned}
 
 
@@ -145,7 +143,7 @@ def _submit(
     return TASKS[stage.call.stage_type].with_options(**options).submit(call=stage.call, wait_for=wait_for)
 
 
-def _outcome(stage: PlannedStage, future: PrefectFuture, store: ArtifactStore, run_id: str, seconds: float) -> Outcome:
+def _outcome(stage: PlannedStage, future: PrefectFuture, store: ArtifactStore, seconds: float) -> Outcome:
     future.wait()
     state = future.state
     if not state.is_completed():
@@ -153,7 +151,9 @@ def _outcome(stage: PlannedStage, future: PrefectFuture, store: ArtifactStore, r
         message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(state.message)
         return Outcome(_record(stage, "failed", seconds, error=message))
     ref: ArtifactRef = future.result()
-    status = "computed" if ref.run_id == run_id else "cached"
+    # Computed here only if this very task run wrote it: a Prefect cache hit, another run's output
+    # or a retried flow run's earlier attempt all count as cached.
+    status = "computed" if ref.task_run_id == str(future.task_run_id) else "cached"
     return Outcome(_record(stage, status, seconds, artifact=store.url_of(ref.path)), ref)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from core.tiny import build_tiny_bundle
@@ -30,9 +31,9 @@ def prepare_demo(workdir: Path) -> PipelineSpec:
     if not (bundle / "model_index.json").is_file():
         build_tiny_bundle(bundle, seed=0)
     paths = (
-        f"input={clip}",
-        f"store={workdir / 'store'}",
-        f"output={workdir / 'output'}",
-        f"models.sd.id={bundle}",
+        f"input={json.dumps(str(clip))}",
+        f"store={json.dumps(str(workdir / 'store'))}",
+        f"output={json.dumps(str(workdir / 'output'))}",
+        f"models.sd.id={json.dumps(str(bundle))}",
     )
     return load_spec(resolve_spec_path("reconstruct"), [*paths, *DEMO_OVERRIDES])

@@ -3,7 +3,6 @@ export the output video and write the run manifest next to it."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -24,7 +23,7 @@ from schemas.loading import validate_spec
 from schemas.manifest import RunManifest, SourceRecord
 from schemas.pipeline import PipelineSpec
 from schemas.settings import Settings
-from storage.files import join_url, write_bytes
+from storage.files import is_local, join_url, normalize_url, write_bytes
 from storage.keys import content_key
 from storage.leases import Leases
 from storage.store import ArtifactStore
@@ -42,11 +41,15 @@ class PreparedRun:
     planned: list[PlannedStage]
 
 
-def _task_runner() -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=Settings().max_concurrency)
+DEFAULT_CONCURRENCY = 2
 
 
-@flow(name="edit-video", flow_run_name="{spec.name}", task_runner=_task_runner(), validate_parameters=True)
+@flow(
+    name="edit-video",
+    flow_run_name="{spec.name}",
+    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_CONCURRENCY),
+    validate_parameters=True,
+)
 def edit_video(
     spec: PipelineSpec, input: str | None = None, store: str | None = None, output: str | None = None
 ) -> RunManifest:
@@ -56,14 +59,19 @@ def edit_video(
     logger.info("store %s; %d stages planned", run.store.url, len(run.planned))
     started = time.time()
     with Leases(run.store).holding(run.run_id, [p.key for p in run.planned], run.settings.lease_seconds):
-        outcomes = execute(run.planned, run.store, run_id=run.run_id, result_storage=_result_storage(run.store))
-    manifest = finish_run(run, outcomes, started)
+        outcomes = execute(run.planned, run.store, result_storage=_result_storage(run.store))
+        manifest = finish_run(run, outcomes, started)
     for record in manifest.stages:
         logger.info("%-16s %-9s %7.2fs %s", record.name, record.status, record.seconds, record.key[:12])
     if manifest.status == "failed":
         failed = next(r for r in manifest.stages if r.status == "failed")
         raise StageFailed(f"stage {failed.name!r} failed: {failed.error} (manifest: {manifest.outputs['manifest']})")
     return manifest
+
+
+def edit_video_with_settings(settings: Settings) -> Flow:
+    """``edit_video`` with its task runner sized by ``REELFLOW_MAX_CONCURRENCY``."""
+    return edit_video.with_options(task_runner=ThreadPoolTaskRunner(max_workers=settings.max_concurrency))
 
 
 def apply_run_options(spec: PipelineSpec, **options: str | None) -> PipelineSpec:
@@ -98,9 +106,7 @@ def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
 
 
 def _source_fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
-    local = "://" not in url or url.startswith("file://")
-    target = os.path.abspath(url.removeprefix("file://")) if local else url
-    fs, path = fsspec.url_to_fs(target, **({} if local else settings.storage_options))
+    fs, path = fsspec.url_to_fs(normalize_url(url), **({} if is_local(url) else settings.storage_options))
     if not fs.isfile(path):
         raise InputVideoError(f"input video {url!r} does not exist; check the path or URL")
     if fs.size(path) == 0:
@@ -161,7 +167,7 @@ def _metrics(run: PreparedRun, outcomes: dict[str, Outcome]) -> dict[str, dict]:
 
 
 def _out_opts(run: PreparedRun) -> dict:
-    return run.settings.storage_options if "://" in run.spec.output else {}
+    return {} if is_local(run.spec.output) else run.settings.storage_options
 
 
 def _result_storage(store: ArtifactStore) -> Path | None:

@@ -118,7 +118,7 @@ def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"{where}: unknown field{hint}"
+        return f"{where}: unknown field (set to {_short(error.get('input'))}){hint}"
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")

@@ -26,7 +26,8 @@ class ArtifactRef(Model):
     stage: str = Field(description="Stage type that produced it, e.g. 'encode_latents'.")
     key: str = Field(description="Content-addressed stage key (sha256 hex).")
     arrays: dict[str, ArraySpec] = Field(default_factory=dict, description="Arrays in the group by name.")
-    run_id: str = Field(default="", description="Id of the run that computed the artifact.")
+    run_id: str = Field(default="", description="Id of the run (flow run) that computed the artifact.")
+    task_run_id: str = Field(default="", description="Id of the Prefect task run that computed it, if any.")
 
     @property
     def url(self) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -18,17 +19,38 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     Returns the written path (local) or URL.
     """
     fs, path = fsspec.url_to_fs(url, **dict(storage_options or {}))
+    put_atomic(fs, path, data)
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one whole file on ``fs``: temp + ``os.replace`` locally, a single PUT elsewhere."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-        return path
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+        return
     fs.pipe_file(path, data)
-    return fs.unstrip_protocol(path)
+
+
+def normalize_url(url: str) -> str:
+    """An absolute local path for a plain path or ``file://`` URL; any other URL unchanged."""
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        return os.path.abspath(url.removeprefix("file://"))
+    return url.rstrip("/")
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def join_url(base: str, name: str) -> str:

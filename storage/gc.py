@@ -47,11 +47,11 @@ def collect_garbage(
     keep = []
     for info in complete:
         expired = older_than is not None and info.created_at < now - older_than
-        if expired and not _held(info, protected, report):
+        if expired and not _held(info, _protected(leases, protected, report), report):
             _drop(store, info.path, sizes[info.path], report)
         else:
             keep.append(info)
-    _fit_budget(store, keep, sizes, max_bytes, protected, report)
+    _fit_budget(store, keep, sizes, max_bytes, leases, protected, report)
     report.kept_held = sorted(set(report.kept_held))
     if not dry_run:
         leases.sweep_expired()
@@ -61,6 +61,8 @@ def collect_garbage(
 def _sweep_unfinished(
     store: ArtifactStore, artifacts: list[ArtifactInfo], protected: set[str], cutoff: float, report: GcReport
 ) -> None:
+    for rel in store.trash():
+        _drop(store, rel, store.size(rel), report)
     for rel, started in store.temporaries():
         key = rel.rsplit("/", 1)[1].split(".zarr")[0]
         if started < cutoff and key not in protected:
@@ -75,6 +77,7 @@ def _fit_budget(
     keep: list[ArtifactInfo],
     sizes: dict[str, int],
     max_bytes: int | None,
+    leases: Leases,
     protected: set[str],
     report: GcReport,
 ) -> None:
@@ -82,10 +85,15 @@ def _fit_budget(
     for info in keep:  # oldest first
         if max_bytes is None or total <= max_bytes:
             break
-        if not _held(info, protected, report):
+        if not _held(info, _protected(leases, protected, report), report):
             _drop(store, info.path, sizes[info.path], report)
             total -= sizes[info.path]
     report.remaining_bytes = total
+
+
+def _protected(leases: Leases, snapshot: set[str], report: GcReport) -> set[str]:
+    """Holds and leases read again right before a deletion, so a run that started after GC did is safe."""
+    return snapshot if report.dry_run else snapshot | leases.held_keys() | leases.live_keys()
 
 
 def _held(info: ArtifactInfo, protected: set[str], report: GcReport) -> bool:

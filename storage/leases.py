@@ -1,13 +1,16 @@
 """Expiring leases in the store, so crashed runs never block anyone for long.
 
-- A *compute lease* (``leases/{key}.json``) says one run is computing that stage key. Others wait
-  for the artifact or the lease's expiry, so two runs that need the same key compute it once.
+- A *compute lease* says one run is computing a stage key. Others wait for the artifact or the
+  lease's expiry, so two runs that need the same key compute it once.
 - A *hold* (``holds/{run_id}.json``) lists the keys a running edit reads or writes; garbage
   collection never touches them.
 
-Both carry an absolute expiry and are renewed by their owner while it lives. Exclusive creation
-(``open(..., "xb")``, an ``If-None-Match`` PUT on S3) decides who gets a free lease; a lease past its
-expiry may be taken over, so a SIGKILLed holder delays others by at most one lease period.
+Leases are generations: ``leases/{key}/{generation}.json``; the highest generation is the lease.
+Taking a free or expired lease means creating the next generation with an exclusive create
+(``os.link`` of a finished temporary file locally, an ``If-None-Match`` PUT on S3), so of two runs
+that both see an expired lease exactly one wins, and no reader ever sees a half-written file.
+The holder renews its own generation in place (atomically) while it works; a lease is dead once
+it expires, or at once when its holder ran on this host and that process is gone.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.files import put_atomic
 from storage.store import ArtifactStore
 
 LEASES = "leases"
@@ -34,6 +41,7 @@ class Lease:
     expires_at: float
     host: str = ""
     pid: int = 0
+    generation: int = 0
 
     def live(self, now: float | None = None) -> bool:
         """Unexpired, and, when the holder ran on this host, its process still exists."""
@@ -63,7 +71,10 @@ def renewing(renew: Callable[[], object], interval: float) -> Iterator[None]:
 
     def loop() -> None:
         while not stop.wait(interval):
-            renew()
+            try:
+                renew()
+            except Exception:  # noqa: BLE001  (a failed renewal is retried at the next tick)
+                continue
 
     thread = threading.Thread(target=loop, name="reelflow-lease-renewal", daemon=True)
     thread.start()
@@ -81,46 +92,61 @@ class Leases:
         self.store = store
         self.fs = store.fs
 
-    def _lease_path(self, key: str) -> str:
-        return self.store.abspath(f"{LEASES}/{key}.json")
+    def _dir(self, key: str) -> str:
+        return self.store.abspath(f"{LEASES}/{key}")
+
+    def _generation_path(self, key: str, generation: int) -> str:
+        return f"{self._dir(key)}/{generation:012d}.json"
 
     def acquire(self, key: str, holder: str, ttl: float) -> bool:
-        """Take the lease on ``key`` if it is free or expired; True when ``holder`` now owns it."""
+        """Take the lease on ``key`` if it is free or dead; True when ``holder`` now owns it."""
+        top = max(self._generations(key), default=0)
         current = self.read(key)
         if current is not None and current.holder == holder:
             return self.renew(key, holder, ttl)
         if current is not None and current.live():
             return False
-        if current is not None:
-            self._remove(self._lease_path(key))
-        return self._create(self._lease_path(key), self._lease(key, holder, ttl))
+        # The next generation after every one listed: if a lower one vanished while we read it,
+        # another run has just taken over, and our exclusive create of its generation fails.
+        generation = max(top, current.generation if current else 0) + 1
+        if not self._create(self._generation_path(key, generation), self._lease(key, holder, ttl, generation)):
+            return False
+        self._drop_generations_below(key, generation)
+        return True
 
     def renew(self, key: str, holder: str, ttl: float) -> bool:
+        """Extend the holder's lease; False when the lease is no longer the holder's."""
         current = self.read(key)
         if current is None or current.holder != holder:
             return False
-        self.fs.pipe_file(self._lease_path(key), _dump(self._lease(key, holder, ttl)))
+        lease = self._lease(key, holder, ttl, current.generation)
+        put_atomic(self.fs, self._generation_path(key, current.generation), _dump(lease))
         return True
 
     def release(self, key: str, holder: str) -> None:
         current = self.read(key)
         if current is not None and current.holder == holder:
-            self._remove(self._lease_path(key))
+            self._remove(self._generation_path(key, current.generation))
 
     def read(self, key: str) -> Lease | None:
-        record = _load(self.fs, self._lease_path(key))
-        return _as_lease(record) if record else None
+        """The current (highest-generation) lease on ``key``, live or not."""
+        paths = sorted(self.fs.glob(f"{self._dir(key)}/*.json"))
+        for path in reversed(paths):
+            record = _load(self.fs, path)
+            if record is not None:
+                return _as_lease(record)
+        return None
 
     def live_keys(self) -> set[str]:
-        return {lease.key for lease in self._all(LEASES) if lease.live()}
+        keys = {path.rstrip("/").rsplit("/", 1)[1] for path in self.fs.glob(self.store.abspath(f"{LEASES}/*"))}
+        return {key for key in keys if (lease := self.read(key)) is not None and lease.live()}
 
     # holds -----------------------------------------------------------------------------------
 
     def hold(self, run_id: str, keys: Iterable[str], ttl: float) -> None:
         """Protect ``keys`` from garbage collection for ``ttl`` seconds (call again to renew)."""
-        record = {**asdict(self._lease(run_id, run_id, ttl)), "keys": sorted(set(keys))}
-        self.fs.makedirs(self.store.abspath(HOLDS), exist_ok=True)
-        self.fs.pipe_file(self.store.abspath(f"{HOLDS}/{run_id}.json"), json.dumps(record).encode())
+        record = {**asdict(self._lease(run_id, run_id, ttl, 0)), "keys": sorted(set(keys))}
+        put_atomic(self.fs, self.store.abspath(f"{HOLDS}/{run_id}.json"), json.dumps(record).encode())
 
     @contextmanager
     def holding(self, run_id: str, keys: Iterable[str], ttl: float) -> Iterator[None]:
@@ -145,23 +171,40 @@ class Leases:
         return keys
 
     def sweep_expired(self) -> int:
-        """Delete expired leases and holds; returns how many were removed."""
+        """Delete dead leases and holds; returns how many files were removed."""
         removed = 0
-        for folder in (LEASES, HOLDS):
-            for path in self.fs.glob(self.store.abspath(f"{folder}/*.json")):
-                record = _load(self.fs, path)
-                if record is None or not _as_lease(record).live():
-                    self._remove(path)
-                    removed += 1
+        for path in self.fs.glob(self.store.abspath(f"{LEASES}/*/*.json")):
+            key = path.rsplit("/", 2)[1]
+            lease = self.read(key)
+            if lease is None or not lease.live():
+                self._remove(path)
+                removed += 1
+        for path in self.fs.glob(self.store.abspath(f"{HOLDS}/*.json")):
+            record = _load(self.fs, path)
+            if record is None or not _as_lease(record).live():
+                self._remove(path)
+                removed += 1
         return removed
 
     # internals -------------------------------------------------------------------------------
 
-    def _lease(self, key: str, holder: str, ttl: float) -> Lease:
-        return Lease(key=key, holder=holder, expires_at=time.time() + ttl, host=socket.gethostname(), pid=os.getpid())
+    def _lease(self, key: str, holder: str, ttl: float, generation: int) -> Lease:
+        return Lease(key, holder, time.time() + ttl, socket.gethostname(), os.getpid(), generation)
 
     def _create(self, path: str, lease: Lease) -> bool:
+        """Create ``path`` holding the lease, only if it does not exist; readers never see it half-written."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):
+            temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(temp, "wb") as handle:
+                handle.write(_dump(lease))
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(temp)
+            return True
         try:
             with self.fs.open(path, "xb") as handle:
                 handle.write(_dump(lease))
@@ -169,13 +212,13 @@ class Leases:
             return False
         return True
 
-    def _all(self, folder: str) -> list[Lease]:
-        leases = []
-        for path in self.fs.glob(self.store.abspath(f"{folder}/*.json")):
-            record = _load(self.fs, path)
-            if record:
-                leases.append(_as_lease(record))
-        return leases
+    def _generations(self, key: str) -> list[int]:
+        return [int(path.rsplit("/", 1)[1].split(".")[0]) for path in self.fs.glob(f"{self._dir(key)}/*.json")]
+
+    def _drop_generations_below(self, key: str, generation: int) -> None:
+        for old in self._generations(key):
+            if old < generation:
+                self._remove(self._generation_path(key, old))
 
     def _remove(self, path: str) -> None:
         try:
@@ -185,7 +228,8 @@ class Leases:
 
 
 def _as_lease(record: dict) -> Lease:
-    return Lease(**{k: record[k] for k in ("key", "holder", "expires_at", "host", "pid") if k in record})
+    fields = ("key", "holder", "expires_at", "host", "pid", "generation")
+    return Lease(**{k: record[k] for k in fields if k in record})
 
 
 def _dump(lease: Lease) -> bytes:

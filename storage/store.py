@@ -33,9 +33,11 @@ from zarr.storage import FsspecStore, LocalStore
 from schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
 from schemas.refs import ArraySpec, ArtifactRef
 from storage.arrays import frame_chunks, storage_dtype
+from storage.files import normalize_url
 
 ARTIFACTS = "artifacts"
 TEMP_MARK = ".tmp-"
+TRASH_MARK = ".trash-"
 _COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
 _ARTIFACT_URL = re.compile(r"^(?P<root>.*?)/?artifacts/(?P<stage>[a-z0-9_]+)/[0-9a-f]{2}/(?P<key>[0-9a-f]{64})\.zarr/?$")
 
@@ -90,11 +92,12 @@ class ArtifactWriter:
         *,
         dims: tuple[str, ...],
         dtype: str | np.dtype | None = None,
+        chunks: tuple[int, ...] | None = None,
         attrs: Mapping[str, Any] | None = None,
     ) -> zarr.Array:
         """Write a whole array; floats are stored as float16 when that is lossless enough, unless ``dtype`` is given."""
         dtype = np.dtype(dtype) if dtype is not None else storage_dtype(data)
-        array = self.create_array(name, shape=data.shape, dtype=dtype, dims=dims, attrs=attrs)
+        array = self.create_array(name, shape=data.shape, dtype=dtype, dims=dims, chunks=chunks, attrs=attrs)
         array[...] = data.astype(dtype, copy=False)
         return array
 
@@ -107,9 +110,7 @@ class ArtifactStore:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.storage_options = dict(storage_options or {})
-        url = str(url)
-        local = "://" not in url or url.startswith("file://")
-        self.url = os.path.abspath(url.removeprefix("file://")) if local else url.rstrip("/")
+        self.url = normalize_url(url)
         try:
             self.fs, self.root = fsspec.url_to_fs(self.url, **self.storage_options)
         except (ImportError, ValueError) as exc:
@@ -152,7 +153,9 @@ class ArtifactStore:
         try:
             meta = json.loads(self.fs.cat_file(f"{self.abspath(rel)}/zarr.json"))
         except FileNotFoundError:
-            raise ArtifactNotFound(f"no artifact at {self.url_of(rel)!r}") from None
+            raise ArtifactNotFound(
+                f"no artifact at {self.url_of(rel)!r}; check the store URL, or run the pipeline that produces it"
+            ) from None
         return dict(meta.get("attributes", {}))
 
     def is_complete(self, stage: str, key: str) -> bool:
@@ -179,9 +182,15 @@ class ArtifactStore:
             name: ArraySpec(shape=a.shape, dtype=str(a.dtype), dims=tuple(a.metadata.dimension_names or ()))
             for name, a in sorted(group.arrays())
         }
-        run_id = str(group.attrs.get("provenance", {}).get("run_id", ""))
+        prov = group.attrs.get("provenance", {})
         return ArtifactRef(
-            store=self.url, path=self.artifact_path(stage, key), stage=stage, key=key, arrays=arrays, run_id=run_id
+            store=self.url,
+            path=self.artifact_path(stage, key),
+            stage=stage,
+            key=key,
+            arrays=arrays,
+            run_id=str(prov.get("run_id", "")),
+            task_run_id=str(prov.get("task_run_id", "")),
         )
 
     # writing ---------------------------------------------------------------------------------
@@ -216,7 +225,16 @@ class ArtifactStore:
             os.rename(temp, final)
 
     def remove(self, rel: str) -> None:
-        self._remove_abs(self.abspath(rel))
+        """Unpublish, then delete: readers stop trusting the group before any chunk disappears."""
+        path = self.abspath(rel)
+        if self.atomic_rename and os.path.isdir(path) and TRASH_MARK not in rel:
+            trash = f"{path}{TRASH_MARK}{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        if self.fs.exists(f"{path}/zarr.json"):
+            self.fs.rm(f"{path}/zarr.json")
+        self._remove_abs(path)
 
     def _remove_abs(self, path: str) -> None:
         if self.fs.exists(path):
@@ -244,6 +262,10 @@ class ArtifactStore:
             stamp = path.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
             found.append((self._relative(path), float(stamp) if stamp.isdigit() else 0.0))
         return found
+
+    def trash(self) -> list[str]:
+        """Relative paths of groups a removal unpublished but did not finish deleting."""
+        return [self._relative(p) for p in self.fs.glob(self.abspath(f"{ARTIFACTS}/*/*/*.zarr{TRASH_MARK}*"))]
 
     def find(self, key: str) -> ArtifactInfo:
         """Locate an artifact by its key or a unique prefix of it (at least 6 hex digits)."""

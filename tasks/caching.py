@@ -8,6 +8,7 @@ returned as is and Prefect serves the recorded ArtifactRef without running the b
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from tasks.runtime import open_store
 
 @dataclass
 class StageKeyPolicy(CachePolicy):
-    """Cache key = ``{stage}-{stage key}``; None (no caching) when the artifact is incomplete and no refresh was asked."""
+    """Cache key = ``{stage}-{stage key}-{store hash}``; None (no caching) when the artifact is incomplete and no refresh was asked."""
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
@@ -31,7 +32,9 @@ class StageKeyPolicy(CachePolicy):
             return None
         complete = open_store(call.store).is_complete(call.stage_type, call.key)
         if complete or task_ctx.task.refresh_cache:
-            return f"{call.stage_type}-{call.key}"
+            # Records of stores that share Prefect's default result storage must not mix.
+            store = hashlib.sha256(call.store.url.encode()).hexdigest()[:12]
+            return f"{call.stage_type}-{call.key}-{store}"
         return None
 
 

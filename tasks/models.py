@@ -8,6 +8,7 @@ import torch
 
 from core.models import load_component
 from schemas.calls import ResolvedModel
+from schemas.errors import ModelError
 from schemas.settings import Settings
 
 
@@ -25,7 +26,10 @@ def resolve_dtype(settings: Settings, device: str) -> str:
 
 def component(model: ResolvedModel | None, name: str, settings: Settings) -> Any:
     if model is None:
-        raise ValueError(f"this stage needs a model for its {name}, but none was resolved")
+        raise ModelError(
+            f"this stage needs a model for its {name} but its call names none; "
+            "plan calls with flows.dag.plan_run, which resolves each stage's model from the spec's `models`"
+        )
     return load_component(
         model.id,
         name,

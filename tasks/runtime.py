@@ -8,6 +8,7 @@ records) costs one metadata read.
 
 from __future__ import annotations
 
+import json
 import platform
 import threading
 import time
@@ -19,11 +20,13 @@ from importlib import metadata
 from typing import Any
 
 import zarr
+from prefect.context import TaskRunContext
 
 from schemas.calls import StageCall, StoreSpec
 from schemas.errors import LeaseHeld
 from schemas.refs import ArtifactRef
 from schemas.settings import Settings
+from storage.keys import canonical_json
 from storage.leases import Leases, default_holder, renewing
 from storage.store import ArtifactStore, ArtifactWriter
 from tasks.models import resolve_device
@@ -50,15 +53,11 @@ class StageContext:
 
 @lru_cache(maxsize=16)
 def _cached_store(url: str, options: str) -> ArtifactStore:
-    import json
-
     return ArtifactStore(url, json.loads(options))
 
 
 def open_store(spec: StoreSpec) -> ArtifactStore:
     """One ArtifactStore per (url, options) per process."""
-    from storage.keys import canonical_json
-
     return _cached_store(spec.url, canonical_json(spec.storage_options))
 
 
@@ -68,46 +67,71 @@ def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] 
     if store.is_complete(call.stage_type, call.key):
         return store.ref(call.stage_type, call.key)
     settings = Settings()
-    with compute_lease(store, call, settings.lease_seconds):
+    with compute_lease(store, call, settings.lease_seconds) as lease:
         if not store.is_complete(call.stage_type, call.key):
-            _compute(call, store, settings, body)
+            _compute(call, store, settings, body, lease)
     return store.ref(call.stage_type, call.key)
 
 
 def _compute(
-    call: StageCall, store: ArtifactStore, settings: Settings, body: Callable[[StageContext], Mapping[str, Any] | None]
+    call: StageCall,
+    store: ArtifactStore,
+    settings: Settings,
+    body: Callable[[StageContext], Mapping[str, Any] | None],
+    lease: LeaseGuard,
 ) -> None:
     started = time.time()
     with store.write(call.stage_type, call.key, {"provenance": provenance(call, store, settings)}) as writer:
         progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage_type})")
         extra = body(StageContext(call, store, writer, progress, settings)) or {}
         progress.finish()
+        lease.check()
         writer.update_attrs({**extra, "seconds": round(time.time() - started, 4)})
 
 
+@dataclass
+class LeaseGuard:
+    """Whether this run still holds its compute lease; checked before the artifact is committed."""
+
+    call: StageCall
+    lost: bool = False
+
+    def renewed(self, still_held: bool) -> None:
+        self.lost = self.lost or not still_held
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseHeld(
+                f"stage {self.call.stage_id!r} lost its lease on key {self.call.key[:12]} to another run while "
+                f"computing (it stalled past REELFLOW_LEASE_SECONDS); its output was discarded, the other run's is kept"
+            )
+
+
 @contextmanager
-def compute_lease(store: ArtifactStore, call: StageCall, ttl: float) -> Iterator[None]:
+def compute_lease(store: ArtifactStore, call: StageCall, ttl: float) -> Iterator[LeaseGuard]:
     """Hold the compute lease on the stage key, renewing it from a thread while the body runs.
 
     If another live run holds it, wait until that run completes the artifact (then the caller
-    finds it complete) or its lease expires (then this run takes over).
+    finds it complete) or its lease dies (then this run takes over).
     """
     leases = Leases(store)
     holder = f"{default_holder()}:{call.run_id}:{threading.get_ident()}"
+    guard = LeaseGuard(call)
     deadline = time.time() + ttl * 4
     while not leases.acquire(call.key, holder, ttl):
         if store.is_complete(call.stage_type, call.key):
-            yield
+            yield guard
             return
         if time.time() > deadline:
             raise LeaseHeld(
                 f"stage {call.stage_id!r} key {call.key[:12]} stays leased by "
-                f"{getattr(leases.read(call.key), 'holder', '?')}; wait for that run or remove the lease"
+                f"{getattr(leases.read(call.key), 'holder', '?')} ({leases.store.url_of(f'leases/{call.key}')}); "
+                "wait for that run, or delete the lease if that run is gone"
             )
         time.sleep(_POLL_SECONDS)
     try:
-        with renewing(lambda: leases.renew(call.key, holder, ttl), ttl / 3):
-            yield
+        with renewing(lambda: guard.renewed(leases.renew(call.key, holder, ttl)), ttl / 3):
+            yield guard
     finally:
         leases.release(call.key, holder)
 
@@ -131,10 +155,16 @@ def provenance(call: StageCall, store: ArtifactStore, settings: Settings) -> dic
         "model": call.model.model_dump(mode="json") if call.model else None,
         "seed": call.seed if call.stage.seeded() else None,
         "run_id": call.run_id,
+        "task_run_id": _task_run_id(),
         "device": resolve_device(settings),
         "host": platform.node(),
         "libraries": library_versions(),
     }
+
+
+def _task_run_id() -> str:
+    context = TaskRunContext.get()
+    return str(context.task_run.id) if context is not None else ""
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ import torch
 
 from core.frames import from_model_range, to_model_range
 from core.vae import decode_latents as vae_decode
+from core.vae import downscale_factor
 from core.vae import encode_frames as vae_encode
 from schemas.calls import StageCall
 from schemas.refs import ArtifactRef
@@ -28,7 +29,7 @@ def _encode(ctx: StageContext) -> dict[str, Any]:
     frames = to_model_range(np.asarray(ctx.input("frames")["frames"][:]))
     vae = component(ctx.call.model, "vae", ctx.settings)
     count, _, height, width = frames.shape
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = downscale_factor(vae)
     shape = (count, vae.config.latent_channels, height // scale, width // scale)
     latents = ctx.writer.create_array("latents", shape=shape, dtype=np.float16, dims=("frame", "channel", "y", "x"))
     generator = torch.Generator().manual_seed(ctx.call.seed) if p.sample else None
@@ -53,7 +54,7 @@ def _decode(ctx: StageContext) -> dict[str, Any]:
     latents = torch.from_numpy(np.asarray(ctx.input("latents")["latents"][:], dtype=np.float32))
     vae = component(ctx.call.model, "vae", ctx.settings)
     count, _, height, width = latents.shape
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = downscale_factor(vae)
     shape = (count, height * scale, width * scale, 3)
     frames = ctx.writer.create_array("frames", shape=shape, dtype=np.uint8, dims=("frame", "y", "x", "channel"))
     ctx.progress.start(count)

@@ -18,6 +18,7 @@ from tasks.runtime import StageContext, run_stage
 from tasks.stage import stage_task
 
 MP4_CHUNK_BYTES = 1 << 20
+AUDIO_CHUNK_SAMPLES = 1 << 18  # about 5 s at 48 kHz per chunk, chunked along time
 
 
 @stage_task("decode_video")
@@ -37,7 +38,9 @@ def _decode(ctx: StageContext) -> dict[str, Any]:
     ctx.writer.write_array("frames", resize_frames(frames, plan), dims=("frame", "y", "x", "channel"))
     ctx.writer.write_array("frame_index", np.asarray(span.indices, dtype=np.int64), dims=("frame",))
     if audio is not None:
-        ctx.writer.write_array("audio", audio.samples, dims=("channel", "sample"), dtype=np.float32)
+        channels, samples = audio.samples.shape
+        chunks = (channels, max(1, min(samples, AUDIO_CHUNK_SAMPLES)))
+        ctx.writer.write_array("audio", audio.samples, dims=("channel", "sample"), dtype=np.float32, chunks=chunks)
     return {
         "fps": f"{span.fps.numerator}/{span.fps.denominator}",
         "start": span.start,

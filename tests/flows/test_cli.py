@@ -69,9 +69,22 @@ def test_inspect_unknown_key_is_one_line(capsys, tmp_path: Path) -> None:
 
 
 def test_models_tiny_writes_a_loadable_bundle(capsys, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
     code, out, _ = run_cli(capsys, "models", "tiny", str(tmp_path / "bundle"))
-    assert code == 0 and (tmp_path / "bundle" / "model_index.json").is_file()
-    assert (tmp_path / "bundle" / "tokenizer" / "vocab.json").is_file()
+    assert code == 0 and str(tmp_path / "bundle") in out
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "bundle", safety_checker=None)
+    assert pipe.vae.config.latent_channels == 4 and pipe.tokenizer("a cat").input_ids[0] == pipe.tokenizer.bos_token_id
+
+
+def test_demo_runs_the_whole_pipeline_then_serves_it_from_cache(capsys, tmp_path: Path) -> None:
+    workdir = tmp_path / "demo dir #1"  # a space and a '#' must survive the spec overrides
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(workdir))
+    assert code == 0 and "reconstruct: completed" in out and out.count("computed") == 5
+    assert (workdir / "output" / "source.reconstruct.mp4").is_file()
+    assert (workdir / "output" / "source.reconstruct.manifest.json").is_file()
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(workdir))
+    assert code == 0 and out.count("cached") == 5 and "computed" not in out
 
 
 def _text_as_mp4(path: Path) -> None:

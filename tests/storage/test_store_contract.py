@@ -144,6 +144,20 @@ class StoreContract:
         assert leases.acquire(KEY_A, "three", ttl=30), "an expired lease is taken over"
         assert leases.live_keys() == {KEY_A}
 
+    def test_exactly_one_of_many_contenders_takes_a_free_lease(self, store: ArtifactStore) -> None:
+        winners = _race(store, 8)
+        assert len(winners) == 1 and Leases(store).read(KEY_A).holder == winners[0]
+
+    def test_exactly_one_of_many_contenders_takes_over_an_expired_lease(self, store: ArtifactStore) -> None:
+        leases = Leases(store)
+        assert leases.acquire(KEY_A, "stalled", ttl=0.05)
+        time.sleep(0.1)
+        winners = _race(store, 8)
+        assert len(winners) == 1 and leases.read(KEY_A).holder == winners[0]
+        assert not leases.renew(KEY_A, "stalled", ttl=30), "the stalled holder learns that it lost the lease"
+        leases.release(KEY_A, "stalled")
+        assert leases.read(KEY_A).holder == winners[0], "and its release does not free the winner's lease"
+
     def test_gc_by_age_keeps_held_artifacts(self, store: ArtifactStore) -> None:
         write_latents(store, KEY_A)
         write_latents(store, KEY_B)
@@ -240,3 +254,23 @@ def test_a_lease_whose_process_died_is_taken_over_at_once(tmp_path: Path) -> Non
     assert leases.read(KEY_A).holder == "dead-run"
     assert not leases.read(KEY_A).live(), "the holder's process has exited"
     assert leases.acquire(KEY_A, "next-run", ttl=60)
+
+
+def _race(store: ArtifactStore, contenders: int) -> list[str]:
+    import threading
+
+    leases = Leases(store)
+    winners: list[str] = []
+    start = threading.Barrier(contenders)
+
+    def contend(name: str) -> None:
+        start.wait()
+        if leases.acquire(KEY_A, name, ttl=30):
+            winners.append(name)
+
+    threads = [threading.Thread(target=contend, args=(f"run-{i}",)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return winners
