@@ -2,6 +2,7 @@
 
 Measured side by side in one process, on the same clip and the same (already loaded) tiny model:
 
+0. an empty Prefect flow run (the fixed cost every run pays);
 1. the core calls of the preset in a plain Python loop (decode, resize, VAE encode, VAE decode,
    MP4 encode, PSNR/SSIM), data held in memory;
 2. the ``edit-video`` flow, cold (a fresh store each repeat): Prefect tasks, the Zarr store,
@@ -63,6 +64,13 @@ def make_spec(clip: Path, bundle: Path, store: Path, out: Path, frames: int, siz
     )  # fmt: skip
 
 
+def empty_flow() -> None:
+    """Prefect's fixed cost of one flow run against the same server: create, run nothing, finish."""
+    from prefect import flow
+
+    flow(name="empty")(lambda: None)()
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -71,8 +79,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -90,19 +98,23 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=120):
         plain_loop(clip, bundle, args.frames, args.size)  # warm-up: model cache, codecs, kernels
         edit_video(make_spec(clip, bundle, work / "warm", work / "warm-out", args.frames, args.size))
-        plain, cold, cached = [], [], []
+        empty_flow()
+        plain, cold, cached, empty = [], [], [], []
         for i in range(args.repeats):
+            empty.append(timed(empty_flow))
             spec = make_spec(clip, bundle, work / f"store-{i}", work / f"out-{i}", args.frames, args.size)
             plain.append(timed(lambda: plain_loop(clip, bundle, args.frames, args.size)))
             cold.append(timed(lambda: edit_video(spec)))
             cached.append(timed(lambda: edit_video(spec)))
 
-    p, c, r = (statistics.median(x) for x in (plain, cold, cached))
+    p, c, r, e = (statistics.median(x) for x in (plain, cold, cached, empty))
     print(f"reconstruct preset, {args.frames} frames at {args.size}x{args.size}, tiny VAE, CPU, median of {args.repeats}")
     print(f"  plain loop of the core calls      {p:8.3f} s   {np.round(plain, 3).tolist()}")
     print(f"  edit-video flow, cold             {c:8.3f} s   {np.round(cold, 3).tolist()}")
     print(f"  edit-video flow, cached rerun     {r:8.3f} s   {np.round(cached, 3).tolist()}")
-    print(f"  orchestration overhead (cold flow / plain loop): {c / p:.2f}x  (+{c - p:.2f} s per edit)")
+    print(f"  an empty Prefect flow run         {e:8.3f} s   {np.round(empty, 3).tolist()}")
+    print(f"  orchestration overhead (cold flow / plain loop): {c / p:.2f}x  (+{c - p:.2f} s per edit,")
+    print(f"    of which {e:.2f} s is Prefect's fixed cost per flow run and {c - p - e:.2f} s stages, store and manifest)")
     print(f"  cached rerun / cold run:                         {r / c:.3f}")
 
 

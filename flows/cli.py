@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--store", help="store URL to search for a key (default: REELFLOW_STORE)")
     inspect.set_defaults(handler=commands.inspect)
 
+    listing = sub.add_parser("list", help="list the artifacts in a store, oldest first")
+    listing.add_argument("--store", help="store URL (default: REELFLOW_STORE)")
+    listing.add_argument("--stage", help="only this stage type, e.g. encode_latents")
+    listing.set_defaults(handler=commands.list_artifacts)
+
     gc = sub.add_parser("gc", help="delete old artifacts and crashed writes, keep the store under a budget")
     gc.add_argument("--store", help="store URL (default: REELFLOW_STORE)")
     gc.add_argument("--older-than", type=commands.parse_duration, metavar="AGE", help="e.g. 30d, 12h, 45m")

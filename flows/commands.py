@@ -172,6 +172,18 @@ def _human(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
+def list_artifacts(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    count = 0
+    for info in store.list(args.stage):
+        when = dt.datetime.fromtimestamp(info.created_at).isoformat(sep=" ", timespec="seconds")
+        state = "complete" if info.complete else "INCOMPLETE"
+        print(f"{when}  {info.stage:<16} {info.key[:16]}  {state:<10} {_human(store.size(info.path)):>10}")
+        count += 1
+    print(f"{count} artifacts in {store.url}")
+    return 0
+
+
 def gc(args: argparse.Namespace) -> int:
     store = _store(args.store)
     report = collect_garbage(

@@ -56,6 +56,11 @@ def test_run_then_inspect_and_gc(capsys, tiny_bundle: Path, clip: Path, tmp_path
     code, by_url, _ = run_cli(capsys, "inspect", latents["artifact"])
     assert code == 0 and by_url == out
 
+    code, out, _ = run_cli(capsys, "list", "--store", str(store))
+    assert code == 0 and "5 artifacts in" in out and out.count("complete") == 5
+    code, out, _ = run_cli(capsys, "list", "--store", str(store), "--stage", "encode_latents")
+    assert code == 0 and latents["key"][:16] in out and "1 artifacts in" in out
+
     code, out, _ = run_cli(capsys, "gc", "--store", str(store), "--older-than", "0s", "--dry-run")
     assert code == 0 and "would remove 5 entries" in out and len(complete_artifacts(store)) == 5
     code, out, _ = run_cli(capsys, "gc", "--store", str(store), "--older-than", "0s")
