@@ -47,7 +47,50 @@ class Graph:
 def resolve_graph(stages: Sequence[StageSpec], model_names: Sequence[str]) -> Graph:
     by_id = _unique_ids(stages)
     nodes = {s.id: Node(s, _wire(s, by_id), _pick_model(s, model_names)) for s in stages}
-    return Graph({i: nodes[i] for i in _topological(nodes)})
+    return _expand(Graph({i: nodes[i] for i in _topological(nodes)}))
+
+
+def _expand(graph: Graph) -> Graph:
+    """Replace each stage with ``each`` entries by its copies, and repeat its descendants per copy."""
+    copies: dict[str, list[str]] = {}  # original id -> ids of its copies, for fanned-out stages
+    origin: dict[str, str] = {}  # original id -> the `each` stage its copies follow
+    expanded: dict[str, Node] = {}
+    for node in graph.order():
+        fanned = sorted({origin[src] for src in node.inputs.values() if src in origin})
+        if node.spec.each and fanned:
+            raise GraphError(f"stage {node.id!r} has `each` but also reads copies of {fanned[0]!r}; keep one `each` per path")
+        if len(fanned) > 1:
+            raise GraphError(f"stage {node.id!r} reads copies of both {fanned[0]!r} and {fanned[1]!r}; keep one `each` per path")
+        if node.spec.each:
+            variants = [_variant(node, i, entry, {}) for i, entry in enumerate(node.spec.each)]
+            origin[node.id] = node.id
+        elif fanned:
+            count = len(copies[next(src for src in node.inputs.values() if src in origin)])
+            variants = [_variant(node, i, {}, copies) for i in range(count)]
+            origin[node.id] = fanned[0]
+        else:
+            expanded[node.id] = node
+            continue
+        copies[node.id] = [v.id for v in variants]
+        expanded.update({v.id: v for v in variants})
+    if len(expanded) != len(set(expanded)):
+        raise GraphError("stage ids collide after expanding `each`; rename the stages")
+    return Graph(expanded)
+
+
+def _variant(node: Node, index: int, override: dict, copies: Mapping[str, list[str]]) -> Node:
+    data = node.spec.model_dump(exclude={"each"})
+    data["id"] = f"{node.id}_{index}"
+    data["params"] = {**data["params"], **override}
+    inputs = {slot: copies[src][index] if src in copies else src for slot, src in node.inputs.items()}
+    data["inputs"] = inputs
+    try:
+        spec = type(node.spec).model_validate(data)
+    except ValueError as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise GraphError(f"stage {node.id!r} each[{index}]: {where}: {first['msg']} (entry {override!r})") from None
+    return Node(spec, inputs, node.model)
 
 
 def _unique_ids(stages: Sequence[StageSpec]) -> dict[str, StageSpec]:
@@ -66,7 +109,12 @@ def _wire(spec: StageSpec, by_id: Mapping[str, StageSpec]) -> dict[str, str]:
             f"stage {spec.id!r} ({spec.stage}) has no input {sorted(unknown)[0]!r}; "
             f"its inputs are: {', '.join(spec.slots) or 'none'}"
         )
-    return {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()}
+    wired = {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()}
+    try:
+        spec.check_inputs({slot: by_id[src] for slot, src in wired.items()})
+    except ValueError as exc:
+        raise GraphError(f"stage {spec.id!r}: {exc}") from None
+    return wired
 
 
 def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping[str, StageSpec]) -> str:

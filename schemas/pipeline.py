@@ -8,6 +8,7 @@ from typing import Annotated, Union
 from pydantic import Field, model_validator
 
 from schemas.base import DType, Model
+import schemas.fatezero  # noqa: F401  (registers the FateZero stages before AnyStage is built)
 from schemas.graph import Graph, resolve_graph
 from schemas.stages import STAGE_TYPES
 

@@ -9,7 +9,8 @@ runnable task for each stage lives in tasks/; nothing here holds weights or impo
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -49,6 +50,12 @@ class StageSpec(Model):
         default=None,
         description="Name of an entry in the pipeline's `models`; defaults to the only model when there is one.",
     )
+    each: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Run this stage once per entry, each entry's keys overriding `params` (e.g. one target "
+        "prompt each); the copies are `<id>_0`, `<id>_1`, ... and every stage downstream is repeated per copy. "
+        "Stages upstream run once: invert once, edit many.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -60,6 +67,9 @@ class StageSpec(Model):
     def seeded(self) -> bool:
         """True when the pipeline seed changes this stage's output (the seed then enters its key)."""
         return False
+
+    def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
+        """Raise ValueError when this stage cannot use what its wired producers will make."""
 
 
 class DecodeVideoParams(Model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -10,6 +11,16 @@ from core.models import load_component
 from schemas.calls import ResolvedModel
 from schemas.errors import ModelError
 from schemas.settings import Settings
+
+
+_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.Lock:
+    """One lock per cached model object: stages that swap its attention processors take turns."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(id(model), threading.Lock())
 
 
 def resolve_device(settings: Settings) -> str:

@@ -27,6 +27,13 @@ import pytest  # noqa: E402
 pytest_plugins = ["tests.fixtures"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # Tiny models on 2 shared cores: intra-op threads only oversubscribe them (measured 10-50x slower).
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.flow
 # Runs the flow in a child process whose VAE decoding writes its first chunk, says so, and hangs.
 CHILD = """
 import pathlib, sys, time
+import torch
 import tasks.vae
+
+torch.set_num_threads(1)  # as the test process, so both compute bit-identical results
 
 real_decode = tasks.vae.vae_decode
 

@@ -1,0 +1,1 @@
+"""Attention processors: cross-frame self-attention and explicit probabilities for controllers."""

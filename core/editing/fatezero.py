@@ -1,0 +1,140 @@
+"""FateZero's attention controllers (Qi et al. 2023, §3.1-3.2): record during inversion, fuse
+during editing.
+
+The recorder hands every wanted probability map of an inversion step to a sink, so the caller can
+stream it to storage instead of holding all steps in memory. The fusion controller receives, at
+edit step i, the maps recorded at inversion step T-1-i (the same timestep, methods.md 1.6) and, on
+the conditional half of the classifier-free-guidance batch only:
+
+- cross-attention, inside the cross window: Prompt-to-Prompt refine or replace of the stored
+  source maps into the edit's, then reweighting of chosen target words (methods.md 1.7);
+- self-attention, inside the self window: the stored source maps, or with blend words
+  M * S_edit + (1 - M) * S_source where M thresholds the source cross-attention of the blend words
+  (methods.md 1.8).
+
+Notation: ``T`` = steps, ``i`` = edit step (0 = noisiest), ``k = T-1-i`` = inversion step with the
+same timestep, ``F`` = frames, ``H`` = heads, ``Nq``/``Nk`` = query/key tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from core.editing.prompt_to_prompt import apply_cross_fusion, blend_mask
+
+MapSink = Callable[[int, str, bool, torch.Tensor], None]
+"""``sink(step, layer, is_cross, probs (F, H, Nq, Nk))``."""
+MapSource = Callable[[int], Mapping[str, torch.Tensor]]
+"""``source(inversion_step) -> {layer: probs (F, H, Nq, Nk)}`` of the recorded layers."""
+
+
+@dataclass
+class RecordingController:
+    """Hands the maps of layers with ``Nq <= max_query_len`` at the recorded steps to ``sink``."""
+
+    max_query_len: int
+    record_steps: Collection[int]
+    sink: MapSink
+    step: int = 0
+
+    def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
+        return query_len <= self.max_query_len and self.step in self.record_steps
+
+    def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
+        self.sink(self.step, layer, is_cross, probs[-num_frames:])
+        return probs
+
+
+def recorded_steps(num_steps: int, fraction: float) -> list[int]:
+    """Inversion steps whose maps an edit with replace windows up to ``fraction`` can use.
+
+    Edit step i reads inversion step T-1-i, and the windows cover edit steps i < int(fraction * T)
+    (FateZero's bounds), so the last int(fraction * T) inversion steps are needed.
+    """
+    used = min(num_steps, int(math.ceil(fraction * num_steps)))
+    return list(range(num_steps - used, num_steps))
+
+
+@dataclass
+class FusionPlan:
+    """Everything about one edit that does not change from step to step."""
+
+    num_steps: int
+    cross_window: torch.Tensor  # bool (T,)
+    self_window: torch.Tensor  # bool (T,)
+    mapper: torch.Tensor | None = None  # refine: (77,) source index per target token
+    alphas: torch.Tensor | None = None  # refine: (77,) 1 where aligned
+    replace: torch.Tensor | None = None  # replace: (77, 77)
+    equalizer: torch.Tensor | None = None  # (77,) reweighting of target-word columns
+    blend_tokens: list[int] | None = None  # source-prompt token indices of the blend words
+    blend_threshold: float = 0.3
+    blend_resolution: int | None = None
+
+
+@dataclass
+class FusionController:
+    """Fuses the stored inversion maps into the edit's attention, step by step."""
+
+    plan: FusionPlan
+    source: MapSource
+    layers: Mapping[str, tuple[bool, int]]  # recorded layer -> (is_cross, query_len)
+    step: int = -1
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    first_mask: torch.Tensor | None = None  # (F, r, r) at the blend resolution, for the UI
+    first_maps: list[torch.Tensor] = field(default_factory=list)  # the source cross maps it came from
+    _maps: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def begin_step(self, step: int) -> None:
+        """Load the maps of the inversion step with this edit step's timestep, if the step fuses anything."""
+        self.step, self.masks = step, {}
+        active = bool(self.plan.cross_window[step] or self.plan.self_window[step])
+        self._maps = self.source(self.plan.num_steps - 1 - step) if active else {}
+
+    def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
+        if layer not in self._maps:
+            return False
+        window = self.plan.cross_window if is_cross else self.plan.self_window
+        return bool(window[self.step])
+
+    def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
+        source = self._maps[layer].to(device=probs.device, dtype=probs.dtype)
+        edit = probs[-num_frames:]
+        fused = self._fuse_cross(source, edit) if is_cross else self._fuse_self(source, edit)
+        return torch.cat([probs[:-num_frames], fused]) if probs.shape[0] > num_frames else fused
+
+    def _fuse_cross(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        p = self.plan
+        return apply_cross_fusion(
+            source, edit, mapper=p.mapper, alphas=p.alphas, replace=p.replace, equalizer=p.equalizer
+        )
+
+    def _fuse_self(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        if self.plan.blend_tokens is None:
+            return source
+        mask = self._mask(int(math.isqrt(edit.shape[2]))).to(device=edit.device, dtype=edit.dtype)
+        return mask * edit + (1 - mask) * source
+
+    def _mask(self, res: int) -> torch.Tensor:
+        """``(F, 1, res*res, 1)``: 1 where the source blend words attend (the edited object)."""
+        if res not in self.masks:
+            maps, tokens, threshold = self.blend_maps(), self.plan.blend_tokens, self.plan.blend_threshold
+            self.masks[res] = blend_mask(maps, tokens, threshold=threshold, out_res=res)
+            if self.first_mask is None:
+                self.first_maps = maps
+                side = int(math.isqrt(maps[0].shape[2]))
+                self.first_mask = blend_mask(maps, tokens, threshold=threshold, out_res=side).reshape(-1, side, side)
+        return self.masks[res]
+
+    def blend_maps(self) -> list[torch.Tensor]:
+        """This step's source cross maps at the blend resolution (or the recorded one nearest to it)."""
+        cross = {name: q for name, (is_cross, q) in self.layers.items() if is_cross and name in self._maps}
+        if not cross:
+            raise ValueError("blend words need recorded cross-attention maps; lower max_query_len limits")
+        sides = sorted({int(math.isqrt(q)) for q in cross.values()})
+        wanted = self.plan.blend_resolution or sides[0]
+        side = min(sides, key=lambda s: (abs(s - wanted), -s))
+        return [self._maps[name].float() for name, q in cross.items() if int(math.isqrt(q)) == side]

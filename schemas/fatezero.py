@@ -1,0 +1,124 @@
+"""Stage declarations of FateZero (Qi et al. 2023, "FateZero: Fusing Attentions for Zero-shot
+Text-based Video Editing"): DDIM inversion that records attention, and attention-fusion editing.
+
+Defaults follow the released configs (methods.md 1.10): 50 steps, guidance 7.5, the middle frame as
+the cross-frame key, cross-frame attention only on layers of 640 channels or more, maps recorded
+for layers whose query length is at most 1024 (32x32 and below at 512 px).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from schemas.base import Model, PositiveInt
+from schemas.stages import StageSpec, register_stage
+
+FrameKey = Literal["self", "first", "last", "mid", "previous"] | int
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class InvertLatentsParams(Model):
+    """DDIM inversion with the source prompt and no guidance, recording attention as it goes."""
+
+    source_prompt: str = Field(min_length=1, description="A caption of the source video (what it shows now).")
+    num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps; edits use the same number.")
+    frame_keys: tuple[FrameKey, ...] = Field(
+        default=("mid",),
+        description="Frames whose keys/values each frame's self-attention reads: 'self', 'first', 'last', 'mid', "
+        "'previous' or a relative offset. ('mid',) is the released configs; ('self', 'mid') the paper.",
+    )
+    min_channels: int = Field(
+        default=640, ge=0, description="Self-attention layers with fewer channels stay per-frame (least_sc_channel)."
+    )
+    max_query_len: PositiveInt = Field(
+        default=1024, description="Record maps only of layers whose query length (h*w) is at most this."
+    )
+    record_fraction: Fraction = Field(
+        default=1.0,
+        gt=0.0,
+        description="Fraction of the edit's steps, from the noisiest, whose maps are recorded: the largest "
+        "cross/self replace window among the edits that will use this inversion.",
+    )
+
+
+@register_stage
+class InvertLatents(StageSpec):
+    """Invert latents to noise with DDIM, streaming the latents and attention maps of every step to the store."""
+
+    version: ClassVar[str] = "1"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",)}
+    produces: ClassVar[str] = "inversion"
+    needs_model: ClassVar[bool] = True
+
+    stage: Literal["invert_latents"] = "invert_latents"
+    params: InvertLatentsParams = Field(description="Inversion options.")
+
+
+class FateZeroParams(Model):
+    """One FateZero edit: a target prompt and how the inversion's attention is fused into it."""
+
+    method: Literal["fatezero"] = Field(default="fatezero", description="Editing method.")
+    target_prompt: str = Field(min_length=1, description="What the edited video should show.")
+    negative_prompt: str = Field(default="", description="Unconditional prompt for classifier-free guidance.")
+    guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="Classifier-free guidance scale.")
+    cross_replace_steps: Fraction = Field(
+        default=0.8, description="Fraction of steps (noisiest first) where cross-attention is fused."
+    )
+    self_replace_steps: Fraction = Field(
+        default=0.6, description="Fraction of steps (noisiest first) where self-attention is fused."
+    )
+    replace: bool = Field(
+        default=False,
+        description="Prompt-to-Prompt replace (prompts with the same word count) instead of refine (token alignment).",
+    )
+    reweight: dict[str, float] = Field(
+        default_factory=dict, description="Target words whose cross-attention is multiplied, e.g. {watercolor: 10}."
+    )
+    blend_words: tuple[list[str], list[str]] | None = Field(
+        default=None,
+        description="[source words, target words] of a local edit; their source cross-attention makes the "
+        "self-attention blend mask. None: self-attention is replaced everywhere (style edits).",
+    )
+    blend_threshold: Fraction = Field(default=0.3, description="Mask threshold on the per-frame normalised map.")
+    blend_latents: bool = Field(
+        default=False, description="Also blend latents outside the mask with the inversion's (middle 60% of steps)."
+    )
+    blend_resolution: PositiveInt | None = Field(
+        default=None,
+        description="Side of the cross-attention maps that make the mask; None: a quarter of the latent side "
+        "(16 for 64x64 latents), or the nearest recorded one.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FateZeroParams:
+        if self.blend_latents and self.blend_words is None:
+            raise ValueError("blend_latents needs blend_words: give [[source words], [target words]]")
+        return self
+
+
+@register_stage
+class DenoiseLatents(StageSpec):
+    """Denoise from the inverted latents with the target prompt, fusing the stored attention (FateZero)."""
+
+    version: ClassVar[str] = "1"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {"inversion": ("inversion",)}
+    produces: ClassVar[str] = "latents"
+    needs_model: ClassVar[bool] = True
+
+    stage: Literal["denoise_latents"] = "denoise_latents"
+    params: FateZeroParams = Field(description="The edit.")
+
+    def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
+        inversion = producers["inversion"]
+        needed = max(self.params.cross_replace_steps, self.params.self_replace_steps)
+        recorded = inversion.params.record_fraction
+        for entry in [{}, *self.each]:
+            needed = max(needed, entry.get("cross_replace_steps", 0.0), entry.get("self_replace_steps", 0.0))
+        if needed > recorded:
+            raise ValueError(
+                f"its replace windows reach {needed} of the steps but {inversion.id!r} records maps for "
+                f"{recorded} of them; set {inversion.id}.params.record_fraction to at least {needed}"
+            )

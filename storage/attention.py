@@ -1,0 +1,115 @@
+"""The attention store: FateZero's inversion-time attention maps, streamed into Zarr.
+
+One float16 array per layer, ``attention/{layer}`` of shape ``(steps, F, H, Nq, Nk)`` with one chunk
+per step and layer, so a step is written once, by one writer, as soon as the UNet produced it, and
+read back as one chunk per layer. Writes go through a bounded background queue so compression and
+I/O overlap the next UNet call; reads prefetch the next step the edit will ask for.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import zarr
+
+from storage.store import ArtifactWriter
+
+ATTENTION = "attention"
+_DIMS = ("step", "frame", "head", "query", "key")
+
+
+class AttentionWriter:
+    """Streams ``(F, H, Nq, Nk)`` maps of (step, layer) into the artifact being written."""
+
+    def __init__(self, writer: ArtifactWriter, num_steps: int, *, queue_size: int = 8) -> None:
+        self.writer = writer
+        self.num_steps = num_steps
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.raw_bytes = 0
+        self.write_seconds = 0.0
+        self._arrays: dict[str, zarr.Array] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="reelflow-attention-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, step: int, layer: str, is_cross: bool, probs: np.ndarray) -> None:
+        """Queue one map; blocks when the writer is ``queue_size`` maps behind (memory stays bounded)."""
+        if self._error is not None:
+            raise self._error
+        if layer not in self.layers:
+            self.layers[layer] = {"is_cross": is_cross, "query_len": int(probs.shape[2]), "shape": list(probs.shape)}
+        self._queue.put((step, layer, probs.astype(np.float16, copy=False)))
+
+    def close(self) -> None:
+        """Wait for every queued map to be written; re-raise a write error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            step, layer, probs = item
+            try:
+                started = time.perf_counter()
+                self._array(layer, probs.shape)[step] = probs
+                self.write_seconds += time.perf_counter() - started
+                self.raw_bytes += probs.size * 4  # what the same map costs as float32
+            except BaseException as exc:  # noqa: BLE001  (surfaced to the producer by write/close)
+                self._error = exc
+
+    def _array(self, layer: str, shape: tuple[int, ...]) -> zarr.Array:
+        if layer not in self._arrays:
+            self._arrays[layer] = self.writer.create_array(
+                f"{ATTENTION}/{layer}",
+                shape=(self.num_steps, *shape),
+                dtype=np.float16,
+                dims=_DIMS,
+                chunks=(1, *shape),
+            )
+        return self._arrays[layer]
+
+
+class AttentionReader:
+    """Reads every recorded layer's map of one step, prefetching the next step of ``order``."""
+
+    def __init__(self, group: zarr.Group, layers: Sequence[str], recorded: Sequence[int], order: Sequence[int]) -> None:
+        self.arrays = {name: group[f"{ATTENTION}/{name}"] for name in layers}
+        self.recorded = set(recorded)
+        self.order = list(order)
+        self.read_seconds = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reelflow-attention-prefetch")
+        self._pending: dict[int, Future] = {}
+
+    def __call__(self, step: int) -> Mapping[str, np.ndarray]:
+        if step not in self.recorded:
+            raise KeyError(f"inversion step {step} was not recorded (recorded: {min(self.recorded)}..{max(self.recorded)})")
+        future = self._pending.pop(step, None) or self._pool.submit(self._load, step)
+        maps = future.result()
+        self._prefetch_after(step)
+        return maps
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prefetch_after(self, step: int) -> None:
+        position = self.order.index(step) if step in self.order else -1
+        if 0 <= position < len(self.order) - 1:
+            upcoming = self.order[position + 1]
+            if upcoming not in self._pending:
+                self._pending[upcoming] = self._pool.submit(self._load, upcoming)
+
+    def _load(self, step: int) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        maps = {name: np.asarray(array[step]) for name, array in self.arrays.items()}
+        self.read_seconds += time.perf_counter() - started
+        return maps

@@ -1,0 +1,227 @@
+"""invert_latents and denoise_latents (FateZero): the two stages around the stored attention."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from prefect.logging import get_run_logger
+
+from core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
+from core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
+from core.editing.prompt_to_prompt import equalizer, refine_mapper, replace_matrix, step_window, word_token_indices
+from core.inversion.ddim import ddim_invert, inversion_timesteps
+from core.sampling.ddim import classifier_free_guidance, ddim_denoise_step, denoising_timesteps
+from core.text import encode_prompts
+from schemas.calls import StageCall
+from schemas.fatezero import FateZeroParams
+from schemas.refs import ArtifactRef
+from storage.attention import AttentionReader, AttentionWriter
+from tasks.models import component, model_lock
+from tasks.runtime import StageContext, run_stage
+from tasks.stage import stage_task
+
+LATENT_DIMS = ("step", "frame", "channel", "y", "x")
+
+
+@contextmanager
+def frame_attention(unet: Any, *, frame_keys: tuple, min_channels: int, controller: Any) -> Iterator[None]:
+    """The shared UNet with FateZero's processors for the duration of one stage, restored after."""
+    with model_lock(unet):
+        install_frame_processors(unet, frame_keys=frame_keys, min_channels=min_channels, controller=controller)
+        try:
+            yield
+        finally:
+            restore_default_processors(unet)
+
+
+@stage_task("invert_latents")
+def invert_latents(call: StageCall) -> ArtifactRef:
+    """DDIM inversion: latents of every step ``(T+1, F, 4, h, w)`` and ``attention/{layer}`` maps."""
+    return run_stage(call, _invert)
+
+
+def _invert(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.call.stage.params
+    z0 = torch.from_numpy(np.asarray(ctx.input("latents")["latents"][:], dtype=np.float32))
+    unet, text = _models(ctx)
+    scheduler = component(ctx.call.model, "scheduler", ctx.settings)
+    frames, steps = z0.shape[0], p.num_steps
+    embeddings = encode_prompts(*text, [p.source_prompt]).to(unet.dtype).expand(frames, -1, -1)
+    record = recorded_steps(steps, p.record_fraction)
+    latents = ctx.writer.create_array(
+        "latents", shape=(steps + 1, *z0.shape), dtype=np.float32, dims=LATENT_DIMS, chunks=(1, *z0.shape)
+    )
+    latents[0] = z0.numpy()
+    maps = AttentionWriter(ctx.writer, steps)
+    recorder = RecordingController(p.max_query_len, set(record), lambda k, layer, cross, probs: maps.write(
+        k, layer, cross, probs.to(torch.float16).cpu().numpy()))
+    ctx.progress.start(steps)
+
+    def unet_fn(z: torch.Tensor, t: int, k: int) -> torch.Tensor:
+        recorder.step = k
+        set_num_frames(unet, frames)
+        return unet(z.to(unet.device, unet.dtype), t, encoder_hidden_states=embeddings).sample.float()
+
+    def on_step(k: int, t: int, z: torch.Tensor) -> None:
+        latents[k + 1] = z.cpu().numpy()
+        ctx.progress.advance()
+
+    started = time.perf_counter()
+    with frame_attention(unet, frame_keys=p.frame_keys, min_channels=p.min_channels, controller=recorder):
+        ddim_invert(unet_fn, z0.to(unet.device), scheduler, steps, on_step=on_step)
+    maps.close()
+    stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
+    return {
+        "source_prompt": p.source_prompt,
+        "num_steps": steps,
+        "timesteps": inversion_timesteps(scheduler, steps).tolist(),
+        "recorded_steps": record,
+        "frame_keys": list(p.frame_keys),
+        "min_channels": p.min_channels,
+        "layers": maps.layers,
+        "attention_store": {
+            "raw_float32_bytes": maps.raw_bytes,
+            "stored_bytes": stored,
+            "write_seconds": round(maps.write_seconds, 4),
+            "inversion_seconds": round(time.perf_counter() - started, 4),
+        },
+    }
+
+
+def _rel(ctx: StageContext) -> str:
+    """The artifact's path relative to the store root while it is being written."""
+    return ctx.writer.path[len(ctx.store.root) + 1 :]
+
+
+def _models(ctx: StageContext) -> tuple[Any, tuple[Any, Any]]:
+    model = ctx.call.model
+    unet = component(model, "unet", ctx.settings)
+    return unet, (component(model, "tokenizer", ctx.settings), component(model, "text_encoder", ctx.settings))
+
+
+@stage_task("denoise_latents")
+def denoise_latents(call: StageCall) -> ArtifactRef:
+    """Edited latents ``(F, 4, h, w)`` and, for local edits, the blend mask ``(F, r, r)``."""
+    return run_stage(call, _denoise)
+
+
+def _denoise(ctx: StageContext) -> dict[str, Any]:
+    p: FateZeroParams = ctx.call.stage.params
+    inversion = ctx.input("inversion")
+    steps, z = int(inversion.attrs["num_steps"]), torch.from_numpy(np.asarray(inversion["latents"][-1]))
+    unet, (tokenizer, text_encoder) = _models(ctx)
+    scheduler = component(ctx.call.model, "scheduler", ctx.settings)
+    frames = z.shape[0]
+    plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_side=z.shape[-1])
+    controller, reader = _fusion_controller(inversion, plan)
+    prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
+    embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
+    blender = _LatentBlender(p, plan, inversion, controller, steps) if p.blend_latents else None
+    ctx.progress.start(steps)
+    started = time.perf_counter()
+    with frame_attention(
+        unet,
+        frame_keys=tuple(inversion.attrs["frame_keys"]),
+        min_channels=int(inversion.attrs["min_channels"]),
+        controller=controller,
+    ):
+        for i, t in enumerate(denoising_timesteps(scheduler, steps).tolist()):
+            controller.begin_step(i)
+            set_num_frames(unet, frames)
+            batch = torch.cat([z, z]).to(unet.device, unet.dtype)
+            eps_uncond, eps_cond = unet(batch, t, encoder_hidden_states=embeddings).sample.float().chunk(2)
+            eps = classifier_free_guidance(eps_uncond, eps_cond, p.guidance_scale)
+            z = ddim_denoise_step(eps, t, z.to(eps.device), scheduler, steps)
+            if blender is not None:
+                z = blender(i, z)
+            ctx.progress.advance()
+    reader.close()
+    ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "channel", "y", "x"), dtype=np.float16)
+    if controller.first_mask is not None:
+        ctx.writer.write_array("blend_mask", controller.first_mask.numpy().astype(np.uint8), dims=("frame", "y", "x"))
+        _write_word_maps(ctx, controller, plan)
+    return {
+        "source_prompt": inversion.attrs["source_prompt"],
+        "target_prompt": p.target_prompt,
+        "fusion": fusion,
+        "num_steps": steps,
+        "attention_read_seconds": round(reader.read_seconds, 4),
+        "denoise_seconds": round(time.perf_counter() - started, 4),
+    }
+
+
+def fusion_plan(
+    p: FateZeroParams, tokenizer: Any, source_prompt: str, steps: int, *, latent_side: int
+) -> tuple[FusionPlan, str]:
+    """Turn an edit's params into per-step windows and token maps; also says which fusion was used."""
+    plan = FusionPlan(
+        num_steps=steps,
+        cross_window=step_window(steps, p.cross_replace_steps),
+        self_window=step_window(steps, p.self_replace_steps),
+        blend_threshold=p.blend_threshold,
+        blend_resolution=p.blend_resolution or max(1, latent_side // 4),
+    )
+    fusion = "refine"
+    if p.replace and len(source_prompt.split()) == len(p.target_prompt.split()):
+        plan.replace, fusion = replace_matrix(tokenizer, source_prompt, p.target_prompt), "replace"
+    else:
+        if p.replace:
+            get_run_logger().warning("replace needs prompts with the same word count; using refine (as FateZero)")
+            fusion = "refine (replace needs the same word count)"
+        plan.mapper, plan.alphas = refine_mapper(tokenizer, source_prompt, p.target_prompt)
+    if p.reweight:
+        plan.equalizer = equalizer(tokenizer, p.target_prompt, list(p.reweight), list(p.reweight.values()))
+    if p.blend_words is not None:
+        plan.blend_tokens = [i for w in p.blend_words[0] for i in word_token_indices(tokenizer, source_prompt, w)]
+    return plan, fusion
+
+
+def _fusion_controller(inversion: zarr.Group, plan: FusionPlan) -> tuple[FusionController, AttentionReader]:
+    layers = {name: (info["is_cross"], info["query_len"]) for name, info in inversion.attrs["layers"].items()}
+    active = [i for i in range(plan.num_steps) if plan.cross_window[i] or plan.self_window[i]]
+    order = [plan.num_steps - 1 - i for i in active]
+    reader = AttentionReader(inversion, list(layers), inversion.attrs["recorded_steps"], order)
+
+    def source(step: int) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(maps) for name, maps in reader(step).items()}
+
+    return FusionController(plan, source, layers), reader
+
+
+class _LatentBlender:
+    """FateZero's optional latent blending (methods.md 1.9): outside the mask of the source blend
+    words, keep the inversion's latent of the same noise level, in the middle 60% of the steps.
+
+    FateZero unions this source mask with one from the edit's accumulated target maps; here only
+    the source mask is used, so what is outside the source object stays the source.
+    """
+
+    def __init__(self, p: FateZeroParams, plan: FusionPlan, inversion: zarr.Group, controller: FusionController,
+                 steps: int) -> None:
+        self.latents, self.controller, self.steps = inversion["latents"], controller, steps
+        self.window = range(int(0.2 * steps) + 1, int(0.8 * steps))
+
+    def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        if i not in self.window or not self.controller.plan.blend_tokens or not self.controller._maps:
+            return z
+        side = z.shape[-1]
+        mask = self.controller._mask(side).reshape(z.shape[0], 1, side, side).to(z)
+        reference = torch.from_numpy(np.asarray(self.latents[self.steps - 1 - i])).to(z)
+        return reference + mask * (z - reference)
+
+
+def _write_word_maps(ctx: StageContext, controller: FusionController, plan: FusionPlan) -> None:
+    """The normalised source cross-attention of the blend words at the first fused step, ``(F, r, r)``."""
+    maps = torch.stack([m.mean(dim=1)[..., plan.blend_tokens].sum(-1) for m in controller.first_maps])
+    heat = maps.mean(0)
+    side = int(math.isqrt(heat.shape[-1]))
+    heat = heat.reshape(-1, side, side)
+    heat = heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    ctx.writer.write_array("word_heatmap", heat.numpy().astype(np.float32), dims=("frame", "y", "x"), dtype=np.float16)
