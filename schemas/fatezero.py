@@ -96,6 +96,10 @@ class FateZeroParams(Model):
     def _check(self) -> FateZeroParams:
         if self.blend_latents and self.blend_words is None:
             raise ValueError("blend_latents needs blend_words: give [[source words], [target words]]")
+        words = self.target_prompt.split()
+        for word in [*self.reweight, *(self.blend_words[1] if self.blend_words else [])]:
+            if word not in words:
+                raise ValueError(f"{word!r} is not a word of the target prompt {self.target_prompt!r}; words match as spelled")
         return self
 
 
@@ -117,6 +121,10 @@ class DenoiseLatents(StageSpec):
         recorded = inversion.params.record_fraction
         for entry in [{}, *self.each]:
             needed = max(needed, entry.get("cross_replace_steps", 0.0), entry.get("self_replace_steps", 0.0))
+        source_words = inversion.params.source_prompt.split()
+        for word in self.params.blend_words[0] if self.params.blend_words else []:
+            if word not in source_words:
+                raise ValueError(f"blend word {word!r} is not a word of the source prompt {inversion.params.source_prompt!r}")
         if needed > recorded:
             raise ValueError(
                 f"its replace windows reach {needed} of the steps but {inversion.id!r} records maps for "

@@ -23,6 +23,7 @@ from schemas.calls import StageCall
 from schemas.fatezero import FateZeroParams
 from schemas.refs import ArtifactRef
 from storage.attention import AttentionReader, AttentionWriter
+from tasks.artifacts import contact_sheet, png_markdown, publish_markdown
 from tasks.models import component, model_lock
 from tasks.runtime import StageContext, run_stage
 from tasks.stage import stage_task
@@ -78,6 +79,8 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
         ddim_invert(unet_fn, z0.to(unet.device), scheduler, steps, on_step=on_step)
     maps.close()
     stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
+    seconds = time.perf_counter() - started
+    _publish_inversion(ctx, maps, stored, record, seconds)
     return {
         "source_prompt": p.source_prompt,
         "num_steps": steps,
@@ -90,9 +93,28 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
             "raw_float32_bytes": maps.raw_bytes,
             "stored_bytes": stored,
             "write_seconds": round(maps.write_seconds, 4),
-            "inversion_seconds": round(time.perf_counter() - started, 4),
+            "inversion_seconds": round(seconds, 4),
         },
     }
+
+
+def _publish_inversion(ctx: StageContext, maps: AttentionWriter, stored: int, record: list[int], seconds: float) -> None:
+    steps = max(len(record), 1)
+    rows = [
+        ("layers recorded", f"{len(maps.layers)} ({sum(i['is_cross'] for i in maps.layers.values())} cross)"),
+        ("steps recorded", f"{len(record)} of {ctx.call.stage.params.num_steps}"),
+        ("per step, raw float32", f"{maps.raw_bytes / steps / 2**20:.2f} MiB"),
+        ("per step, stored (float16, zstd)", f"{stored / steps / 2**20:.2f} MiB"),
+        ("store write time (background)", f"{maps.write_seconds:.2f} s"),
+        ("inversion time", f"{seconds:.2f} s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    url = ctx.store.url_of(ctx.store.artifact_path(ctx.call.stage_type, ctx.call.key))
+    publish_markdown(
+        f"{ctx.call.stage_id}-{ctx.call.key[:8]}",
+        f"### Attention store of `{ctx.call.stage_id}`\n\n| | |\n|---|---|\n{table}\n\nStore: `{url}`",
+        description=f"inversion of '{ctx.call.stage.params.source_prompt}'",
+    )
 
 
 def _rel(ctx: StageContext) -> str:
@@ -144,9 +166,14 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
             ctx.progress.advance()
     reader.close()
     ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "channel", "y", "x"), dtype=np.float16)
+    pictures = []
     if controller.first_mask is not None:
-        ctx.writer.write_array("blend_mask", controller.first_mask.numpy().astype(np.uint8), dims=("frame", "y", "x"))
-        _write_word_maps(ctx, controller, plan)
+        mask = controller.first_mask.numpy().astype(np.uint8)
+        ctx.writer.write_array("blend_mask", mask, dims=("frame", "y", "x"))
+        heat = _write_word_maps(ctx, controller, plan)
+        pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32)),
+                    (f"source cross-attention of {p.blend_words[0]}", heat)]  # fmt: skip
+    _publish_edit(ctx, p, fusion, pictures)
     return {
         "source_prompt": inversion.attrs["source_prompt"],
         "target_prompt": p.target_prompt,
@@ -217,11 +244,21 @@ class _LatentBlender:
         return reference + mask * (z - reference)
 
 
-def _write_word_maps(ctx: StageContext, controller: FusionController, plan: FusionPlan) -> None:
+def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: list[tuple[str, np.ndarray]]) -> None:
+    lines = [f"### `{ctx.call.stage_id}`: {p.target_prompt}", "", f"fusion: {fusion}; guidance {p.guidance_scale}; "
+             f"cross/self windows {p.cross_replace_steps}/{p.self_replace_steps}"]  # fmt: skip
+    for title, frames in pictures:
+        lines += ["", f"**{title}**", "", png_markdown(title, contact_sheet(frames))]
+    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description=p.target_prompt)
+
+
+def _write_word_maps(ctx: StageContext, controller: FusionController, plan: FusionPlan) -> np.ndarray:
     """The normalised source cross-attention of the blend words at the first fused step, ``(F, r, r)``."""
     maps = torch.stack([m.mean(dim=1)[..., plan.blend_tokens].sum(-1) for m in controller.first_maps])
     heat = maps.mean(0)
     side = int(math.isqrt(heat.shape[-1]))
     heat = heat.reshape(-1, side, side)
     heat = heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    ctx.writer.write_array("word_heatmap", heat.numpy().astype(np.float32), dims=("frame", "y", "x"), dtype=np.float16)
+    heat = heat.numpy().astype(np.float32)
+    ctx.writer.write_array("word_heatmap", heat, dims=("frame", "y", "x"), dtype=np.float16)
+    return heat

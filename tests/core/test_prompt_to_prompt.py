@@ -74,6 +74,14 @@ def test_refine_appended_style_words_are_new(tokenizer: CLIPTokenizer) -> None:
     assert mapper[9] == 6 and alphas[9] == 1.0  # target EOS <- source EOS
 
 
+def test_refine_breaks_ties_as_p2p_seq_aligner(tokenizer: CLIPTokenizer) -> None:
+    # Aligning "red" or "car" is equally good; P2P's tie order keeps "car" (checked against seq_aligner).
+    mapper, alphas = refine_mapper(tokenizer, "a red car", "a car red")
+
+    assert mapper[:3].tolist() == [0, 1, 3]
+    assert alphas[:5].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
+
+
 # --- replace -----------------------------------------------------------------------------------
 
 

@@ -173,4 +173,4 @@ def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -
 
 def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "run", "no-such-preset")
-    assert code == 1 and "presets: fatezero-style, reconstruct" in err
+    assert code == 1 and "presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, reconstruct" in err

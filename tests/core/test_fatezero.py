@@ -1,0 +1,123 @@
+"""FateZero's record and fuse controllers on the tiny bundle's UNet (methods.md 1.14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
+from core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
+from core.editing.prompt_to_prompt import refine_mapper
+from core.inversion.ddim import inversion_timesteps
+from core.models import load_component
+from core.sampling.ddim import denoising_timesteps
+from core.text import encode_prompts
+
+FRAMES = 3
+PROMPT = "a cat walking on a street"
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_bundle: Path) -> dict:
+    names = ("unet", "tokenizer", "text_encoder", "scheduler")
+    return {name: load_component(str(tiny_bundle), name) for name in names}
+
+
+def run_unet(parts: dict, latents: torch.Tensor, controller, prompt: str = PROMPT) -> torch.Tensor:
+    unet = parts["unet"]
+    embeddings = encode_prompts(parts["tokenizer"], parts["text_encoder"], [prompt]).expand(latents.shape[0], -1, -1)
+    install_frame_processors(unet, frame_keys=("mid",), min_channels=0, controller=controller)
+    try:
+        set_num_frames(unet, FRAMES)
+        with torch.no_grad():
+            return unet(latents, 500, encoder_hidden_states=embeddings).sample
+    finally:
+        restore_default_processors(unet)
+
+
+def record(parts: dict, latents: torch.Tensor, max_query_len: int = 4096) -> tuple[dict, dict]:
+    maps, layers = {}, {}
+
+    def sink(step: int, layer: str, is_cross: bool, probs: torch.Tensor) -> None:
+        maps[layer] = probs.clone()
+        layers[layer] = (is_cross, probs.shape[2])
+
+    run_unet(parts, latents, RecordingController(max_query_len, {0}, sink))
+    return maps, layers
+
+
+def replay_plan(parts: dict) -> FusionPlan:
+    mapper, alphas = refine_mapper(parts["tokenizer"], PROMPT, PROMPT)
+    return FusionPlan(
+        num_steps=1, cross_window=torch.ones(1, dtype=torch.bool), self_window=torch.ones(1, dtype=torch.bool),
+        mapper=mapper, alphas=alphas,
+    )  # fmt: skip
+
+
+def test_recording_then_replaying_everything_reproduces_the_output(parts: dict) -> None:
+    z = torch.randn(FRAMES, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = run_unet(parts, z, None)
+    maps, layers = record(parts, z)
+    assert layers, "the recorder saw the attention layers"
+    fusion = FusionController(replay_plan(parts), source=lambda step: maps, layers=layers)
+    fusion.begin_step(0)
+    replayed = run_unet(parts, z, fusion)
+    torch.testing.assert_close(replayed, plain, rtol=0, atol=1e-6)
+
+
+def test_replaying_another_clips_maps_changes_the_output(parts: dict) -> None:
+    z = torch.randn(FRAMES, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(FRAMES, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps, layers = record(parts, other)
+    fusion = FusionController(replay_plan(parts), source=lambda step: maps, layers=layers)
+    fusion.begin_step(0)
+    assert not torch.allclose(run_unet(parts, z, fusion), run_unet(parts, z, None), atol=1e-4)
+
+
+def test_recorder_keeps_only_short_queries_and_one_map_per_attention_layer(parts: dict) -> None:
+    z = torch.randn(FRAMES, 4, 8, 8)
+    all_maps, _ = record(parts, z)
+    attention_layers = [n for n in parts["unet"].attn_processors if n.endswith(("attn1.processor", "attn2.processor"))]
+    assert len(all_maps) == len(attention_layers)
+    short, layers = record(parts, z, max_query_len=16)
+    assert short and all(q <= 16 for _, q in layers.values())
+    assert set(short) < set(all_maps)
+    for name, probs in all_maps.items():
+        is_cross = name.endswith("attn2")
+        assert probs.shape[0] == FRAMES
+        assert probs.shape[-1] == (77 if is_cross else probs.shape[2]), "('mid',): one key frame per query frame"
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+
+@pytest.mark.parametrize("steps", [5, 50])
+def test_edit_step_reads_the_inversion_step_of_the_same_timestep(parts: dict, steps: int) -> None:
+    inverted = inversion_timesteps(parts["scheduler"], steps).tolist()
+    denoised = denoising_timesteps(parts["scheduler"], steps).tolist()
+    requested: list[int] = []
+
+    def source(step: int) -> dict:
+        requested.append(step)
+        return {}
+
+    window = torch.ones(steps, dtype=torch.bool)
+    fusion = FusionController(FusionPlan(steps, window, window), source=source, layers={})
+    for i in range(steps):
+        fusion.begin_step(i)
+        assert inverted[requested[-1]] == denoised[i]
+    assert requested == list(range(steps - 1, -1, -1))
+
+
+def test_steps_outside_every_window_load_no_maps() -> None:
+    requested: list[int] = []
+    cross = torch.tensor([True, True, False, False])
+    fusion = FusionController(FusionPlan(4, cross, torch.zeros(4, dtype=torch.bool)), lambda k: requested.append(k) or {}, {})
+    for i in range(4):
+        fusion.begin_step(i)
+    assert requested == [3, 2]
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(1.0, [0, 1, 2, 3, 4]), (0.6, [2, 3, 4]), (0.5, [2, 3, 4]), (0.1, [4])])
+def test_recorded_steps_cover_the_replace_windows(fraction: float, expected: list[int]) -> None:
+    assert recorded_steps(5, fraction) == expected

@@ -1,0 +1,86 @@
+"""FateZero end to end on tiny models: invert once, edit many, and what the attention store holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.commands import resolve_spec_path
+from flows.edit import edit_video
+from schemas.errors import GraphError
+from schemas.loading import load_spec
+from storage.store import ArtifactStore
+
+pytestmark = pytest.mark.flow
+STEPS = 4
+
+TINY = (
+    "stages.decode_video.params.num_frames=3",
+    "stages.decode_video.params.width=64",
+    "stages.decode_video.params.height=64",
+    "stages.decode_video.params.multiple=8",
+    f"stages.invert_latents.params.num_steps={STEPS}",
+    "stages.invert_latents.params.min_channels=0",
+    "stages.invert_latents.params.source_prompt=a cat walking on a street",
+    "stages.denoise_latents.params.target_prompt=a painting of a cat walking on a street",
+    "stages.denoise_latents.params.reweight={painting: 10}",
+    "stages.encode_video.params.preset=ultrafast",
+)
+SECOND_EDIT = "{target_prompt: a dog walking on a street, blend_words: [[cat], [dog]], reweight: {}}"
+
+
+@pytest.fixture
+def fatezero_spec(tiny_bundle: Path, clip: Path, tmp_path: Path):
+    def make(*overrides: str):
+        paths = (f"models.sd.id={tiny_bundle}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}")
+        return load_spec(resolve_spec_path("fatezero-style"), [*paths, *TINY, *overrides])
+
+    return make
+
+
+def statuses(manifest) -> dict[str, str]:
+    return {r.name: r.status for r in manifest.stages}
+
+
+def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
+    first = edit_video(fatezero_spec("stages.denoise_latents.each=[{}]"))
+    assert set(statuses(first).values()) == {"computed"}
+    both = edit_video(fatezero_spec(f"stages.denoise_latents.each=[{{}}, {SECOND_EDIT}]"))
+    status = statuses(both)
+    assert status["invert_latents"] == status["denoise_latents_0"] == status["encode_video_0"] == "cached"
+    assert status["denoise_latents_1"] == status["encode_video_1"] == "computed"
+    videos = {name: Path(url).name for name, url in both.outputs.items() if name.startswith("encode_video")}
+    assert videos == {
+        "encode_video_0": "clip.fatezero-style.encode_video_0.mp4",
+        "encode_video_1": "clip.fatezero-style.encode_video_1.mp4",
+    }
+    store = ArtifactStore(both.store)
+    local = store.open("denoise_latents", next(r.key for r in both.stages if r.name == "denoise_latents_1"))
+    assert local["blend_mask"].shape[0] == 3 and set(local["blend_mask"][:].ravel()) <= {0, 1}
+    assert local.attrs["fusion"] == "refine"
+
+
+def test_the_attention_store_holds_one_chunk_per_recorded_step_and_layer(fatezero_spec) -> None:
+    spec = fatezero_spec("stages.denoise_latents.each=[{}]", "stages.invert_latents.params.record_fraction=0.5",
+                         "stages.denoise_latents.params.cross_replace_steps=0.5",
+                         "stages.denoise_latents.params.self_replace_steps=0.5")  # fmt: skip
+    manifest = edit_video(spec)
+    store = ArtifactStore(manifest.store)
+    inversion = store.open("invert_latents", next(r.key for r in manifest.stages if r.name == "invert_latents"))
+    assert inversion.attrs["recorded_steps"] == [2, 3]
+    assert inversion["latents"].shape == (STEPS + 1, 3, 4, 8, 8)
+    layers = inversion.attrs["layers"]
+    assert sum(name.endswith("attn1") for name in layers) == sum(name.endswith("attn2") for name in layers) > 0
+    for name, info in layers.items():
+        array = inversion[f"attention/{name}"]
+        assert array.dtype == "float16" and array.shape == (STEPS, *info["shape"])
+        assert array.chunks == (1, *info["shape"]) and array.nchunks_initialized == 2
+        assert info["query_len"] <= 1024
+    report = inversion.attrs["attention_store"]
+    assert 0 < report["stored_bytes"] < report["raw_float32_bytes"]
+
+
+def test_edit_windows_beyond_the_recorded_steps_are_refused_before_running(fatezero_spec) -> None:
+    with pytest.raises(GraphError, match="set invert_latents.params.record_fraction to at least 0.8"):
+        fatezero_spec("stages.invert_latents.params.record_fraction=0.5")
