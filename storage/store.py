@@ -71,6 +71,7 @@ class ArtifactWriter:
         dims: tuple[str, ...],
         chunks: tuple[int, ...] | None = None,
         attrs: Mapping[str, Any] | None = None,
+        compressor: zarr.abc.codec.BytesBytesCodec | None = None,
     ) -> zarr.Array:
         """An empty array chunked along its first axis, for stages that stream their output."""
         dtype = np.dtype(dtype)
@@ -79,7 +80,7 @@ class ArtifactWriter:
             shape=shape,
             dtype=dtype,
             chunks=chunks or frame_chunks(shape, dtype.itemsize),
-            compressors=_COMPRESSOR,
+            compressors=compressor or _COMPRESSOR,
             dimension_names=list(dims),
             attributes=dict(attrs or {}),
             fill_value=0,

@@ -145,7 +145,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
     controller, reader = _fusion_controller(inversion, plan)
     prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
     embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
-    blender = _LatentBlender(p, plan, inversion, controller, steps) if p.blend_latents else None
+    blender = _LatentBlender(inversion, controller, steps) if p.blend_latents else None
     ctx.progress.start(steps)
     started = time.perf_counter()
     with frame_attention(
@@ -227,19 +227,19 @@ class _LatentBlender:
     words, keep the inversion's latent of the same noise level, in the middle 60% of the steps.
 
     FateZero unions this source mask with one from the edit's accumulated target maps; here only
-    the source mask is used, so what is outside the source object stays the source.
+    the source mask is used, so what is outside the source object stays the source. The mask is
+    only available on steps that fuse attention (inside the cross or self window).
     """
 
-    def __init__(self, p: FateZeroParams, plan: FusionPlan, inversion: zarr.Group, controller: FusionController,
-                 steps: int) -> None:
+    def __init__(self, inversion: zarr.Group, controller: FusionController, steps: int) -> None:
         self.latents, self.controller, self.steps = inversion["latents"], controller, steps
         self.window = range(int(0.2 * steps) + 1, int(0.8 * steps))
 
     def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        if i not in self.window or not self.controller.plan.blend_tokens or not self.controller._maps:
+        if i not in self.window or not self.controller.plan.blend_tokens or not self.controller.has_maps:
             return z
         side = z.shape[-1]
-        mask = self.controller._mask(side).reshape(z.shape[0], 1, side, side).to(z)
+        mask = self.controller.mask(side).reshape(z.shape[0], 1, side, side).to(z)
         reference = torch.from_numpy(np.asarray(self.latents[self.steps - 1 - i])).to(z)
         return reference + mask * (z - reference)
 

@@ -94,6 +94,15 @@ class FusionController:
         active = bool(self.plan.cross_window[step] or self.plan.self_window[step])
         self._maps = self.source(self.plan.num_steps - 1 - step) if active else {}
 
+    @property
+    def has_maps(self) -> bool:
+        """Whether the current step loaded stored maps (it fuses something)."""
+        return bool(self._maps)
+
+    def mask(self, res: int) -> torch.Tensor:
+        """The blend mask of the current step at ``res`` x ``res``, ``(F, 1, res*res, 1)``."""
+        return self._mask(res)
+
     def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
         if layer not in self._maps:
             return False

@@ -27,7 +27,7 @@ TINY = (
     "stages.denoise_latents.params.reweight={painting: 10}",
     "stages.encode_video.params.preset=ultrafast",
 )
-SECOND_EDIT = "{target_prompt: a dog walking on a street, blend_words: [[cat], [dog]], reweight: {}}"
+SECOND_EDIT = "{target_prompt: a dog walking on a street, blend_words: [[cat], [dog]], blend_latents: true, reweight: {}}"
 
 
 @pytest.fixture
