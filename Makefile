@@ -18,6 +18,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/orchestration_overhead.py
+	$(BIN)/python benchmarks/attention_store.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec field, e.g. stages.encode_video.params.crf=23 (repeatable)")
     run.set_defaults(handler=commands.run)
 
-    demo = sub.add_parser("demo", help="run the reconstruct preset on a synthetic clip with a tiny model")
+    demo = sub.add_parser("demo", help="run a preset on a synthetic clip with a tiny model")
     demo.add_argument("--workdir", default="demo", help="where the clip, models, store and outputs go")
+    demo.add_argument("--preset", default="reconstruct", help="preset to run, e.g. fatezero-local (default: reconstruct)")
     demo.set_defaults(handler=commands.demo)
 
     inspect = sub.add_parser("inspect", help="show what an artifact holds and where it came from")

@@ -89,11 +89,11 @@ def demo(args: argparse.Namespace) -> int:
     from flows.demo import prepare_demo
 
     workdir = Path(args.workdir).resolve()
-    spec = prepare_demo(workdir)
+    spec = prepare_demo(workdir, args.preset)
     manifest = run_spec(spec)
     print_summary(manifest)
     print(f"\nsource clip  {spec.input}\nmodels       {spec.models['sd'].id}\nstore        {spec.store}")
-    print(f"try          reelflow inspect {manifest.stages[1].key[:12]} --store {spec.store}")
+    print(f"try          reelflow list --store {spec.store}")
     return 0
 
 

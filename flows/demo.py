@@ -1,12 +1,16 @@
-"""``reelflow demo``: a synthetic clip, a tiny model bundle, and the reconstruct preset wired to both."""
+"""``reelflow demo``: a synthetic clip, a tiny model bundle, and a preset wired to both.
+
+The tiny sizes keep every preset to seconds on a CPU: 64-pixel-high frames and, for FateZero, a
+few DDIM steps with cross-frame attention on every layer (the tiny UNet has no 640-channel level).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from core.tiny import build_tiny_bundle
 from core.synthetic import write_synthetic_clip
+from core.tiny import build_tiny_bundle
 from flows.commands import resolve_spec_path
 from schemas.loading import load_spec
 from schemas.pipeline import PipelineSpec
@@ -16,13 +20,17 @@ DEMO_OVERRIDES = (
     "stages.decode_video.params.width=96",
     "stages.decode_video.params.height=64",
     "stages.decode_video.params.multiple=8",
-    "stages.encode_latents.params.chunk_size=4",
-    "stages.decode_latents.params.chunk_size=4",
+)
+FATEZERO_OVERRIDES = (
+    "stages.decode_video.params.num_frames=6",
+    "stages.decode_video.params.width=64",
+    "stages.invert_latents.params.num_steps=6",
+    "stages.invert_latents.params.min_channels=0",
 )
 
 
-def prepare_demo(workdir: Path) -> PipelineSpec:
-    """Make (once) the clip and the tiny bundle under ``workdir``; return the preset pointed at them."""
+def prepare_demo(workdir: Path, preset: str = "reconstruct") -> PipelineSpec:
+    """Make (once) the clip and the tiny bundle under ``workdir``; return ``preset`` pointed at them."""
     workdir.mkdir(parents=True, exist_ok=True)
     clip = workdir / "source.mp4"
     if not clip.is_file():
@@ -36,4 +44,5 @@ def prepare_demo(workdir: Path) -> PipelineSpec:
         f"output={json.dumps(str(workdir / 'output'))}",
         f"models.sd.id={json.dumps(str(bundle))}",
     )
-    return load_spec(resolve_spec_path("reconstruct"), [*paths, *DEMO_OVERRIDES])
+    sizes = [*DEMO_OVERRIDES, *(FATEZERO_OVERRIDES if preset.startswith("fatezero") else ())]
+    return load_spec(resolve_spec_path(preset), [*paths, *sizes])

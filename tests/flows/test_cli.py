@@ -82,6 +82,13 @@ def test_models_tiny_writes_a_loadable_bundle(capsys, tmp_path: Path) -> None:
     assert pipe.vae.config.latent_channels == 4 and pipe.tokenizer("a cat").input_ids[0] == pipe.tokenizer.bos_token_id
 
 
+@pytest.mark.parametrize("preset", ["fatezero-local", "fatezero-attribute"])
+def test_demo_runs_the_fatezero_presets(preset: str, capsys, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--preset", preset)
+    assert code == 0 and f"{preset}: completed" in out and "invert_latents" in out and "denoise_latents" in out
+    assert list((tmp_path / "demo" / "output").glob(f"source.{preset}*.mp4"))
+
+
 def test_demo_runs_the_whole_pipeline_then_serves_it_from_cache(capsys, tmp_path: Path) -> None:
     workdir = tmp_path / "demo dir #1"  # a space and a '#' must survive the spec overrides
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(workdir))
