@@ -2,7 +2,7 @@
 
 All measured side by side in one run on the tiny bundle (CPU), with real maps from its UNet:
 
-1. bytes per recorded step on disk (float16 + zstd) vs the same maps as raw float32;
+1. bytes per recorded step on disk (float16, Blosc-LZ4 bit-shuffled) vs the same maps as raw float32;
 2. write throughput of the store vs ``np.save`` of the same float32 bytes;
 3. denoising time with maps read from the store (with prefetch) vs the same maps held in RAM
    (FateZero's disk mode is ~10x slower than its RAM mode);

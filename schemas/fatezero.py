@@ -77,14 +77,16 @@ class FateZeroParams(Model):
     reweight: dict[str, float] = Field(
         default_factory=dict, description="Target words whose cross-attention is multiplied, e.g. {watercolor: 10}."
     )
-    blend_words: tuple[list[str], list[str]] | None = Field(
+    blend_words: tuple[Annotated[list[str], Field(min_length=1)], Annotated[list[str], Field(min_length=1)]] | None = Field(
         default=None,
         description="[source words, target words] of a local edit; their source cross-attention makes the "
         "self-attention blend mask. None: self-attention is replaced everywhere (style edits).",
     )
     blend_threshold: Fraction = Field(default=0.3, description="Mask threshold on the per-frame normalised map.")
     blend_latents: bool = Field(
-        default=False, description="Also blend latents outside the mask with the inversion's (middle 60% of steps)."
+        default=False,
+        description="Also keep the inversion's latents outside the source blend-word mask, on the steps of the "
+        "middle 60% that fuse attention (FateZero also unions a target-word mask; not done here).",
     )
     blend_resolution: PositiveInt | None = Field(
         default=None,
@@ -111,6 +113,7 @@ class DenoiseLatents(StageSpec):
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"inversion": ("inversion",)}
     produces: ClassVar[str] = "latents"
     needs_model: ClassVar[bool] = True
+    same_model_slots: ClassVar[tuple[str, ...]] = ("inversion",)
 
     stage: Literal["denoise_latents"] = "denoise_latents"
     params: FateZeroParams = Field(description="The edit.")

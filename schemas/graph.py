@@ -47,7 +47,19 @@ class Graph:
 def resolve_graph(stages: Sequence[StageSpec], model_names: Sequence[str]) -> Graph:
     by_id = _unique_ids(stages)
     nodes = {s.id: Node(s, _wire(s, by_id), _pick_model(s, model_names)) for s in stages}
+    _check_same_models(nodes)
     return _expand(Graph({i: nodes[i] for i in _topological(nodes)}))
+
+
+def _check_same_models(nodes: Mapping[str, Node]) -> None:
+    for node in nodes.values():
+        for slot in node.spec.same_model_slots:
+            source = nodes[node.inputs[slot]]
+            if source.model != node.model:
+                raise GraphError(
+                    f"stage {node.id!r} uses model {node.model!r} but reads {slot!r} from {source.id!r}, which used "
+                    f"{source.model!r}; they must share one model (set the same `model:` on both)"
+                )
 
 
 def _expand(graph: Graph) -> Graph:
@@ -73,9 +85,18 @@ def _expand(graph: Graph) -> Graph:
             continue
         copies[node.id] = [v.id for v in variants]
         expanded.update({v.id: v for v in variants})
+        for variant in variants:
+            _check_variant(variant, expanded)
     if len(expanded) != len(set(expanded)):
         raise GraphError("stage ids collide after expanding `each`; rename the stages")
     return Graph(expanded)
+
+
+def _check_variant(variant: Node, nodes: Mapping[str, Node]) -> None:
+    try:
+        variant.spec.check_inputs({slot: nodes[src].spec for slot, src in variant.inputs.items()})
+    except ValueError as exc:
+        raise GraphError(f"stage {variant.id!r}: {exc}") from None
 
 
 def _variant(node: Node, index: int, override: dict, copies: Mapping[str, list[str]]) -> Node:

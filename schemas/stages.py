@@ -36,6 +36,7 @@ class StageSpec(Model):
     produces: ClassVar[str] = ""
     needs_model: ClassVar[bool] = False
     reads_source: ClassVar[bool] = False
+    same_model_slots: ClassVar[tuple[str, ...]] = ()
 
     stage: str
     id: StageId = Field(

@@ -57,6 +57,17 @@ class AttentionWriter:
         if self._error is not None:
             raise self._error
 
+    def abort(self) -> None:
+        """Drop what is still queued and stop the thread (the artifact is about to be discarded)."""
+        self._error = self._error or RuntimeError("attention writer aborted")
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join()
+
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is not None:
@@ -90,7 +101,8 @@ class AttentionReader:
         self.arrays = {name: group[f"{ATTENTION}/{name}"] for name in layers}
         self.recorded = set(recorded)
         self.order = list(order)
-        self.read_seconds = 0.0
+        self.read_seconds = 0.0  # spent reading, mostly in the background
+        self.wait_seconds = 0.0  # the edit actually waited for maps
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reelflow-attention-prefetch")
         self._pending: dict[int, Future] = {}
 
@@ -98,12 +110,20 @@ class AttentionReader:
         if step not in self.recorded:
             raise KeyError(f"inversion step {step} was not recorded (recorded: {min(self.recorded)}..{max(self.recorded)})")
         future = self._pending.pop(step, None) or self._pool.submit(self._load, step)
+        started = time.perf_counter()
         maps = future.result()
+        self.wait_seconds += time.perf_counter() - started
         self._prefetch_after(step)
         return maps
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> AttentionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _prefetch_after(self, step: int) -> None:
         position = self.order.index(step) if step in self.order else -1

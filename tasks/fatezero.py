@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -11,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from prefect.logging import get_run_logger
 
-from core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
+from core.attention.processor import install_frame_processors, set_num_frames
 from core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
 from core.editing.prompt_to_prompt import equalizer, refine_mapper, replace_matrix, step_window, word_token_indices
 from core.inversion.ddim import ddim_invert, inversion_timesteps
@@ -29,17 +29,19 @@ from tasks.runtime import StageContext, run_stage
 from tasks.stage import stage_task
 
 LATENT_DIMS = ("step", "frame", "channel", "y", "x")
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
 def frame_attention(unet: Any, *, frame_keys: tuple, min_channels: int, controller: Any) -> Iterator[None]:
     """The shared UNet with FateZero's processors for the duration of one stage, restored after."""
     with model_lock(unet):
+        original = dict(unet.attn_processors)
         install_frame_processors(unet, frame_keys=frame_keys, min_channels=min_channels, controller=controller)
         try:
             yield
         finally:
-            restore_default_processors(unet)
+            unet.set_attn_processor(original)
 
 
 @stage_task("invert_latents")
@@ -75,8 +77,12 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
         ctx.progress.advance()
 
     started = time.perf_counter()
-    with frame_attention(unet, frame_keys=p.frame_keys, min_channels=p.min_channels, controller=recorder):
-        ddim_invert(unet_fn, z0.to(unet.device), scheduler, steps, on_step=on_step)
+    try:
+        with frame_attention(unet, frame_keys=p.frame_keys, min_channels=p.min_channels, controller=recorder):
+            ddim_invert(unet_fn, z0.to(unet.device), scheduler, steps, on_step=on_step)
+    except BaseException:
+        maps.abort()
+        raise
     maps.close()
     stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
     seconds = time.perf_counter() - started
@@ -104,7 +110,7 @@ def _publish_inversion(ctx: StageContext, maps: AttentionWriter, stored: int, re
         ("layers recorded", f"{len(maps.layers)} ({sum(i['is_cross'] for i in maps.layers.values())} cross)"),
         ("steps recorded", f"{len(record)} of {ctx.call.stage.params.num_steps}"),
         ("per step, raw float32", f"{maps.raw_bytes / steps / 2**20:.2f} MiB"),
-        ("per step, stored (float16, zstd)", f"{stored / steps / 2**20:.2f} MiB"),
+        ("per step, stored (float16, Blosc-LZ4)", f"{stored / steps / 2**20:.2f} MiB"),
         ("store write time (background)", f"{maps.write_seconds:.2f} s"),
         ("inversion time", f"{seconds:.2f} s"),
     ]
@@ -141,20 +147,28 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
     unet, (tokenizer, text_encoder) = _models(ctx)
     scheduler = component(ctx.call.model, "scheduler", ctx.settings)
     frames = z.shape[0]
+    if p.blend_words is not None and z.shape[-1] != z.shape[-2]:
+        raise ValueError(
+            f"local edits (blend_words) need square frames for now; the latents are {tuple(z.shape[-2:])}: "
+            "set decode_video's width equal to its height"
+        )
     plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_side=z.shape[-1])
     controller, reader = _fusion_controller(inversion, plan)
     prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
     embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
     blender = _LatentBlender(inversion, controller, steps) if p.blend_latents else None
+    timesteps = denoising_timesteps(scheduler, steps).tolist()
+    if timesteps[::-1] != list(inversion.attrs["timesteps"]):
+        raise ValueError("the edit's DDIM timesteps differ from the inversion's; use the inversion's model and scheduler")
     ctx.progress.start(steps)
     started = time.perf_counter()
-    with frame_attention(
+    with reader, frame_attention(
         unet,
         frame_keys=tuple(inversion.attrs["frame_keys"]),
         min_channels=int(inversion.attrs["min_channels"]),
         controller=controller,
     ):
-        for i, t in enumerate(denoising_timesteps(scheduler, steps).tolist()):
+        for i, t in enumerate(timesteps):
             controller.begin_step(i)
             set_num_frames(unet, frames)
             batch = torch.cat([z, z]).to(unet.device, unet.dtype)
@@ -164,15 +178,15 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
             if blender is not None:
                 z = blender(i, z)
             ctx.progress.advance()
-    reader.close()
     ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "channel", "y", "x"), dtype=np.float16)
     pictures = []
     if controller.first_mask is not None:
         mask = controller.first_mask.numpy().astype(np.uint8)
         ctx.writer.write_array("blend_mask", mask, dims=("frame", "y", "x"))
-        heat = _write_word_maps(ctx, controller, plan)
-        pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32)),
-                    (f"source cross-attention of {p.blend_words[0]}", heat)]  # fmt: skip
+        words = {w: word_token_indices(tokenizer, inversion.attrs["source_prompt"], w) for w in p.blend_words[0]}
+        heat = _write_word_maps(ctx, controller, words)
+        pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32))]
+        pictures += [(f"source cross-attention of '{word}' per frame", maps) for word, maps in zip(words, heat)]
     _publish_edit(ctx, p, fusion, pictures)
     return {
         "source_prompt": inversion.attrs["source_prompt"],
@@ -180,6 +194,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
         "fusion": fusion,
         "num_steps": steps,
         "attention_read_seconds": round(reader.read_seconds, 4),
+        "attention_wait_seconds": round(reader.wait_seconds, 4),
         "denoise_seconds": round(time.perf_counter() - started, 4),
     }
 
@@ -200,7 +215,7 @@ def fusion_plan(
         plan.replace, fusion = replace_matrix(tokenizer, source_prompt, p.target_prompt), "replace"
     else:
         if p.replace:
-            get_run_logger().warning("replace needs prompts with the same word count; using refine (as FateZero)")
+            logger.warning("replace needs prompts with the same word count; using refine (as FateZero)")
             fusion = "refine (replace needs the same word count)"
         plan.mapper, plan.alphas = refine_mapper(tokenizer, source_prompt, p.target_prompt)
     if p.reweight:
@@ -233,7 +248,8 @@ class _LatentBlender:
 
     def __init__(self, inversion: zarr.Group, controller: FusionController, steps: int) -> None:
         self.latents, self.controller, self.steps = inversion["latents"], controller, steps
-        self.window = range(int(0.2 * steps) + 1, int(0.8 * steps))
+        # FateZero's counter is the step number plus one and blends while it is in (0.2T, 0.8T).
+        self.window = range(int(0.2 * steps), int(0.8 * steps) - 1)
 
     def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
         if i not in self.window or not self.controller.plan.blend_tokens or not self.controller.has_maps:
@@ -252,13 +268,16 @@ def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: l
     publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description=p.target_prompt)
 
 
-def _write_word_maps(ctx: StageContext, controller: FusionController, plan: FusionPlan) -> np.ndarray:
-    """The normalised source cross-attention of the blend words at the first fused step, ``(F, r, r)``."""
-    maps = torch.stack([m.mean(dim=1)[..., plan.blend_tokens].sum(-1) for m in controller.first_maps])
-    heat = maps.mean(0)
-    side = int(math.isqrt(heat.shape[-1]))
-    heat = heat.reshape(-1, side, side)
-    heat = heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    heat = heat.numpy().astype(np.float32)
-    ctx.writer.write_array("word_heatmap", heat, dims=("frame", "y", "x"), dtype=np.float16)
-    return heat
+def _write_word_maps(ctx: StageContext, controller: FusionController, words: dict[str, list[int]]) -> np.ndarray:
+    """Each source blend word's cross-attention at the first fused step, normalised per frame, ``(W, F, r, r)``."""
+    per_word = []
+    for tokens in words.values():
+        heat = torch.stack([m.mean(dim=1)[..., tokens].sum(-1) for m in controller.first_maps]).mean(0)
+        side = int(math.isqrt(heat.shape[-1]))
+        heat = heat.reshape(-1, side, side)
+        per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+    maps = torch.stack(per_word).numpy().astype(np.float32)
+    ctx.writer.write_array(
+        "word_heatmaps", maps, dims=("word", "frame", "y", "x"), dtype=np.float16, attrs={"words": list(words)}
+    )
+    return maps

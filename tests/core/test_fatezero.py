@@ -121,3 +121,34 @@ def test_steps_outside_every_window_load_no_maps() -> None:
 @pytest.mark.parametrize(("fraction", "expected"), [(1.0, [0, 1, 2, 3, 4]), (0.6, [2, 3, 4]), (0.5, [2, 3, 4]), (0.1, [4])])
 def test_recorded_steps_cover_the_replace_windows(fraction: float, expected: list[int]) -> None:
     assert recorded_steps(5, fraction) == expected
+
+
+def test_fusion_touches_only_the_conditional_half_of_a_guidance_batch() -> None:
+    source = torch.rand(FRAMES, 2, 16, 16).softmax(-1)
+    probs = torch.rand(2 * FRAMES, 2, 16, 16).softmax(-1)
+    window = torch.ones(1, dtype=torch.bool)
+    fusion = FusionController(FusionPlan(1, window, window), source=lambda k: {"l": source}, layers={"l": (False, 16)})
+    fusion.begin_step(0)
+    out = fusion(probs, layer="l", is_cross=False, num_frames=FRAMES)
+    torch.testing.assert_close(out[:FRAMES], probs[:FRAMES], rtol=0, atol=0)
+    torch.testing.assert_close(out[FRAMES:], source, rtol=0, atol=0)
+
+
+def test_self_attention_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(parts: dict) -> None:
+    tokenizer = parts["tokenizer"]
+    cat = 2  # "a cat ...": BOS, a, cat
+    cross = torch.zeros(FRAMES, 2, 16, 77)
+    cross[:, :, :8, cat] = 1.0  # the word attends to the top half of a 4x4 map
+    source, edit = torch.full((FRAMES, 2, 16, 16), 0.25), torch.full((FRAMES, 2, 16, 16), 0.75)
+    window = torch.ones(1, dtype=torch.bool)
+    plan = FusionPlan(1, window, window, blend_tokens=[cat], blend_threshold=0.3, blend_resolution=4)
+    maps = {"self": source, "cross": cross}
+    fusion = FusionController(plan, source=lambda k: maps, layers={"self": (False, 16), "cross": (True, 16)})
+    fusion.begin_step(0)
+    out = fusion(edit, layer="self", is_cross=False, num_frames=FRAMES)
+    mask = fusion.first_mask.reshape(FRAMES, 16)
+    assert mask[:, :8].all(), "the word's region (dilated by the 3x3 max-pool) is edited"
+    assert not mask[:, -4:].any(), "rows beyond the dilation keep the source"
+    expected = torch.where(mask[:, None, :, None].bool(), edit, source)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert tokenizer.decode([tokenizer("a cat").input_ids[cat]]).strip() == "cat"

@@ -57,7 +57,10 @@ def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
     }
     store = ArtifactStore(both.store)
     local = store.open("denoise_latents", next(r.key for r in both.stages if r.name == "denoise_latents_1"))
-    assert local["blend_mask"].shape[0] == 3 and set(local["blend_mask"][:].ravel()) <= {0, 1}
+    mask = local["blend_mask"][:]
+    assert mask.shape[0] == 3 and set(mask.ravel()) <= {0, 1}
+    assert (mask.reshape(3, -1).max(axis=1) == 1).all(), "each frame's peak of the normalised map passes 0.3"
+    assert local["word_heatmaps"].shape[:2] == (1, 3) and local["word_heatmaps"].attrs["words"] == ["cat"]
     assert local.attrs["fusion"] == "refine"
 
 

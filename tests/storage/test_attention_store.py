@@ -1,0 +1,80 @@
+"""The attention store: streamed writes, chunking, prefetching reads, errors surfacing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.attention import AttentionReader, AttentionWriter
+from storage.store import ArtifactStore
+
+KEY = "c3" * 32
+
+
+def maps(step: int) -> np.ndarray:
+    return np.random.default_rng(step).random((3, 2, 16, 16)).astype(np.float32)
+
+
+def write_steps(store: ArtifactStore, steps: list[int]) -> None:
+    with store.write("invert_latents", KEY, {}) as writer:
+        attention = AttentionWriter(writer, num_steps=5, queue_size=2)
+        for step in steps:
+            attention.write(step, "layer.attn1", False, maps(step))
+            attention.write(step, "layer.attn2", True, maps(step + 10)[..., :7])
+        attention.close()
+        assert attention.layers["layer.attn2"] == {"is_cross": True, "query_len": 16, "shape": [3, 2, 16, 7]}
+        assert attention.raw_bytes == len(steps) * (3 * 2 * 16 * 16 + 3 * 2 * 16 * 7) * 4
+
+
+def test_maps_round_trip_as_float16_one_chunk_per_step(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    write_steps(store, [2, 3, 4])
+    group = store.open("invert_latents", KEY)
+    array = group["attention/layer.attn1"]
+    assert array.shape == (5, 3, 2, 16, 16) and array.chunks == (1, 3, 2, 16, 16) and array.dtype == np.float16
+    assert array.nchunks_initialized == 3
+    with AttentionReader(group, ["layer.attn1", "layer.attn2"], recorded=[2, 3, 4], order=[4, 3, 2]) as reader:
+        for step in (4, 3, 2):
+            got = reader(step)
+            np.testing.assert_allclose(got["layer.attn1"], maps(step), atol=1e-3)
+            assert got["layer.attn2"].shape == (3, 2, 16, 7)
+
+
+def test_reading_an_unrecorded_step_is_an_error_not_zeros(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    write_steps(store, [3, 4])
+    with AttentionReader(store.open("invert_latents", KEY), ["layer.attn1"], recorded=[3, 4], order=[4, 3]) as reader:
+        with pytest.raises(KeyError, match="step 1 was not recorded"):
+            reader(1)
+
+
+def test_the_next_step_is_prefetched(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    write_steps(store, [2, 3, 4])
+    with AttentionReader(store.open("invert_latents", KEY), ["layer.attn1"], recorded=[2, 3, 4], order=[4, 3, 2]) as reader:
+        reader(4)
+        assert set(reader._pending) == {3}
+        time.sleep(0.2)
+        assert reader._pending[3].done()
+
+
+def test_a_write_error_reaches_the_producer_and_discards_the_artifact(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(Exception):
+        with store.write("invert_latents", KEY, {}) as writer:
+            attention = AttentionWriter(writer, num_steps=2)
+            attention.write(5, "layer.attn1", False, maps(0))  # step 5 of a 2-step array
+            attention.close()
+    assert not store.is_complete("invert_latents", KEY) and store.temporaries() == []
+
+
+def test_abort_stops_the_writer_thread(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    with store.write("invert_latents", KEY, {}) as writer:
+        attention = AttentionWriter(writer, num_steps=5)
+        attention.write(0, "layer.attn1", False, maps(0))
+        attention.abort()
+        assert not attention._thread.is_alive()
