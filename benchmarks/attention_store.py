@@ -113,8 +113,8 @@ def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float
     }
     original = fz._fusion_controller
 
-    def in_ram(inversion, plan):
-        controller, reader = original(inversion, plan)
+    def in_ram(inversion, plan, device):
+        controller, reader = original(inversion, plan, device)
         controller.source = preloaded.__getitem__
         return controller, reader
 

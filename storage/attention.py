@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -97,8 +97,17 @@ class AttentionWriter:
 class AttentionReader:
     """Reads every recorded layer's map of one step, prefetching the next step of ``order``."""
 
-    def __init__(self, group: zarr.Group, layers: Sequence[str], recorded: Sequence[int], order: Sequence[int]) -> None:
+    def __init__(
+        self,
+        group: zarr.Group,
+        layers: Sequence[str],
+        recorded: Sequence[int],
+        order: Sequence[int],
+        transform: Callable[[np.ndarray], Any] = lambda maps: maps,
+    ) -> None:
+        """``transform`` runs in the prefetch thread on each map (e.g. into pinned host memory)."""
         self.arrays = {name: group[f"{ATTENTION}/{name}"] for name in layers}
+        self.transform = transform
         self.recorded = set(recorded)
         self.order = list(order)
         self.read_seconds = 0.0  # spent reading, mostly in the background
@@ -106,7 +115,7 @@ class AttentionReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reelflow-attention-prefetch")
         self._pending: dict[int, Future] = {}
 
-    def __call__(self, step: int) -> Mapping[str, np.ndarray]:
+    def __call__(self, step: int) -> Mapping[str, Any]:
         if step not in self.recorded:
             raise KeyError(f"inversion step {step} was not recorded (recorded: {min(self.recorded)}..{max(self.recorded)})")
         future = self._pending.pop(step, None) or self._pool.submit(self._load, step)
@@ -132,8 +141,8 @@ class AttentionReader:
             if upcoming not in self._pending:
                 self._pending[upcoming] = self._pool.submit(self._load, upcoming)
 
-    def _load(self, step: int) -> dict[str, np.ndarray]:
+    def _load(self, step: int) -> dict[str, Any]:
         started = time.perf_counter()
-        maps = {name: np.asarray(array[step]) for name, array in self.arrays.items()}
+        maps = {name: self.transform(np.asarray(array[step])) for name, array in self.arrays.items()}
         self.read_seconds += time.perf_counter() - started
         return maps

@@ -153,7 +153,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
             "set decode_video's width equal to its height"
         )
     plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_side=z.shape[-1])
-    controller, reader = _fusion_controller(inversion, plan)
+    controller, reader = _fusion_controller(inversion, plan, unet.device)
     prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
     embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
     blender = _LatentBlender(inversion, controller, steps) if p.blend_latents else None
@@ -225,16 +225,21 @@ def fusion_plan(
     return plan, fusion
 
 
-def _fusion_controller(inversion: zarr.Group, plan: FusionPlan) -> tuple[FusionController, AttentionReader]:
+def _fusion_controller(
+    inversion: zarr.Group, plan: FusionPlan, device: torch.device
+) -> tuple[FusionController, AttentionReader]:
     layers = {name: (info["is_cross"], info["query_len"]) for name, info in inversion.attrs["layers"].items()}
     active = [i for i in range(plan.num_steps) if plan.cross_window[i] or plan.self_window[i]]
     order = [plan.num_steps - 1 - i for i in active]
-    reader = AttentionReader(inversion, list(layers), inversion.attrs["recorded_steps"], order)
+    pin = device.type == "cuda"
 
-    def source(step: int) -> dict[str, torch.Tensor]:
-        return {name: torch.from_numpy(maps) for name, maps in reader(step).items()}
+    def to_tensor(maps: np.ndarray) -> torch.Tensor:
+        # Pinned in the prefetch thread, so the copy to the GPU in the UNet call can be asynchronous.
+        tensor = torch.from_numpy(maps)
+        return tensor.pin_memory() if pin else tensor
 
-    return FusionController(plan, source, layers), reader
+    reader = AttentionReader(inversion, list(layers), inversion.attrs["recorded_steps"], order, transform=to_tensor)
+    return FusionController(plan, reader, layers), reader
 
 
 class _LatentBlender:

@@ -110,7 +110,7 @@ class FusionController:
         return bool(window[self.step])
 
     def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
-        source = self._maps[layer].to(device=probs.device, dtype=probs.dtype)
+        source = self._maps[layer].to(device=probs.device, non_blocking=True).to(probs.dtype)
         edit = probs[-num_frames:]
         fused = self._fuse_cross(source, edit) if is_cross else self._fuse_self(source, edit)
         return torch.cat([probs[:-num_frames], fused]) if probs.shape[0] > num_frames else fused
