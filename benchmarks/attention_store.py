@@ -80,8 +80,9 @@ def store_vs_numpy(work: Path, stages: dict) -> dict:
     inversion = ArtifactStore(str(work / "store")).open("invert_latents", stages["invert_latents"].key)
     report = dict(inversion.attrs["attention_store"])
     steps = len(inversion.attrs["recorded_steps"])
-    maps = {name: np.asarray(inversion[f"attention/{name}"][inversion.attrs["recorded_steps"]], np.float32)
-            for name in inversion.attrs["layers"]}  # fmt: skip
+    steps_of = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
+    maps = {name: np.asarray(inversion[f"attention/{name}"][steps_of[info["is_cross"]]], np.float32)
+            for name, info in inversion.attrs["layers"].items()}  # fmt: skip
     target = work / "npsave"
     target.mkdir(exist_ok=True)
     started = time.perf_counter()
@@ -107,8 +108,13 @@ def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float
     edit = stages["denoise_latents_0"]
     store = ArtifactStore(edit.call.store.url)
     inversion = store.open("invert_latents", stages["invert_latents"].key)
+    steps_of = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
     preloaded = {
-        step: {name: torch.from_numpy(np.asarray(inversion[f"attention/{name}"][step])) for name in inversion.attrs["layers"]}
+        step: {
+            name: torch.from_numpy(np.asarray(inversion[f"attention/{name}"][step]))
+            for name, info in inversion.attrs["layers"].items()
+            if step in steps_of[info["is_cross"]]
+        }
         for step in inversion.attrs["recorded_steps"]
     }
     original = fz._fusion_controller

@@ -39,9 +39,19 @@ class InvertLatentsParams(Model):
     record_fraction: Fraction = Field(
         default=1.0,
         gt=0.0,
-        description="Fraction of the edit's steps, from the noisiest, whose maps are recorded: the largest "
-        "cross/self replace window among the edits that will use this inversion.",
+        description="Fraction of the edit's steps, from the noisiest, whose cross-attention maps are recorded: the "
+        "largest cross replace window among the edits that will use this inversion (and their self window when "
+        "they blend, since the blend mask comes from cross-attention).",
     )
+    record_self_fraction: Fraction | None = Field(
+        default=None,
+        description="The same for self-attention maps (most of the bytes): the largest self replace window of "
+        "the edits. None: the same as record_fraction.",
+    )
+
+    @property
+    def self_fraction(self) -> float:
+        return self.record_fraction if self.record_self_fraction is None else self.record_self_fraction
 
 
 @register_stage
@@ -119,17 +129,18 @@ class DenoiseLatents(StageSpec):
     params: FateZeroParams = Field(description="The edit.")
 
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
-        inversion = producers["inversion"]
-        needed = max(self.params.cross_replace_steps, self.params.self_replace_steps)
-        recorded = inversion.params.record_fraction
-        for entry in [{}, *self.each]:
-            needed = max(needed, entry.get("cross_replace_steps", 0.0), entry.get("self_replace_steps", 0.0))
+        inversion, p = producers["inversion"], self.params
         source_words = inversion.params.source_prompt.split()
-        for word in self.params.blend_words[0] if self.params.blend_words else []:
+        for word in p.blend_words[0] if p.blend_words else []:
             if word not in source_words:
                 raise ValueError(f"blend word {word!r} is not a word of the source prompt {inversion.params.source_prompt!r}")
-        if needed > recorded:
-            raise ValueError(
-                f"its replace windows reach {needed} of the steps but {inversion.id!r} records maps for "
-                f"{recorded} of them; set {inversion.id}.params.record_fraction to at least {needed}"
-            )
+        cross_needed = max(p.cross_replace_steps, p.self_replace_steps if p.blend_words else 0.0)
+        for needed, recorded, name, kind in (
+            (cross_needed, inversion.params.record_fraction, "record_fraction", "cross"),
+            (p.self_replace_steps, inversion.params.self_fraction, "record_self_fraction", "self"),
+        ):
+            if needed > recorded:
+                raise ValueError(
+                    f"its windows need {kind}-attention maps for {needed} of the steps but {inversion.id!r} records "
+                    f"{recorded} of them; set {inversion.id}.params.{name} to at least {needed}"
+                )

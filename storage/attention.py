@@ -95,20 +95,21 @@ class AttentionWriter:
 
 
 class AttentionReader:
-    """Reads every recorded layer's map of one step, prefetching the next step of ``order``."""
+    """Reads the maps of every layer recorded at one step, prefetching the next step of ``order``."""
 
     def __init__(
         self,
         group: zarr.Group,
-        layers: Sequence[str],
-        recorded: Sequence[int],
+        recorded: Mapping[str, Sequence[int]],
         order: Sequence[int],
         transform: Callable[[np.ndarray], Any] = lambda maps: maps,
     ) -> None:
-        """``transform`` runs in the prefetch thread on each map (e.g. into pinned host memory)."""
-        self.arrays = {name: group[f"{ATTENTION}/{name}"] for name in layers}
+        """``recorded``: layer -> the steps it was recorded at. ``transform`` runs in the prefetch thread on
+        each map (e.g. into pinned host memory)."""
+        self.arrays = {name: group[f"{ATTENTION}/{name}"] for name in recorded}
         self.transform = transform
-        self.recorded = set(recorded)
+        self.layer_steps = {name: set(steps) for name, steps in recorded.items()}
+        self.recorded = set().union(*self.layer_steps.values()) if self.layer_steps else set()
         self.order = list(order)
         self.read_seconds = 0.0  # spent reading, mostly in the background
         self.wait_seconds = 0.0  # the edit actually waited for maps
@@ -143,6 +144,10 @@ class AttentionReader:
 
     def _load(self, step: int) -> dict[str, Any]:
         started = time.perf_counter()
-        maps = {name: self.transform(np.asarray(array[step])) for name, array in self.arrays.items()}
+        maps = {
+            name: self.transform(np.asarray(array[step]))
+            for name, array in self.arrays.items()
+            if step in self.layer_steps[name]
+        }
         self.read_seconds += time.perf_counter() - started
         return maps

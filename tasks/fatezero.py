@@ -57,14 +57,15 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
     scheduler = component(ctx.call.model, "scheduler", ctx.settings)
     frames, steps = z0.shape[0], p.num_steps
     embeddings = encode_prompts(*text, [p.source_prompt]).to(unet.dtype).expand(frames, -1, -1)
-    record = recorded_steps(steps, p.record_fraction)
+    cross_steps, self_steps = recorded_steps(steps, p.record_fraction), recorded_steps(steps, p.self_fraction)
+    record = sorted(set(cross_steps) | set(self_steps))
     latents = ctx.writer.create_array(
         "latents", shape=(steps + 1, *z0.shape), dtype=np.float32, dims=LATENT_DIMS, chunks=(1, *z0.shape)
     )
     latents[0] = z0.numpy()
     maps = AttentionWriter(ctx.writer, steps)
-    recorder = RecordingController(p.max_query_len, set(record), lambda k, layer, cross, probs: maps.write(
-        k, layer, cross, probs.to(torch.float16).cpu().numpy()))
+    recorder = RecordingController(p.max_query_len, set(cross_steps), lambda k, layer, cross, probs: maps.write(
+        k, layer, cross, probs.to(torch.float16).cpu().numpy()), self_steps=set(self_steps))
     ctx.progress.start(steps)
 
     def unet_fn(z: torch.Tensor, t: int, k: int) -> torch.Tensor:
@@ -86,12 +87,14 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
     maps.close()
     stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
     seconds = time.perf_counter() - started
-    _publish_inversion(ctx, maps, stored, record, seconds)
+    _publish_inversion(ctx, maps, stored, cross_steps, self_steps, seconds)
     return {
         "source_prompt": p.source_prompt,
         "num_steps": steps,
         "timesteps": inversion_timesteps(scheduler, steps).tolist(),
         "recorded_steps": record,
+        "recorded_cross_steps": cross_steps,
+        "recorded_self_steps": self_steps,
         "frame_keys": list(p.frame_keys),
         "min_channels": p.min_channels,
         "layers": maps.layers,
@@ -104,11 +107,13 @@ def _invert(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _publish_inversion(ctx: StageContext, maps: AttentionWriter, stored: int, record: list[int], seconds: float) -> None:
-    steps = max(len(record), 1)
+def _publish_inversion(
+    ctx: StageContext, maps: AttentionWriter, stored: int, cross_steps: list[int], self_steps: list[int], seconds: float
+) -> None:
+    steps = max(len(set(cross_steps) | set(self_steps)), 1)
     rows = [
         ("layers recorded", f"{len(maps.layers)} ({sum(i['is_cross'] for i in maps.layers.values())} cross)"),
-        ("steps recorded", f"{len(record)} of {ctx.call.stage.params.num_steps}"),
+        ("steps recorded (cross / self)", f"{len(cross_steps)} / {len(self_steps)} of {ctx.call.stage.params.num_steps}"),
         ("per step, raw float32", f"{maps.raw_bytes / steps / 2**20:.2f} MiB"),
         ("per step, stored (float16, Blosc-LZ4)", f"{stored / steps / 2**20:.2f} MiB"),
         ("store write time (background)", f"{maps.write_seconds:.2f} s"),
@@ -238,7 +243,9 @@ def _fusion_controller(
         tensor = torch.from_numpy(maps)
         return tensor.pin_memory() if pin else tensor
 
-    reader = AttentionReader(inversion, list(layers), inversion.attrs["recorded_steps"], order, transform=to_tensor)
+    steps = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
+    recorded = {name: steps[is_cross] for name, (is_cross, _) in layers.items()}
+    reader = AttentionReader(inversion, recorded, order, transform=to_tensor)
     return FusionController(plan, reader, layers), reader
 
 

@@ -34,15 +34,21 @@ MapSource = Callable[[int], Mapping[str, torch.Tensor]]
 
 @dataclass
 class RecordingController:
-    """Hands the maps of layers with ``Nq <= max_query_len`` at the recorded steps to ``sink``."""
+    """Hands the maps of layers with ``Nq <= max_query_len`` at the recorded steps to ``sink``.
+
+    Cross- and self-attention have their own step sets: an edit fuses them over different windows,
+    and self-attention maps are most of the bytes.
+    """
 
     max_query_len: int
-    record_steps: Collection[int]
+    cross_steps: Collection[int]
     sink: MapSink
+    self_steps: Collection[int] | None = None  # None: the same as cross_steps
     step: int = 0
 
     def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
-        return query_len <= self.max_query_len and self.step in self.record_steps
+        steps = self.cross_steps if is_cross or self.self_steps is None else self.self_steps
+        return query_len <= self.max_query_len and self.step in steps
 
     def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
         self.sink(self.step, layer, is_cross, probs[-num_frames:])

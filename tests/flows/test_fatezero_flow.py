@@ -66,19 +66,22 @@ def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
 
 def test_the_attention_store_holds_one_chunk_per_recorded_step_and_layer(fatezero_spec) -> None:
     spec = fatezero_spec("stages.denoise_latents.each=[{}]", "stages.invert_latents.params.record_fraction=0.5",
+                         "stages.invert_latents.params.record_self_fraction=0.25",
                          "stages.denoise_latents.params.cross_replace_steps=0.5",
-                         "stages.denoise_latents.params.self_replace_steps=0.5")  # fmt: skip
+                         "stages.denoise_latents.params.self_replace_steps=0.25")  # fmt: skip
     manifest = edit_video(spec)
     store = ArtifactStore(manifest.store)
     inversion = store.open("invert_latents", next(r.key for r in manifest.stages if r.name == "invert_latents"))
-    assert inversion.attrs["recorded_steps"] == [2, 3]
+    assert inversion.attrs["recorded_steps"] == inversion.attrs["recorded_cross_steps"] == [2, 3]
+    assert inversion.attrs["recorded_self_steps"] == [3], "self maps only where the edit fuses self-attention"
     assert inversion["latents"].shape == (STEPS + 1, 3, 4, 8, 8)
     layers = inversion.attrs["layers"]
     assert sum(name.endswith("attn1") for name in layers) == sum(name.endswith("attn2") for name in layers) > 0
     for name, info in layers.items():
         array = inversion[f"attention/{name}"]
         assert array.dtype == "float16" and array.shape == (STEPS, *info["shape"])
-        assert array.chunks == (1, *info["shape"]) and array.nchunks_initialized == 2
+        assert array.chunks == (1, *info["shape"])
+        assert array.nchunks_initialized == (2 if info["is_cross"] else 1)
         assert info["query_len"] <= 1024
     report = inversion.attrs["attention_store"]
     assert 0 < report["stored_bytes"] < report["raw_float32_bytes"]
@@ -87,3 +90,10 @@ def test_the_attention_store_holds_one_chunk_per_recorded_step_and_layer(fatezer
 def test_edit_windows_beyond_the_recorded_steps_are_refused_before_running(fatezero_spec) -> None:
     with pytest.raises(GraphError, match="set invert_latents.params.record_fraction to at least 0.8"):
         fatezero_spec("stages.invert_latents.params.record_fraction=0.5")
+    with pytest.raises(GraphError, match="set invert_latents.params.record_self_fraction to at least 0.8"):
+        fatezero_spec("stages.invert_latents.params.record_self_fraction=0.5")
+    blend = "stages.denoise_latents.each=[{target_prompt: a dog walking, blend_words: [[cat], [dog]], reweight: {}, " \
+            "cross_replace_steps: 0.2, self_replace_steps: 0.6}]"
+    base = ("stages.denoise_latents.params.cross_replace_steps=0.2", "stages.denoise_latents.params.self_replace_steps=0.2")
+    with pytest.raises(GraphError, match="'denoise_latents_0': its windows need cross-attention maps for 0.6"):
+        fatezero_spec("stages.invert_latents.params.record_fraction=0.5", *base, blend)

@@ -36,7 +36,8 @@ def test_maps_round_trip_as_float16_one_chunk_per_step(tmp_path: Path) -> None:
     array = group["attention/layer.attn1"]
     assert array.shape == (5, 3, 2, 16, 16) and array.chunks == (1, 3, 2, 16, 16) and array.dtype == np.float16
     assert array.nchunks_initialized == 3
-    with AttentionReader(group, ["layer.attn1", "layer.attn2"], recorded=[2, 3, 4], order=[4, 3, 2]) as reader:
+    recorded = {"layer.attn1": [2, 3, 4], "layer.attn2": [2, 3, 4]}
+    with AttentionReader(group, recorded, order=[4, 3, 2]) as reader:
         for step in (4, 3, 2):
             got = reader(step)
             np.testing.assert_allclose(got["layer.attn1"], maps(step), atol=1e-3)
@@ -46,15 +47,24 @@ def test_maps_round_trip_as_float16_one_chunk_per_step(tmp_path: Path) -> None:
 def test_reading_an_unrecorded_step_is_an_error_not_zeros(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path))
     write_steps(store, [3, 4])
-    with AttentionReader(store.open("invert_latents", KEY), ["layer.attn1"], recorded=[3, 4], order=[4, 3]) as reader:
+    with AttentionReader(store.open("invert_latents", KEY), {"layer.attn1": [3, 4]}, order=[4, 3]) as reader:
         with pytest.raises(KeyError, match="step 1 was not recorded"):
             reader(1)
+
+
+def test_a_step_returns_only_the_layers_recorded_at_it(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    write_steps(store, [2, 3, 4])
+    recorded = {"layer.attn1": [4], "layer.attn2": [2, 3, 4]}
+    with AttentionReader(store.open("invert_latents", KEY), recorded, order=[4, 3, 2]) as reader:
+        assert set(reader(4)) == {"layer.attn1", "layer.attn2"}
+        assert set(reader(3)) == {"layer.attn2"}
 
 
 def test_the_next_step_is_prefetched(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path))
     write_steps(store, [2, 3, 4])
-    with AttentionReader(store.open("invert_latents", KEY), ["layer.attn1"], recorded=[2, 3, 4], order=[4, 3, 2]) as reader:
+    with AttentionReader(store.open("invert_latents", KEY), {"layer.attn1": [2, 3, 4]}, order=[4, 3, 2]) as reader:
         reader(4)
         assert set(reader._pending) == {3}
         time.sleep(0.2)
