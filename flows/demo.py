@@ -1,7 +1,7 @@
 """``reelflow demo``: a synthetic clip, a tiny model bundle, and a preset wired to both.
 
-The tiny sizes keep every preset to seconds on a CPU: 64-pixel-high frames and, for FateZero, a
-few DDIM steps with cross-frame attention on every layer (the tiny UNet has no 640-channel level).
+The tiny sizes keep every preset to seconds on a CPU: 96x64 frames and, for FateZero, a few DDIM
+steps with cross-frame attention on every layer (the tiny UNet has no 640-channel level).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ DEMO_OVERRIDES = (
 )
 FATEZERO_OVERRIDES = (
     "stages.decode_video.params.num_frames=6",
-    "stages.decode_video.params.width=64",
     "stages.invert_latents.params.num_steps=6",
     "stages.invert_latents.params.min_channels=0",
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,12 +151,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
     unet, (tokenizer, text_encoder) = _models(ctx)
     scheduler = component(ctx.call.model, "scheduler", ctx.settings)
     frames = z.shape[0]
-    if p.blend_words is not None and z.shape[-1] != z.shape[-2]:
-        raise ValueError(
-            f"local edits (blend_words) need square frames for now; the latents are {tuple(z.shape[-2:])}: "
-            "set decode_video's width equal to its height"
-        )
-    plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_side=z.shape[-1])
+    plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_shape=tuple(z.shape[-2:]))
     controller, reader = _fusion_controller(inversion, plan, unet.device)
     prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
     embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
@@ -205,7 +199,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
 
 
 def fusion_plan(
-    p: FateZeroParams, tokenizer: Any, source_prompt: str, steps: int, *, latent_side: int
+    p: FateZeroParams, tokenizer: Any, source_prompt: str, steps: int, *, latent_shape: tuple[int, int]
 ) -> tuple[FusionPlan, str]:
     """Turn an edit's params into per-step windows and token maps; also says which fusion was used."""
     plan = FusionPlan(
@@ -213,7 +207,8 @@ def fusion_plan(
         cross_window=step_window(steps, p.cross_replace_steps),
         self_window=step_window(steps, p.self_replace_steps),
         blend_threshold=p.blend_threshold,
-        blend_resolution=p.blend_resolution or max(1, latent_side // 4),
+        blend_resolution=p.blend_resolution or max(1, latent_shape[1] // 4),
+        latent_shape=latent_shape,
     )
     fusion = "refine"
     if p.replace and len(source_prompt.split()) == len(p.target_prompt.split()):
@@ -266,8 +261,8 @@ class _LatentBlender:
     def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
         if i not in self.window or not self.controller.plan.blend_tokens or not self.controller.has_maps:
             return z
-        side = z.shape[-1]
-        mask = self.controller.mask(side).reshape(z.shape[0], 1, side, side).to(z)
+        h, w = z.shape[-2:]
+        mask = self.controller.mask(h * w).reshape(z.shape[0], 1, h, w).to(z)
         reference = torch.from_numpy(np.asarray(self.latents[self.steps - 1 - i])).to(z)
         return reference + mask * (z - reference)
 
@@ -285,8 +280,7 @@ def _write_word_maps(ctx: StageContext, controller: FusionController, words: dic
     per_word = []
     for tokens in words.values():
         heat = torch.stack([m.mean(dim=1)[..., tokens].sum(-1) for m in controller.first_maps]).mean(0)
-        side = int(math.isqrt(heat.shape[-1]))
-        heat = heat.reshape(-1, side, side)
+        heat = heat.reshape(-1, *controller.plan.grid(heat.shape[-1]))
         per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
     maps = torch.stack(per_word).numpy().astype(np.float32)
     ctx.writer.write_array(

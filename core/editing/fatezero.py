@@ -78,7 +78,19 @@ class FusionPlan:
     equalizer: torch.Tensor | None = None  # (77,) reweighting of target-word columns
     blend_tokens: list[int] | None = None  # source-prompt token indices of the blend words
     blend_threshold: float = 0.3
-    blend_resolution: int | None = None
+    blend_resolution: int | None = None  # width of the maps the mask comes from
+    latent_shape: tuple[int, int] | None = None  # (h, w) of the latents; None means square
+
+    def grid(self, query_len: int) -> tuple[int, int]:
+        """``(height, width)`` of a layer's query grid: the latent grid downscaled to ``query_len`` cells."""
+        if self.latent_shape is None:
+            side = math.isqrt(query_len)
+            return side, side
+        h, w = self.latent_shape
+        scale = math.isqrt(h * w // query_len)
+        if (h // scale) * (w // scale) != query_len:
+            raise ValueError(f"{query_len} queries are not the {h}x{w} latent grid downscaled by a power of two")
+        return h // scale, w // scale
 
 
 @dataclass
@@ -105,9 +117,9 @@ class FusionController:
         """Whether the current step loaded stored maps (it fuses something)."""
         return bool(self._maps)
 
-    def mask(self, res: int) -> torch.Tensor:
-        """The blend mask of the current step at ``res`` x ``res``, ``(F, 1, res*res, 1)``."""
-        return self._mask(res)
+    def mask(self, query_len: int) -> torch.Tensor:
+        """The blend mask of the current step for a layer with ``query_len`` queries, ``(F, 1, query_len, 1)``."""
+        return self._mask(query_len)
 
     def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
         if layer not in self._maps:
@@ -130,26 +142,28 @@ class FusionController:
     def _fuse_self(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         if self.plan.blend_tokens is None:
             return source
-        mask = self._mask(int(math.isqrt(edit.shape[2]))).to(device=edit.device, dtype=edit.dtype)
+        mask = self._mask(edit.shape[2]).to(device=edit.device, dtype=edit.dtype)
         return mask * edit + (1 - mask) * source
 
-    def _mask(self, res: int) -> torch.Tensor:
-        """``(F, 1, res*res, 1)``: 1 where the source blend words attend (the edited object)."""
-        if res not in self.masks:
+    def _mask(self, query_len: int) -> torch.Tensor:
+        """``(F, 1, query_len, 1)``: 1 where the source blend words attend (the edited object)."""
+        if query_len not in self.masks:
             maps, tokens, threshold = self.blend_maps(), self.plan.blend_tokens, self.plan.blend_threshold
-            self.masks[res] = blend_mask(maps, tokens, threshold=threshold, out_res=res)
+            grid = self.plan.grid(maps[0].shape[2])
+            out = self.plan.grid(query_len)
+            self.masks[query_len] = blend_mask(maps, tokens, threshold=threshold, out_res=out, in_shape=grid)
             if self.first_mask is None:
                 self.first_maps = maps
-                side = int(math.isqrt(maps[0].shape[2]))
-                self.first_mask = blend_mask(maps, tokens, threshold=threshold, out_res=side).reshape(-1, side, side)
-        return self.masks[res]
+                first = blend_mask(maps, tokens, threshold=threshold, out_res=grid, in_shape=grid)
+                self.first_mask = first.reshape(-1, *grid)
+        return self.masks[query_len]
 
     def blend_maps(self) -> list[torch.Tensor]:
         """This step's source cross maps at the blend resolution (or the recorded one nearest to it)."""
         cross = {name: q for name, (is_cross, q) in self.layers.items() if is_cross and name in self._maps}
         if not cross:
             raise ValueError("blend words need recorded cross-attention maps; lower max_query_len limits")
-        sides = sorted({int(math.isqrt(q)) for q in cross.values()})
-        wanted = self.plan.blend_resolution or sides[0]
-        side = min(sides, key=lambda s: (abs(s - wanted), -s))
-        return [self._maps[name].float() for name, q in cross.items() if int(math.isqrt(q)) == side]
+        widths = {q: self.plan.grid(q)[1] for q in cross.values()}
+        wanted = self.plan.blend_resolution or min(widths.values())
+        query_len = min(widths, key=lambda q: (abs(widths[q] - wanted), -widths[q]))
+        return [self._maps[name].float() for name, q in cross.items() if q == query_len]

@@ -248,7 +248,8 @@ def blend_mask(
     token_indices: Sequence[int],
     *,
     threshold: float,
-    out_res: int,
+    out_res: int | tuple[int, int],
+    in_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """FateZero's self-attention blending mask from source cross-attention (methods.md 1.8).
 
@@ -264,10 +265,11 @@ def blend_mask(
             concatenates them).
         token_indices: Token positions of the blend words (duplicates count once).
         threshold: ``tau``; FateZero's ``blend_th[0]``.
-        out_res: Side of the self-attention layer the mask is for.
+        out_res: Side, or ``(height, width)``, of the self-attention layer the mask is for.
+        in_shape: ``(height, width)`` of the cross maps' query grid; None means square.
 
     Returns:
-        ``(F, 1, out_res * out_res, 1)`` float32 in {0, 1}, on the maps' device; 1 keeps the edit
+        ``(F, 1, out_h * out_w, 1)`` float32 in {0, 1}, on the maps' device; 1 keeps the edit
         pass's self-attention, 0 takes the source's.
     """
     # 1. validate
@@ -275,27 +277,29 @@ def blend_mask(
         raise ValueError("blend_mask needs at least one cross-attention map")
     frames, _, num_queries, num_tokens = cross_maps[0].shape
     res = math.isqrt(num_queries)
+    in_h, in_w = in_shape or (res, res)
+    out_h, out_w = (out_res, out_res) if isinstance(out_res, int) else out_res
     expected = (frames, num_queries, num_tokens)
     for layer in cross_maps:
         if layer.ndim != 4 or (layer.shape[0], layer.shape[2], layer.shape[3]) != expected:
             raise ValueError(f"cross maps must share (F, r*r, K) = {expected}; got {tuple(layer.shape)}")
-    if res * res != num_queries:
-        raise ValueError(f"cross maps must have a square number of queries; got {num_queries}")
+    if in_h * in_w != num_queries:
+        raise ValueError(f"cross maps have {num_queries} queries, not a {in_h}x{in_w} grid; pass in_shape")
     tokens = sorted(set(int(i) for i in token_indices))
     if not tokens or tokens[0] < 0 or tokens[-1] >= num_tokens:
         raise ValueError(f"token_indices must be non-empty and within [0, {num_tokens}); got {list(token_indices)}")
-    if out_res < 1:
+    if min(out_h, out_w) < 1:
         raise ValueError(f"out_res must be positive; got {out_res}")
     # 2. word map: sum over the word's tokens, mean over (layer, head) pairs -> (F, 1, r, r)
     heads = torch.cat([layer.float() for layer in cross_maps], dim=1)
-    word_map = heads[..., tokens].sum(-1).mean(1).reshape(frames, 1, res, res)
+    word_map = heads[..., tokens].sum(-1).mean(1).reshape(frames, 1, in_h, in_w)
     # 3. dilate, resize, normalise per frame, threshold
     word_map = F.max_pool2d(word_map, kernel_size=3, stride=1, padding=1)
-    word_map = F.interpolate(word_map, size=(out_res, out_res), mode="nearest")
+    word_map = F.interpolate(word_map, size=(out_h, out_w), mode="nearest")
     peak = word_map.amax(dim=(-2, -1), keepdim=True)
     normalised = word_map / peak.clamp_min(torch.finfo(word_map.dtype).tiny)
     mask = (normalised > threshold).float()
-    return mask.reshape(frames, 1, out_res * out_res, 1)
+    return mask.reshape(frames, 1, out_h * out_w, 1)
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int) -> list[int]:

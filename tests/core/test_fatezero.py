@@ -152,3 +152,20 @@ def test_self_attention_blend_keeps_the_edit_inside_the_mask_and_the_source_outs
     expected = torch.where(mask[:, None, :, None].bool(), edit, source)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert tokenizer.decode([tokenizer("a cat").input_ids[cat]]).strip() == "cat"
+
+
+def test_blend_masks_follow_non_square_grids() -> None:
+    """A 6x8 latent grid: the 3x4 maps of the word's left column make a mask in that column at every level."""
+    cat = 2
+    cross = torch.zeros(FRAMES, 2, 12, 77)
+    cross[:, :, [0, 4, 8], cat] = 1.0  # column 0 of a 3x4 grid
+    window = torch.ones(1, dtype=torch.bool)
+    plan = FusionPlan(1, window, window, blend_tokens=[cat], blend_threshold=0.5, latent_shape=(6, 8))
+    fusion = FusionController(plan, source=lambda k: {"cross": cross}, layers={"cross": (True, 12)})
+    fusion.begin_step(0)
+    latent_mask = fusion.mask(48).reshape(FRAMES, 6, 8)
+    assert fusion.first_mask.shape == (FRAMES, 3, 4)
+    assert fusion.first_mask[:, :, :2].all() and not fusion.first_mask[:, :, 2:].any(), "the max-pool dilates by one"
+    assert latent_mask[:, :, :4].all() and not latent_mask[:, :, 4:].any()
+    with pytest.raises(ValueError, match="not the 6x8 latent grid"):
+        plan.grid(10)
