@@ -108,7 +108,7 @@ def _tiny_pipeline(seed: int) -> StableDiffusionPipeline:
         vae=_seeded(seed, 0, _tiny_vae),
         text_encoder=_seeded(seed, 1, lambda: _tiny_text_encoder(tokenizer)),
         tokenizer=tokenizer,
-        unet=_seeded(seed, 2, _tiny_unet),
+        unet=_seeded(seed, 2, tiny_unet),
         scheduler=_sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -140,7 +140,8 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _tiny_unet() -> UNet2DConditionModel:
+def tiny_unet() -> UNet2DConditionModel:
+    """The bundle's UNet architecture, randomly initialised from the current torch seed."""
     # SD-era configs read attention_head_dim as the head count: 4 heads of 8, then of 16 channels.
     return UNet2DConditionModel(
         sample_size=8,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
@@ -15,6 +13,7 @@ from core.sampling.ddim import (
     denoising_timesteps,
     step_alphas,
 )
+from core.tiny import tiny_unet as build_tiny_unet
 
 F = 2
 
@@ -158,35 +157,15 @@ def test_unet_fn_and_on_step_see_each_step_in_order(scheduler: DDIMScheduler, z0
 
 
 @pytest.fixture
-def one_thread() -> Iterator[None]:
-    # On two shared cores, intra-op threads of a tiny UNet fight other processes (~50x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
 def tiny_unet() -> UNet2DConditionModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        )
+        unet = build_tiny_unet()
     return unet.eval()
 
 
 def test_random_unet_reconstruction_error_shrinks_with_more_steps(
-    one_thread: None, tiny_unet: UNet2DConditionModel, scheduler: DDIMScheduler, z0: torch.Tensor
+    tiny_unet: UNet2DConditionModel, scheduler: DDIMScheduler, z0: torch.Tensor
 ) -> None:
     # FateZero evaluates eps on z_k at the next timestep; the mismatch with eps(z_{k+1}) shrinks
     # with the step size. Below ~15 steps a random UNet's error is not yet in that regime.
