@@ -95,8 +95,8 @@ class FateZeroParams(Model):
     blend_threshold: Fraction = Field(default=0.3, description="Mask threshold on the per-frame normalised map.")
     blend_latents: bool = Field(
         default=False,
-        description="Also keep the inversion's latents outside the source blend-word mask, on the steps of the "
-        "middle 60% that fuse attention (FateZero also unions a target-word mask; not done here).",
+        description="Also keep the inversion's latents outside the union of the source and target blend-word "
+        "masks in the middle 60% of the steps (needs record_fraction >= 0.8).",
     )
     blend_resolution: PositiveInt | None = Field(
         default=None,
@@ -134,7 +134,9 @@ class DenoiseLatents(StageSpec):
         for word in p.blend_words[0] if p.blend_words else []:
             if word not in source_words:
                 raise ValueError(f"blend word {word!r} is not a word of the source prompt {inversion.params.source_prompt!r}")
-        cross_needed = max(p.cross_replace_steps, p.self_replace_steps if p.blend_words else 0.0)
+        cross_needed = max(
+            p.cross_replace_steps, p.self_replace_steps if p.blend_words else 0.0, 0.8 if p.blend_latents else 0.0
+        )
         for needed, recorded, name, kind in (
             (cross_needed, inversion.params.record_fraction, "record_fraction", "cross"),
             (p.self_replace_steps, inversion.params.self_fraction, "record_self_fraction", "self"),

@@ -222,6 +222,12 @@ def fusion_plan(
         plan.equalizer = equalizer(tokenizer, p.target_prompt, list(p.reweight), list(p.reweight.values()))
     if p.blend_words is not None:
         plan.blend_tokens = [i for w in p.blend_words[0] for i in word_token_indices(tokenizer, source_prompt, w)]
+    if p.blend_latents:
+        # FateZero's counter is the step number plus one and blends while it is in (0.2T, 0.8T).
+        window = torch.zeros(steps, dtype=torch.bool)
+        window[int(0.2 * steps) : max(int(0.2 * steps), int(0.8 * steps) - 1)] = True
+        plan.latent_window = window
+        plan.target_tokens = [i for w in p.blend_words[1] for i in word_token_indices(tokenizer, p.target_prompt, w)]
     return plan, fusion
 
 
@@ -245,24 +251,19 @@ def _fusion_controller(
 
 
 class _LatentBlender:
-    """FateZero's optional latent blending (methods.md 1.9): outside the mask of the source blend
-    words, keep the inversion's latent of the same noise level, in the middle 60% of the steps.
-
-    FateZero unions this source mask with one from the edit's accumulated target maps; here only
-    the source mask is used, so what is outside the source object stays the source. The mask is
-    only available on steps that fuse attention (inside the cross or self window).
-    """
+    """FateZero's optional latent blending (methods.md 1.9): on the steps of the plan's latent window,
+    keep the inversion's latent of the same noise level outside the union of the source and target
+    blend-word masks."""
 
     def __init__(self, inversion: zarr.Group, controller: FusionController, steps: int) -> None:
         self.latents, self.controller, self.steps = inversion["latents"], controller, steps
-        # FateZero's counter is the step number plus one and blends while it is in (0.2T, 0.8T).
-        self.window = range(int(0.2 * steps), int(0.8 * steps) - 1)
 
     def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        if i not in self.window or not self.controller.plan.blend_tokens or not self.controller.has_maps:
+        window = self.controller.plan.latent_window
+        if window is None or not window[i]:
             return z
         h, w = z.shape[-2:]
-        mask = self.controller.mask(h * w).reshape(z.shape[0], 1, h, w).to(z)
+        mask = self.controller.latent_mask(h * w).reshape(z.shape[0], 1, h, w).to(z)
         reference = torch.from_numpy(np.asarray(self.latents[self.steps - 1 - i])).to(z)
         return reference + mask * (z - reference)
 

@@ -80,6 +80,8 @@ class FusionPlan:
     blend_threshold: float = 0.3
     blend_resolution: int | None = None  # width of the maps the mask comes from
     latent_shape: tuple[int, int] | None = None  # (h, w) of the latents; None means square
+    latent_window: torch.Tensor | None = None  # bool (T,): steps whose latents are blended (methods.md 1.9)
+    target_tokens: list[int] | None = None  # target-prompt token indices of the target blend words
 
     def grid(self, query_len: int) -> tuple[int, int]:
         """``(height, width)`` of a layer's query grid: the latent grid downscaled to ``query_len`` cells."""
@@ -104,13 +106,35 @@ class FusionController:
     masks: dict[int, torch.Tensor] = field(default_factory=dict)
     first_mask: torch.Tensor | None = None  # (F, r, r) at the blend resolution, for the UI
     first_maps: list[torch.Tensor] = field(default_factory=list)  # the source cross maps it came from
+    target_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # edit cross maps summed over steps
     _maps: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def begin_step(self, step: int) -> None:
-        """Load the maps of the inversion step with this edit step's timestep, if the step fuses anything."""
+        """Load the maps of the inversion step with this edit step's timestep, if the step uses any."""
         self.step, self.masks = step, {}
-        active = bool(self.plan.cross_window[step] or self.plan.self_window[step])
-        self._maps = self.source(self.plan.num_steps - 1 - step) if active else {}
+        p = self.plan
+        active = bool(p.cross_window[step] or p.self_window[step] or self._blending(step))
+        self._maps = self.source(p.num_steps - 1 - step) if active else {}
+
+    def _blending(self, step: int) -> bool:
+        return self.plan.latent_window is not None and bool(self.plan.latent_window[step])
+
+    def _capturing(self, layer: str, is_cross: bool) -> bool:
+        """Latent blending needs the edit's own target-word maps, summed from the first step on."""
+        window = self.plan.latent_window
+        if window is None or not is_cross or not window.any():
+            return False
+        last = int(window.nonzero().max())
+        return self.step <= last and layer in self._blend_layers()
+
+    def _blend_layers(self) -> list[str]:
+        cross = {name: q for name, (is_cross, q) in self.layers.items() if is_cross}
+        if not cross:
+            return []
+        widths = {q: self.plan.grid(q)[1] for q in cross.values()}
+        wanted = self.plan.blend_resolution or min(widths.values())
+        query_len = min(widths, key=lambda q: (abs(widths[q] - wanted), -widths[q]))
+        return [name for name, q in cross.items() if q == query_len]
 
     @property
     def has_maps(self) -> bool:
@@ -121,15 +145,33 @@ class FusionController:
         """The blend mask of the current step for a layer with ``query_len`` queries, ``(F, 1, query_len, 1)``."""
         return self._mask(query_len)
 
+    def latent_mask(self, query_len: int) -> torch.Tensor:
+        """Latent-blending mask ``(F, 1, query_len, 1)``: the source words' mask united with the target
+        words' mask from the edit's cross-attention summed over the steps so far (methods.md 1.9)."""
+        mask = self._mask(query_len)
+        if self.plan.target_tokens and self.target_maps:
+            maps = list(self.target_maps.values())
+            grid = self.plan.grid(maps[0].shape[2])
+            target = blend_mask(maps, self.plan.target_tokens, threshold=self.plan.blend_threshold,
+                                out_res=self.plan.grid(query_len), in_shape=grid)  # fmt: skip
+            mask = torch.maximum(mask, target.to(mask))
+        return mask
+
     def wants(self, layer: str, is_cross: bool, query_len: int) -> bool:
-        if layer not in self._maps:
-            return False
+        return self._fusing(layer, is_cross) or self._capturing(layer, is_cross)
+
+    def _fusing(self, layer: str, is_cross: bool) -> bool:
         window = self.plan.cross_window if is_cross else self.plan.self_window
-        return bool(window[self.step])
+        return layer in self._maps and bool(window[self.step])
 
     def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
-        source = self._maps[layer].to(device=probs.device, non_blocking=True).to(probs.dtype)
         edit = probs[-num_frames:]
+        if self._capturing(layer, is_cross):
+            summed = self.target_maps.get(layer)
+            self.target_maps[layer] = edit.detach().float() + (summed if summed is not None else 0)
+        if not self._fusing(layer, is_cross):
+            return probs
+        source = self._maps[layer].to(device=probs.device, non_blocking=True).to(probs.dtype)
         fused = self._fuse_cross(source, edit) if is_cross else self._fuse_self(source, edit)
         return torch.cat([probs[:-num_frames], fused]) if probs.shape[0] > num_frames else fused
 
@@ -160,10 +202,7 @@ class FusionController:
 
     def blend_maps(self) -> list[torch.Tensor]:
         """This step's source cross maps at the blend resolution (or the recorded one nearest to it)."""
-        cross = {name: q for name, (is_cross, q) in self.layers.items() if is_cross and name in self._maps}
-        if not cross:
-            raise ValueError("blend words need recorded cross-attention maps; lower max_query_len limits")
-        widths = {q: self.plan.grid(q)[1] for q in cross.values()}
-        wanted = self.plan.blend_resolution or min(widths.values())
-        query_len = min(widths, key=lambda q: (abs(widths[q] - wanted), -widths[q]))
-        return [self._maps[name].float() for name, q in cross.items() if q == query_len]
+        maps = [self._maps[name].float() for name in self._blend_layers() if name in self._maps]
+        if not maps:
+            raise ValueError("blend words need recorded cross-attention maps at this step; raise record_fraction")
+        return maps

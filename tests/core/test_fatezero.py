@@ -169,3 +169,26 @@ def test_blend_masks_follow_non_square_grids() -> None:
     assert latent_mask[:, :, :4].all() and not latent_mask[:, :, 4:].any()
     with pytest.raises(ValueError, match="not the 6x8 latent grid"):
         plan.grid(10)
+
+
+def test_latent_blending_unites_source_and_accumulated_target_masks() -> None:
+    cat, dog = 2, 3
+    source = torch.zeros(FRAMES, 2, 16, 77)
+    source[:, :, :2, cat] = 1.0  # top-left corner of a 4x4 grid
+    edit = torch.zeros(FRAMES, 2, 16, 77)
+    edit[:, :, -2:, dog] = 1.0  # bottom-right corner
+    latent_window = torch.tensor([False, True, True, False])
+    never = torch.zeros(4, dtype=torch.bool)
+    plan = FusionPlan(4, never, never, blend_tokens=[cat], blend_threshold=0.5, latent_window=latent_window,
+                      target_tokens=[dog])  # fmt: skip
+    fusion = FusionController(plan, source=lambda k: {"cross": source}, layers={"cross": (True, 16)})
+    for step in range(4):
+        fusion.begin_step(step)
+        assert fusion.wants("cross", True, 16) == (step <= 2), "target maps are summed from step 0 to the window's end"
+        out = fusion(edit, layer="cross", is_cross=True, num_frames=FRAMES)
+        assert out is edit, "outside the cross window nothing is fused"
+        if step == 1:
+            mask = fusion.latent_mask(16).reshape(FRAMES, 4, 4)
+            assert mask[:, 0, 0].all() and mask[:, 3, 3].all(), "source object and target object both kept"
+            assert not mask[:, 0, 3].any() and not mask[:, 3, 0].any()
+    torch.testing.assert_close(fusion.target_maps["cross"], 3 * edit)
