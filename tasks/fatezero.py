@@ -180,7 +180,7 @@ def _denoise(ctx: StageContext) -> dict[str, Any]:
     ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "channel", "y", "x"), dtype=np.float16)
     pictures = []
     if controller.first_mask is not None:
-        mask = controller.first_mask.numpy().astype(np.uint8)
+        mask = controller.first_mask.cpu().numpy().astype(np.uint8)
         ctx.writer.write_array("blend_mask", mask, dims=("frame", "y", "x"))
         words = {w: word_token_indices(tokenizer, inversion.attrs["source_prompt"], w) for w in p.blend_words[0]}
         heat = _write_word_maps(ctx, controller, words)
@@ -283,7 +283,7 @@ def _write_word_maps(ctx: StageContext, controller: FusionController, words: dic
         heat = torch.stack([m.mean(dim=1)[..., tokens].sum(-1) for m in controller.first_maps]).mean(0)
         heat = heat.reshape(-1, *controller.plan.grid(heat.shape[-1]))
         per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
-    maps = torch.stack(per_word).numpy().astype(np.float32)
+    maps = torch.stack(per_word).cpu().numpy().astype(np.float32)
     ctx.writer.write_array(
         "word_heatmaps", maps, dims=("word", "frame", "y", "x"), dtype=np.float16, attrs={"words": list(words)}
     )
