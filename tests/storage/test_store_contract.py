@@ -274,3 +274,35 @@ def _race(store: ArtifactStore, contenders: int) -> list[str]:
     for thread in threads:
         thread.join()
     return winners
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3 server (moto) on loopback for the module."""
+    boto3 = pytest.importorskip("boto3", reason="the s3 extra (s3fs, moto) is not installed")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+    yield endpoint, client
+    server.stop()
+
+
+class TestS3Store(StoreContract):
+    @pytest.fixture
+    def store(self, s3_server) -> ArtifactStore:
+        import uuid
+
+        endpoint, client = s3_server
+        bucket = f"reelflow-{uuid.uuid4().hex[:8]}"
+        client.create_bucket(Bucket=bucket)
+        options = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
+        store = ArtifactStore(f"s3://{bucket}/store", options)
+        store.fs.invalidate_cache()
+        store.ensure_reachable()
+        assert not store.atomic_rename
+        return store
