@@ -109,7 +109,7 @@ def _tiny_pipeline(seed: int) -> StableDiffusionPipeline:
         text_encoder=_seeded(seed, 1, lambda: _tiny_text_encoder(tokenizer)),
         tokenizer=tokenizer,
         unet=_seeded(seed, 2, tiny_unet),
-        scheduler=_sd15_scheduler(),
+        scheduler=sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -172,7 +172,8 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def _sd15_scheduler() -> DDIMScheduler:
+def sd15_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion 1.5's scheduler config."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -13,6 +13,7 @@ from core.sampling.ddim import (
     denoising_timesteps,
     step_alphas,
 )
+from core.tiny import sd15_scheduler
 from core.tiny import tiny_unet as build_tiny_unet
 
 F = 2
@@ -20,16 +21,7 @@ F = 2
 
 @pytest.fixture
 def scheduler() -> DDIMScheduler:
-    # Stable Diffusion 1.5's scheduler config.
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return sd15_scheduler()
 
 
 @pytest.fixture
