@@ -51,7 +51,7 @@ def invert_latents(call: StageCall) -> ArtifactRef:
 
 def _invert(ctx: StageContext) -> dict[str, Any]:
     p = ctx.call.stage.params
-    z0 = torch.from_numpy(np.asarray(ctx.input("latents")["latents"][:], dtype=np.float32))
+    z0 = torch.from_numpy(ctx.array("latents", "latents", "float32"))
     unet, text = _models(ctx)
     scheduler = component(ctx.call.model, "scheduler", ctx.settings)
     frames, steps = z0.shape[0], p.num_steps

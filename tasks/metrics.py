@@ -20,8 +20,8 @@ def compute_metrics(call: StageCall) -> ArtifactRef:
 
 
 def _compute(ctx: StageContext) -> dict[str, Any]:
-    source = np.asarray(ctx.input("source")["frames"][:])
-    edited = np.asarray(ctx.input("edited")["frames"][:])
+    source = ctx.array("source", "frames")
+    edited = ctx.array("edited", "frames")
     means = {}
     for name in ctx.call.stage.params.metrics:
         values = METRICS[name](source, edited)

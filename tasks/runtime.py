@@ -19,6 +19,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import zarr
 from prefect.context import TaskRunContext
 
@@ -49,6 +50,10 @@ class StageContext:
     def input(self, slot: str) -> zarr.Group:
         ref = self.call.inputs[slot]
         return self.store.open(ref.stage, ref.key)
+
+    def array(self, slot: str, name: str, dtype: str | None = None) -> np.ndarray:
+        """The whole array ``name`` of the input ``slot``, read into memory (optionally cast)."""
+        return np.asarray(self.input(slot)[name][:], dtype=dtype)
 
 
 @lru_cache(maxsize=16)

@@ -26,7 +26,7 @@ def encode_latents(call: StageCall) -> ArtifactRef:
 
 def _encode(ctx: StageContext) -> dict[str, Any]:
     p = ctx.call.stage.params
-    frames = to_model_range(np.asarray(ctx.input("frames")["frames"][:]))
+    frames = to_model_range(ctx.array("frames", "frames"))
     vae = component(ctx.call.model, "vae", ctx.settings)
     count, _, height, width = frames.shape
     scale = downscale_factor(vae)
@@ -51,7 +51,7 @@ def decode_latents(call: StageCall) -> ArtifactRef:
 
 def _decode(ctx: StageContext) -> dict[str, Any]:
     p = ctx.call.stage.params
-    latents = torch.from_numpy(np.asarray(ctx.input("latents")["latents"][:], dtype=np.float32))
+    latents = torch.from_numpy(ctx.array("latents", "latents", "float32"))
     vae = component(ctx.call.model, "vae", ctx.settings)
     count, _, height, width = latents.shape
     scale = downscale_factor(vae)
