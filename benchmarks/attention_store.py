@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_spec(work: Path, frames: int, size: int, steps: int, edits: int, store: str = "store"):
-    from flows.commands import resolve_spec_path
+    from deployments import spec_path
     from schemas.loading import load_spec
 
     each = ", ".join(["{}"] + [f"{{target_prompt: a painting of a dog walking on a street number {i}}}" for i in range(1, edits)])
     return load_spec(
-        resolve_spec_path("fatezero-style"),
+        spec_path("fatezero-style"),
         [
             f"models.sd.id={work / 'tiny-sd'}", f"input={work / 'clip.mp4'}", f"store={work / store}",
             f"output={work / 'out'}", f"stages.decode_video.params.num_frames={frames}",

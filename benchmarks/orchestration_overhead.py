@@ -50,11 +50,11 @@ def plain_loop(clip: Path, bundle: Path, frames: int, size: int) -> None:
 
 
 def make_spec(clip: Path, bundle: Path, store: Path, out: Path, frames: int, size: int):
-    from flows.commands import resolve_spec_path
+    from deployments import spec_path
     from schemas.loading import load_spec
 
     return load_spec(
-        resolve_spec_path("reconstruct"),
+        spec_path("reconstruct"),
         [
             f"input={clip}", f"store={store}", f"output={out}", f"models.sd.id={bundle}",
             f"stages.decode_video.params.num_frames={frames}",

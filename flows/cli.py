@@ -1,4 +1,4 @@
-"""The ``reelflow`` command line: run, demo, inspect, gc, models tiny.
+"""The ``reelflow`` command line: run, bulk, demo, inspect, list, gc, serve-pictures, models tiny.
 
 Errors a user can cause end in one line on stderr and a non-zero exit; ``--debug`` shows the
 traceback.
@@ -32,6 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec field, e.g. stages.encode_video.params.crf=23 (repeatable)")
     run.set_defaults(handler=commands.run)
 
+    bulk = sub.add_parser("bulk", help="run a pipeline on every clip of a media library (glob, folder or manifest)")
+    bulk.add_argument("library", help="fsspec glob ('clips/**/*.mp4', 's3://bucket/in/*.mp4'), folder, or .txt/.json manifest")
+    bulk.add_argument("spec", help="pipeline YAML file, or a preset name such as 'reconstruct'")
+    bulk.add_argument("--output", help="where the outputs go, mirroring the library's folders")
+    bulk.add_argument("--store", help="artifact store URL (overrides the spec and REELFLOW_STORE)")
+    bulk.add_argument("--concurrency", type=int, default=2, help="edits at once (default 2)")
+    bulk.add_argument("--dispatch", metavar="DEPLOYMENT", help="run each clip as a run of this edit-video deployment")
+    bulk.add_argument("--no-skip", dest="skip_existing", action="store_false", help="rerun clips already edited")
+    bulk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a spec field (repeatable)")
+    bulk.set_defaults(handler=commands.bulk)
+
     demo = sub.add_parser("demo", help="run a preset on a synthetic clip with a tiny model")
     demo.add_argument("--workdir", default="demo", help="where the clip, models, store and outputs go")
     demo.add_argument("--preset", default="reconstruct", help="preset to run, e.g. fatezero-local (default: reconstruct)")
@@ -55,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="AGE", help="age after which unfinished writes are swept (default 6h)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     gc.set_defaults(handler=commands.gc)
+
+    serve = sub.add_parser("serve-pictures", help="serve a local store's pictures to the Prefect UI over HTTP")
+    serve.add_argument("--store", help="store path (default: REELFLOW_STORE)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    serve.set_defaults(handler=commands.serve_pictures)
 
     models = sub.add_parser("models", help="model utilities")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -8,13 +8,15 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
-from deployments import PRESETS, preset_names
+from deployments import spec_path
 from schemas.errors import SpecError
 from schemas.loading import load_spec
 from schemas.settings import Settings
+from storage.files import human_bytes
 from storage.gc import collect_garbage
 from storage.store import ArtifactStore, locate_artifact_url
 
@@ -34,18 +36,6 @@ def parse_size(text: str) -> int:
     if not match or match[2] not in _SIZES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 500MB, 20GiB or 1TB")
     return int(float(match[1]) * _SIZES[match[2]])
-
-
-def resolve_spec_path(name: str) -> Path:
-    """A spec file path, or the preset of that name in deployments/presets/."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    preset = PRESETS / f"{name}.yaml"
-    if preset.is_file():
-        return preset
-    known = ", ".join(preset_names())
-    raise SpecError(f"{name!r} is neither a spec file nor a preset; presets: {known}")
 
 
 def quiet_tracebacks() -> None:
@@ -71,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for field in ("input", "store", "output"):
         if getattr(args, field):
             overrides.append(f"{field}={json.dumps(getattr(args, field))}")
-    spec = load_spec(resolve_spec_path(args.spec), overrides)
+    spec = load_spec(spec_path(args.spec), overrides)
     manifest = run_spec(spec)
     print_summary(manifest)
     return 0
@@ -83,6 +73,47 @@ def run_spec(spec: Any) -> Any:
     settings = Settings()
     check_inputs(spec, settings)
     return edit_video_with_settings(settings)(spec)
+
+
+def bulk(args: argparse.Namespace) -> int:
+    from flows.bulk import BulkReport, bulk_edit
+    from schemas.errors import StageFailed
+    from storage.files import join_url, normalize_url
+
+    spec = load_spec(spec_path(args.spec), args.overrides)
+    try:
+        report = bulk_edit(
+            library=args.library, spec=spec, output=args.output, store=args.store, concurrency=args.concurrency,
+            skip_existing=args.skip_existing, dispatch=args.dispatch,
+        )  # fmt: skip
+    except StageFailed:
+        url = join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json")
+        if Path(url).is_file():
+            print_bulk(BulkReport.model_validate_json(Path(url).read_text()))
+        raise
+    print_bulk(report)
+    return 0
+
+
+def print_bulk(report: Any) -> None:
+    for clip in report.clips:
+        print(f"  {clip.status:<9} {clip.seconds:>7.1f}s  {clip.clip}  {clip.error or clip.output or ''}")
+    print(f"{report.count('completed')} edited, {report.count('exists')} already done, {report.count('failed')} failed; "
+          f"report {report.output}/{report.pipeline}.bulk.json")  # fmt: skip
+
+
+def serve_pictures(args: argparse.Namespace) -> int:
+    from flows.pictures import serve_pictures as serve
+
+    settings = Settings()
+    store = ArtifactStore(args.store or settings.store, settings.storage_options)
+    with serve(store, args.host, args.port) as url:
+        print(f"serving {store.url}/pictures at {url}; set REELFLOW_PICTURES_URL={url} for the runs (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -135,7 +166,7 @@ def describe_artifact(store: ArtifactStore, rel: str) -> str:
         f"of pipeline {prov.get('pipeline')}",
         f"key        {prov.get('key')}",
         f"status     {_status(attrs)}",
-        f"size       {_human(store.size(rel))} stored",
+        f"size       {human_bytes(store.size(rel))} stored",
     ]
     if attrs.get("complete"):
         lines.append("arrays")
@@ -164,21 +195,13 @@ def _status(attrs: dict[str, Any]) -> str:
     return f"complete at {done}, computed in {attrs.get('seconds', 0):.2f}s"
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 def list_artifacts(args: argparse.Namespace) -> int:
     store = _store(args.store)
     count = 0
     for info in store.list(args.stage):
         when = dt.datetime.fromtimestamp(info.created_at).isoformat(sep=" ", timespec="seconds")
         state = "complete" if info.complete else "INCOMPLETE"
-        print(f"{when}  {info.stage:<16} {info.key[:16]}  {state:<10} {_human(store.size(info.path)):>10}")
+        print(f"{when}  {info.stage:<16} {info.key[:16]}  {state:<10} {human_bytes(store.size(info.path)):>10}")
         count += 1
     print(f"{count} artifacts in {store.url}")
     return 0
@@ -193,8 +216,8 @@ def gc(args: argparse.Namespace) -> int:
     for rel in report.removed:
         print(f"{verb} {store.url_of(rel)}")
     print(
-        f"{verb} {len(report.removed)} entries, {_human(report.freed_bytes)}; kept {len(report.kept_held)} held by "
-        f"running edits; {_human(report.remaining_bytes)} of artifacts remain"
+        f"{verb} {len(report.removed)} entries, {human_bytes(report.freed_bytes)}; kept {len(report.kept_held)} held by "
+        f"running edits; {human_bytes(report.remaining_bytes)} of artifacts remain"
     )
     return 0
 

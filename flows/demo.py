@@ -11,7 +11,7 @@ from pathlib import Path
 
 from core.synthetic import write_synthetic_clip
 from core.tiny import build_tiny_bundle
-from flows.commands import resolve_spec_path
+from deployments import spec_path
 from schemas.loading import load_spec
 from schemas.pipeline import PipelineSpec
 
@@ -44,4 +44,4 @@ def prepare_demo(workdir: Path, preset: str = "reconstruct") -> PipelineSpec:
         f"models.sd.id={json.dumps(str(bundle))}",
     )
     sizes = [*DEMO_OVERRIDES, *(FATEZERO_OVERRIDES if preset.startswith("fatezero") else ())]
-    return load_spec(resolve_spec_path(preset), [*paths, *sizes])
+    return load_spec(spec_path(preset), [*paths, *sizes])

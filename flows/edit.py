@@ -3,6 +3,7 @@ export the output video and write the run manifest next to it."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -12,21 +13,24 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from core.models import fingerprint_model
 from core.video import probe_video
+from deployments import preset_names, spec_path
 from flows.dag import Outcome, PlannedStage, execute, plan_run
+from flows.runners import default_task_runner, task_runner
 from schemas.calls import SourceRef, StoreSpec
-from schemas.errors import InputVideoError, StageFailed
-from schemas.loading import validate_spec
+from schemas.errors import InputVideoError, SpecError, StageFailed
+from schemas.loading import load_spec, validate_spec
 from schemas.manifest import RunManifest, SourceRecord
 from schemas.pipeline import PipelineSpec
 from schemas.settings import Settings
 from storage.files import is_local, join_url, normalize_url, write_bytes
-from storage.keys import content_key
+from storage.keys import canonical_json, content_key
 from storage.leases import Leases
 from storage.store import ArtifactStore
+from tasks.artifacts import markdown_table, publish_markdown, publish_table
 from tasks.models import resolve_device, resolve_dtype
 
 
@@ -41,28 +45,46 @@ class PreparedRun:
     planned: list[PlannedStage]
 
 
-DEFAULT_CONCURRENCY = 2
+
+def _run_name() -> str:
+    """``<pipeline>: <clip>`` for the UI; the parameters may still be raw JSON here."""
+    params = flow_run.parameters
+    spec = params.get("spec")
+    name = (spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)) or params.get("preset") or "edit"
+    source = params.get("input") or (spec.get("input") if isinstance(spec, dict) else getattr(spec, "input", None))
+    return f"{name}: {PurePosixPath(str(source)).stem}" if source else str(name)
 
 
 @flow(
     name="edit-video",
-    flow_run_name="{spec.name}",
-    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_CONCURRENCY),
+    flow_run_name=_run_name,
+    task_runner=default_task_runner(),
     validate_parameters=True,
 )
 def edit_video(
-    spec: PipelineSpec, input: str | None = None, store: str | None = None, output: str | None = None
+    spec: PipelineSpec | None = None,
+    input: str | None = None,
+    store: str | None = None,
+    output: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] = [],  # noqa: B006  (Prefect copies parameters; a tuple would not render as a list form)
 ) -> RunManifest:
-    """Run one pipeline spec on one video; every stage is cached in the store by its key."""
-    run = prepare_run(apply_run_options(spec, input=input, store=store, output=output), Settings())
+    """Run one pipeline on one video; every stage is cached in the store by its key.
+
+    Give the pipeline as ``spec`` or as ``preset`` (a preset name such as ``fatezero-style``, or a
+    spec file on the worker), with ``overrides`` like ``stages.denoise_latents.params.target_prompt=...``.
+    """
+    resolved = resolve_spec(spec, preset, overrides)
+    run = prepare_run(apply_run_options(resolved, input=input, store=store, output=output), Settings())
     logger = get_run_logger()
     logger.info("store %s; %d stages planned", run.store.url, len(run.planned))
     started = time.time()
     with Leases(run.store).holding(run.run_id, [p.key for p in run.planned], run.settings.lease_seconds):
-        outcomes = execute(run.planned, run.store, result_storage=_result_storage(run.store))
+        outcomes = execute(run.planned, run.store, result_storage=result_storage(run.store))
         manifest = finish_run(run, outcomes, started)
     for record in manifest.stages:
         logger.info("%-16s %-9s %7.2fs %s", record.name, record.status, record.seconds, record.key[:12])
+    publish_run(manifest)
     if manifest.status == "failed":
         failed = next(r for r in manifest.stages if r.status == "failed")
         raise StageFailed(f"stage {failed.name!r} failed: {failed.error} (manifest: {manifest.outputs['manifest']})")
@@ -70,8 +92,20 @@ def edit_video(
 
 
 def edit_video_with_settings(settings: Settings) -> Flow:
-    """``edit_video`` with its task runner sized by ``REELFLOW_MAX_CONCURRENCY``."""
-    return edit_video.with_options(task_runner=ThreadPoolTaskRunner(max_workers=settings.max_concurrency))
+    """``edit_video`` with its task runner chosen by ``REELFLOW_TASK_RUNNER`` / ``REELFLOW_MAX_CONCURRENCY``."""
+    return edit_video.with_options(task_runner=task_runner(settings))
+
+
+def resolve_spec(spec: PipelineSpec | None, preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+    """The pipeline from exactly one of ``spec`` or ``preset``, with ``overrides`` applied and validated."""
+    if (spec is None) == (preset is None):
+        raise SpecError(
+            "give exactly one of `spec` (a pipeline) or `preset` (a preset name or spec file; presets: "
+            f"{', '.join(preset_names())})"
+        )
+    if preset is not None:
+        return load_spec(spec_path(preset), overrides)
+    return load_spec(spec.model_dump(mode="json"), overrides) if overrides else spec
 
 
 def apply_run_options(spec: PipelineSpec, **options: str | None) -> PipelineSpec:
@@ -91,7 +125,26 @@ def check_inputs(spec: PipelineSpec, settings: Settings) -> ArtifactStore:
         probe_video(handle)
     for model in spec.models.values():
         fingerprint_model(model.id, model.revision)
+    if settings.gpu_limit and any(node.spec.needs_model for node in spec.graph.order()):
+        check_concurrency_limit(settings.gpu_limit)
     return store
+
+
+def check_concurrency_limit(name: str) -> None:
+    """Refuse to start when ``REELFLOW_GPU_LIMIT`` names a global concurrency limit the server lacks."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        raise SpecError(
+            f"REELFLOW_GPU_LIMIT names the global concurrency limit {name!r}, which the Prefect server does not have; "
+            f"create it (prefect gcl create {name} --limit 1) or unset REELFLOW_GPU_LIMIT"
+        ) from None
+    if not limit.active:
+        raise SpecError(f"global concurrency limit {name!r} is inactive; activate it (prefect gcl enable {name})")
 
 
 def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
@@ -170,6 +223,41 @@ def _out_opts(run: PreparedRun) -> dict:
     return {} if is_local(run.spec.output) else run.settings.storage_options
 
 
-def _result_storage(store: ArtifactStore) -> Path | None:
-    """Keep Prefect's result records beside the artifacts on local stores, so the cache travels with them."""
-    return Path(store.abspath("prefect-results")) if store.atomic_rename else None
+def result_storage(store: ArtifactStore) -> Path | WritableFileSystem | None:
+    """Where Prefect keeps the stages' result records: beside the artifacts, so the cache travels with them.
+
+    A local path on local stores. On object stores a ``RemoteFileSystem`` block over
+    ``<store>/prefect-results`` with the store's storage options, saved on the server under a name
+    derived from the store (Prefect only accepts saved blocks); put credentials in the workers'
+    environment rather than in storage options, since a block's settings live in the server database.
+    memory:// stores are per process, so their records stay in Prefect's default storage.
+    """
+    if store.atomic_rename:
+        return Path(store.abspath("prefect-results"))
+    if "memory" in (store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)):
+        return None
+    name = "reelflow-results-" + hashlib.sha256(f"{store.url}|{canonical_json(store.storage_options)}".encode()).hexdigest()[:12]
+    block = RemoteFileSystem(basepath=store.url_of("prefect-results"), settings=store.storage_options)
+    block.save(name, overwrite=True)
+    return block
+
+
+def publish_run(manifest: RunManifest) -> None:
+    """The edit's summary in the UI: every stage with its status, key and artifact, the outputs, the metrics."""
+    stem = PurePosixPath(manifest.input.url).stem
+    rows = [(f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s", f"`{r.key[:12]}`", f"`{r.artifact or r.error or ''}`")
+            for r in manifest.stages]  # fmt: skip
+    lines = [
+        f"### {manifest.pipeline} on `{manifest.input.url}`: {manifest.status} in {manifest.seconds:.1f} s",
+        "",
+        markdown_table(("stage", "type", "status", "time", "key", "artifact"), rows),
+        "",
+        *(f"- {name}: `{url}`" for name, url in manifest.outputs.items()),
+    ]
+    publish_markdown(f"edit-{stem}-{manifest.pipeline}", "\n".join(lines), description=f"{manifest.pipeline}: {stem}")
+    metrics = [
+        {"stage": stage_id, "metric": name, "value": value}
+        for stage_id, values in manifest.metrics.items()
+        for name, value in values.items()
+    ]
+    publish_table(f"metrics-{stem}-{manifest.pipeline}", metrics, description=f"{manifest.pipeline}: {stem}")

@@ -48,3 +48,28 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a stage's lease on its artifact lasts without renewal before another run may take it over.",
     )
+    gpu_limit: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Prefect global concurrency limit held around every model stage, e.g. 'gpu' "
+            "(create it with `prefect gcl create gpu --limit 1`); None runs model stages unthrottled."
+        ),
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="How an edit's stages run: a thread pool in the flow-run process, or Dask (needs prefect-dask).",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Dask scheduler address (tcp://host:8786) for task_runner=dask; None starts a local cluster per edit.",
+    )
+    pictures_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL under which the store's pictures/ directory is served (see `reelflow serve-pictures`); "
+            "None presigns URLs on object stores and embeds pictures as data URLs elsewhere."
+        ),
+    )
+    picture_url_seconds: int = Field(
+        default=7 * 86400, gt=0, le=7 * 86400, description="Lifetime of presigned picture URLs on object stores."
+    )

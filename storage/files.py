@@ -55,3 +55,11 @@ def is_local(url: str) -> bool:
 
 def join_url(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

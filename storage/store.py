@@ -36,6 +36,7 @@ from storage.arrays import frame_chunks, storage_dtype
 from storage.files import normalize_url
 
 ARTIFACTS = "artifacts"
+PICTURES = "pictures"
 TEMP_MARK = ".tmp-"
 TRASH_MARK = ".trash-"
 _COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
@@ -226,7 +227,13 @@ class ArtifactStore:
             os.rename(temp, final)
 
     def remove(self, rel: str) -> None:
-        """Unpublish, then delete: readers stop trusting the group before any chunk disappears."""
+        """Unpublish, then delete: readers stop trusting the group before any chunk disappears.
+
+        The artifact's pictures (``pictures/<stage>/<key>/``, shown in the Prefect UI) go with it.
+        """
+        if rel.startswith(f"{ARTIFACTS}/") and TEMP_MARK not in rel and TRASH_MARK not in rel:
+            stage, key = _stage_and_key(rel)
+            self._remove_abs(self.abspath(f"{PICTURES}/{stage}/{key}"))
         path = self.abspath(rel)
         if self.atomic_rename and os.path.isdir(path) and TRASH_MARK not in rel:
             trash = f"{path}{TRASH_MARK}{uuid.uuid4().hex[:8]}"

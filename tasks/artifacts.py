@@ -1,7 +1,14 @@
-"""What a stage shows in the Prefect UI: markdown summaries with pictures embedded as PNG data URLs.
+"""What a run shows in the Prefect UI: markdown summaries, tables and pictures.
 
-Embedded pictures need no server, so they render wherever the run's artifacts are opened; outside
-a Prefect task run (``task.fn()`` in tests) nothing is published.
+Pictures are PNG files kept in the store under ``pictures/<stage>/<key>/<name>.png`` (so a cached
+stage's pictures stay valid) and linked by a URL the browser can load:
+
+* ``REELFLOW_PICTURES_URL`` set: that base URL plus the path below ``pictures/``; on a local store
+  ``reelflow serve-pictures`` serves exactly that directory;
+* an object store (s3://, gs://, ...): a presigned URL valid for ``REELFLOW_PICTURE_URL_SECONDS``;
+* otherwise the PNG is embedded as a data URL, which needs no server at all.
+
+Outside a Prefect run (``task.fn()`` in tests, a plain loop) nothing is published.
 """
 
 from __future__ import annotations
@@ -9,37 +16,108 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+
+from schemas.settings import Settings
+from storage.files import human_bytes, put_atomic
+from storage.store import PICTURES, ArtifactStore
 
 MIN_TILE = 96
 
 
-def contact_sheet(frames: np.ndarray) -> bytes:
-    """PNG of frames side by side: ``(F, h, w)`` in [0, 1] (drawn as a heat map) or uint8 ``(F, h, w, 3)``."""
+def contact_sheet(frames: np.ndarray, rows: Sequence[np.ndarray] = ()) -> bytes:
+    """PNG of frames side by side: ``(F, h, w)`` in [0, 1] (drawn as a heat map) or uint8 ``(F, h, w, 3)``.
+
+    Each of ``rows`` (same layout and size as ``frames``) is drawn as one more row underneath.
+    """
+    strips = [_strip(f) for f in (frames, *rows)]
+    sheet = np.concatenate([np.pad(s, ((0, 2), (0, 0), (0, 0)), constant_values=255) for s in strips], axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(sheet[:-2]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _strip(frames: np.ndarray) -> np.ndarray:
     if frames.ndim == 3:
         frames = _heat(frames.astype(np.float32))
     scale = max(1, MIN_TILE // frames.shape[1])
     tiles = [np.kron(frame, np.ones((scale, scale, 1), dtype=np.uint8)) for frame in frames]
-    sheet = np.concatenate([np.pad(t, ((0, 0), (0, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
-    buffer = io.BytesIO()
-    Image.fromarray(sheet).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return np.concatenate([np.pad(t, ((0, 0), (0, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
 
 
-def png_markdown(title: str, png: bytes) -> str:
-    return f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png: bytes, settings: Settings) -> str:
+    """Save ``png`` in the store beside the artifact it depicts and return markdown that shows it."""
+    rel = f"{PICTURES}/{stage}/{key}/{name}.png"
+    put_atomic(store.fs, store.abspath(rel), png)
+    return f"![{name}]({picture_url(store, rel, png, settings)})"
+
+
+def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) -> str:
+    if settings.pictures_url:
+        return f"{settings.pictures_url.rstrip('/')}/{rel.removeprefix(PICTURES + '/')}"
+    if not store.atomic_rename and store.fs.protocol not in ("memory", ("memory",)):
+        try:
+            return store.fs.sign(store.abspath(rel), expiration=settings.picture_url_seconds)
+        except NotImplementedError:
+            pass
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+
+
+def artifact_key(name: str) -> str:
+    """``name`` as a valid artifact key: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:100]
+
+
+def _in_run() -> bool:
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
 def publish_markdown(name: str, markdown: str, description: str = "") -> None:
-    """A keyed markdown artifact (``name`` is made a valid key), only inside a Prefect task run."""
-    if TaskRunContext.get() is None:
-        return
-    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:100]
-    create_markdown_artifact(markdown, key=key, description=description)
+    """A keyed markdown artifact (``name`` is made a valid key), only inside a Prefect run."""
+    if _in_run():
+        create_markdown_artifact(markdown, key=artifact_key(name), description=description)
+
+
+def publish_table(name: str, rows: list[dict[str, Any]], description: str = "") -> None:
+    """A keyed table artifact, one row per dict, only inside a Prefect run."""
+    if _in_run() and rows:
+        create_table_artifact(rows, key=artifact_key(name), description=description)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stage_summary(store: ArtifactStore, stage: str, key: str, attrs: Mapping[str, Any]) -> str:
+    """Markdown of one stored artifact: its arrays (shape, dtype, chunks, bytes), timing and URL."""
+    rel = store.artifact_path(stage, key)
+    group = store.open(stage, key)
+    rows = []
+    for name, array in sorted(group.arrays()):
+        dims = ", ".join(array.metadata.dimension_names or ())
+        rows.append((f"`{name}`", str(tuple(array.shape)), str(array.dtype), f"({dims})", str(tuple(array.chunks)),
+                     human_bytes(array.nbytes), human_bytes(array.nbytes_stored())))  # fmt: skip
+    prov = attrs.get("provenance", {})
+    inputs = ", ".join(f"{slot} `{ref['key'][:12]}`" for slot, ref in prov.get("inputs", {}).items()) or "none"
+    lines = [
+        f"### `{prov.get('stage_id', stage)}` ({stage})",
+        "",
+        markdown_table(("array", "shape", "dtype", "dims", "chunks", "in memory", "stored"), rows),
+        "",
+        f"computed in {attrs.get('seconds', 0):.2f} s on {prov.get('host', '?')} ({prov.get('device', '?')}); "
+        f"key `{key[:16]}`; inputs: {inputs}",
+        "",
+        f"store: `{store.url_of(rel)}`",
+    ]
+    return "\n".join(lines)
 
 
 def _heat(values: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from schemas.calls import StageCall
 from schemas.fatezero import FateZeroParams
 from schemas.refs import ArtifactRef
 from storage.attention import AttentionReader, AttentionWriter
-from tasks.artifacts import contact_sheet, png_markdown, publish_markdown
+from tasks.artifacts import artifact_key, contact_sheet, publish_markdown
 from tasks.models import component, model_lock
 from tasks.runtime import StageContext, run_stage
 from tasks.stage import stage_task
@@ -272,7 +272,7 @@ def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: l
     lines = [f"### `{ctx.call.stage_id}`: {p.target_prompt}", "", f"fusion: {fusion}; guidance {p.guidance_scale}; "
              f"cross/self windows {p.cross_replace_steps}/{p.self_replace_steps}"]  # fmt: skip
     for title, frames in pictures:
-        lines += ["", f"**{title}**", "", png_markdown(title, contact_sheet(frames))]
+        lines += ["", f"**{title}**", "", ctx.picture(artifact_key(title), contact_sheet(frames))]
     publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description=p.target_prompt)
 
 

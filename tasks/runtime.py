@@ -30,6 +30,7 @@ from schemas.settings import Settings
 from storage.keys import canonical_json
 from storage.leases import Leases, default_holder, renewing
 from storage.store import ArtifactStore, ArtifactWriter
+from tasks.artifacts import picture_markdown, publish_markdown, stage_summary
 from tasks.models import resolve_device
 from tasks.progress import Progress
 
@@ -55,6 +56,10 @@ class StageContext:
         """The whole array ``name`` of the input ``slot``, read into memory (optionally cast)."""
         return np.asarray(self.input(slot)[name][:], dtype=dtype)
 
+    def picture(self, name: str, png: bytes) -> str:
+        """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts)."""
+        return picture_markdown(self.store, self.call.stage_type, self.call.key, name, png, self.settings)
+
 
 @lru_cache(maxsize=16)
 def _cached_store(url: str, options: str) -> ArtifactStore:
@@ -74,8 +79,28 @@ def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] 
     settings = Settings()
     with compute_lease(store, call, settings.lease_seconds) as lease:
         if not store.is_complete(call.stage_type, call.key):
-            _compute(call, store, settings, body, lease)
+            with _model_slot(call, settings):
+                _compute(call, store, settings, body, lease)
+            attrs = store.read_attrs(store.artifact_path(call.stage_type, call.key))
+            publish_markdown(f"stage-{call.stage_id}-{call.key[:8]}", stage_summary(store, call.stage_type, call.key, attrs),
+                             description=f"{call.stage_id} of {call.pipeline}")  # fmt: skip
     return store.ref(call.stage_type, call.key)
+
+
+@contextmanager
+def _model_slot(call: StageCall, settings: Settings) -> Iterator[None]:
+    """A slot of the global concurrency limit ``REELFLOW_GPU_LIMIT`` around a model stage, if one is set.
+
+    Taken after the compute lease, so a run waiting for another run's artifact never sits on a GPU slot.
+    The slot is a lease the server renews while held; a crashed holder's slot expires.
+    """
+    if settings.gpu_limit is None or not call.stage.needs_model:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(settings.gpu_limit, occupy=1, strict=True):
+        yield
 
 
 def _compute(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.commands import resolve_spec_path
+from deployments import spec_path
 from schemas.loading import load_spec
 from schemas.pipeline import PipelineSpec
 
@@ -37,6 +37,6 @@ def make_spec(tiny_bundle: Path, clip: Path, tmp_path: Path):
             f"store={store or tmp_path / 'store'}",
             f"output={tmp_path / 'out'}",
         )
-        return load_spec(resolve_spec_path("reconstruct"), [*base, *TINY_OVERRIDES, *overrides])
+        return load_spec(spec_path("reconstruct"), [*base, *TINY_OVERRIDES, *overrides])
 
     return make

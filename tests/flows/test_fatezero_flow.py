@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.commands import resolve_spec_path
+from deployments import spec_path
 from flows.edit import edit_video
 from schemas.errors import GraphError
 from schemas.loading import load_spec
@@ -34,7 +34,7 @@ SECOND_EDIT = "{target_prompt: a dog walking on a street, blend_words: [[cat], [
 def fatezero_spec(tiny_bundle: Path, clip: Path, tmp_path: Path):
     def make(*overrides: str):
         paths = (f"models.sd.id={tiny_bundle}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}")
-        return load_spec(resolve_spec_path("fatezero-style"), [*paths, *TINY, *overrides])
+        return load_spec(spec_path("fatezero-style"), [*paths, *TINY, *overrides])
 
     return make
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core.video import probe_video
-from flows.commands import resolve_spec_path
+from deployments import spec_path
 from flows.dag import plan_run
 from schemas.calls import SourceRef, StoreSpec
 from schemas.errors import ArtifactNotFound, InputVideoError
@@ -26,7 +26,7 @@ from tasks import TASKS
 
 def plan(clip: Path, bundle: Path, store_url: str, *overrides: str, run_id: str = "run-1") -> dict:
     spec = load_spec(
-        resolve_spec_path("reconstruct"),
+        spec_path("reconstruct"),
         [
             f"models.sd.id={bundle}",
             "stages.decode_video.params.num_frames=6",

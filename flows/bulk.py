@@ -1,0 +1,355 @@
+"""The ``bulk-edit`` flow: one edit per clip of a media library, with bounded fan-out.
+
+The library is an fsspec glob (``s3://media/incoming/**/*.mp4``), a directory (every video under
+it), or a manifest file listing one clip per line (``.txt``) or a JSON list (``.json``); relative
+entries are resolved against the manifest's directory. Outputs mirror the library's folders under
+``output``, so two ``intro.mp4`` in different folders never collide.
+
+Each clip runs as its own ``edit-video`` flow run: in this process (a subflow) or, with
+``dispatch``, as a run of that deployment on its own work pool, so a CPU orchestrator can feed
+GPU workers. A failing clip fails only its own run. A clip whose edit already exists (a completed
+manifest for the same pipeline and source size, its videos present) is skipped, so rerunning
+after a fix computes only what is missing; clips that do run still reuse every cached stage.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+import fsspec
+from prefect import flow, get_run_logger, task
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field, ValidationError
+
+from flows.edit import apply_run_options, edit_video, resolve_spec
+from schemas.base import Model
+from schemas.errors import SpecError, StageFailed
+from schemas.manifest import RunManifest
+from schemas.pipeline import PipelineSpec
+from schemas.settings import Settings
+from storage.files import is_local, join_url, normalize_url, write_bytes
+from tasks.artifacts import publish_table
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
+_WILDCARDS = "*?["
+MAX_CONCURRENCY = 64
+
+
+class ClipResult(Model):
+    """One row of the bulk report."""
+
+    clip: str
+    status: Literal["completed", "failed", "exists"]
+    output: str | None = None
+    manifest: str | None = None
+    computed: list[str] = Field(default_factory=list, description="Stages this run computed.")
+    cached: list[str] = Field(default_factory=list, description="Stages served from the store.")
+    seconds: float = 0.0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class BulkReport(Model):
+    """What a bulk edit did to every clip of the library."""
+
+    pipeline: str
+    library: str
+    output: str
+    clips: list[ClipResult]
+
+    def count(self, status: str) -> int:
+        return sum(c.status == status for c in self.clips)
+
+
+@dataclass(frozen=True)
+class Clip:
+    url: str
+    folder: str  # relative to the library root, "" at the top
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.url).stem
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    spec = params.get("spec")
+    name = (spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)) or params.get("preset")
+    return f"{name or 'bulk'}: {params.get('library', '?')}"
+
+
+@flow(
+    name="bulk-edit",
+    flow_run_name=_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY),
+    validate_parameters=True,
+)
+def bulk_edit(
+    library: str,
+    spec: PipelineSpec | None = None,
+    preset: str | None = None,
+    overrides: list[str] = [],  # noqa: B006  (Prefect copies parameters)
+    output: str | None = None,
+    store: str | None = None,
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 2,
+    skip_existing: bool = True,
+    dispatch: str | None = None,
+) -> BulkReport:
+    """Edit every clip of ``library`` with one pipeline (``spec``, or ``preset`` plus ``overrides``).
+
+    ``concurrency`` edits run at once. ``dispatch`` names an edit-video deployment (e.g.
+    ``edit-video/default``) to run each clip on that deployment's work pool instead of here.
+    """
+    logger = get_run_logger()
+    pipeline = resolve_spec(spec, preset, overrides)
+    settings = Settings()
+    root = normalize_url(output or pipeline.output)
+    clips = list_library(library, settings)
+    logger.info("%d clips in %s; %s -> %s", len(clips), library, pipeline.name, root)
+
+    results: dict[str, ClipResult] = {}
+    todo: list[tuple[Clip, PipelineSpec]] = []
+    for clip in clips:
+        clip_spec = apply_run_options(pipeline, input=clip.url, store=store, output=_output_dir(root, clip))
+        done = existing_edit(clip, clip_spec, settings) if skip_existing else None
+        if done is not None:
+            results[clip.url] = done
+        else:
+            todo.append((clip, clip_spec))
+    logger.info("%d already edited, %d to run, %d at a time", len(results), len(todo), concurrency)
+    for clip, result in _fan_out(todo, concurrency, dispatch):
+        results[clip.url] = result
+        logger.info("%s: %s in %.1fs %s", clip.stem, result.status, result.seconds, result.error or "")
+
+    report = BulkReport(
+        pipeline=pipeline.name, library=library, output=root, clips=[results[c.url] for c in clips]
+    )
+    publish_report(report)
+    failed = [c for c in report.clips if c.status == "failed"]
+    if failed:
+        listed = "; ".join(f"{PurePosixPath(c.clip).name} ({c.error})" for c in failed)
+        raise StageFailed(
+            f"{len(failed)} of {len(clips)} clips failed: {listed}. Fix them and rerun; finished clips are skipped"
+        )
+    return report
+
+
+# the library ---------------------------------------------------------------------------------
+
+
+def list_library(library: str, settings: Settings) -> list[Clip]:
+    """The clips of a library URL (glob, directory or manifest file), each with its folder; in order."""
+    options = {} if is_local(library) else settings.storage_options
+    url = normalize_url(library)
+    fs, path = fsspec.url_to_fs(url, **options)
+    if any(ch in path for ch in _WILDCARDS):
+        base = path[: min(path.find(ch) for ch in _WILDCARDS if ch in path)].rsplit("/", 1)[0]
+        found = [(p, base) for p in sorted(fs.glob(path)) if fs.isfile(p)]
+    elif fs.isdir(path):
+        found = [(p, path) for p in sorted(fs.find(path)) if p.lower().endswith(VIDEO_SUFFIXES)]
+    elif fs.isfile(path):
+        base = path.rsplit("/", 1)[0]
+        found = [(p, base) for p in _manifest_entries(fs, path, base)]
+    else:
+        raise SpecError(f"library {library!r} does not exist; give a directory, a glob such as 'clips/*.mp4', "
+                        "or a manifest file (.txt, one clip per line, or .json, a list)")  # fmt: skip
+    if not found:
+        raise SpecError(f"library {library!r} holds no clips; check the glob or the manifest")
+    clips = [Clip(_url(fs, p), _folder(p, base)) for p, base in found]
+    _check_unique(clips)
+    return clips
+
+
+def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, base: str) -> list[str]:
+    if path.lower().endswith(VIDEO_SUFFIXES):
+        raise SpecError(f"library {path!r} is a single video; use the edit-video flow, or a glob or manifest here")
+    try:
+        text = fs.cat_file(path).decode()
+    except UnicodeDecodeError:
+        raise SpecError(f"library manifest {path!r} is not text; list one clip per line (.txt) or a JSON list") from None
+    if path.lower().endswith(".json"):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"library manifest {path!r} is not valid JSON ({exc}); give a list of clip paths") from None
+        if not (isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
+            raise SpecError(f"library manifest {path!r} must be a JSON list of clip paths or URLs")
+    else:
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    resolved = []
+    for entry in entries:
+        if "://" in entry:
+            resolved.append(entry)
+        else:
+            resolved.append(entry if entry.startswith("/") else posixpath.normpath(f"{base}/{entry}"))
+    return resolved
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if "://" in path:
+        return path
+    return path if "file" in fs.protocol or fs.protocol == "local" else fs.unstrip_protocol(path)
+
+
+def _folder(path: str, base: str) -> str:
+    path = path.split("://", 1)[-1]
+    base = base.split("://", 1)[-1].rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    if base and (parent == base or parent.startswith(base + "/")):
+        return parent[len(base) :].strip("/")
+    return ""
+
+
+def _check_unique(clips: list[Clip]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for clip in clips:
+        other = seen.setdefault((clip.folder, clip.stem), clip.url)
+        if other != clip.url:
+            raise SpecError(
+                f"clips {other!r} and {clip.url!r} would write the same outputs ({clip.folder or '.'}/{clip.stem}.*); "
+                "rename one or put them in different folders"
+            )
+
+
+def _output_dir(root: str, clip: Clip) -> str:
+    return join_url(root, clip.folder) if clip.folder else root
+
+
+def manifest_url(spec: PipelineSpec, clip: Clip) -> str:
+    return join_url(spec.output, f"{clip.stem}.{spec.name}.manifest.json")
+
+
+def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipResult | None:
+    """The finished edit of ``clip`` with ``spec`` if its manifest and videos are there, else None.
+
+    "Finished" means a completed manifest of the same pipeline (stages, models, seed) for a source of
+    the same size; the outputs it names must still exist.
+    """
+    try:
+        manifest = read_manifest(manifest_url(spec, clip), settings)
+    except (FileNotFoundError, ValidationError):
+        return None
+    fields = {"input", "output", "store", "description"}
+    if manifest.status != "completed" or manifest.spec.model_dump(exclude=fields) != spec.model_dump(exclude=fields):
+        return None
+    source_fs, source = _fs(clip.url, settings)
+    if not source_fs.isfile(source) or source_fs.size(source) != manifest.input.size:
+        return None
+    videos = [v for name, v in manifest.outputs.items() if name != "manifest"]
+    if not videos or not all(_fs(v, settings)[0].isfile(_fs(v, settings)[1]) for v in videos):
+        return None
+    return _result(clip, manifest, status="exists", seconds=0.0)
+
+
+def _fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.url_to_fs(url, **({} if is_local(url) else settings.storage_options))
+
+
+# fan-out -------------------------------------------------------------------------------------
+
+
+@task(name="edit-clip", task_run_name="{clip.stem}", retries=0)
+def edit_clip(clip: Clip, spec: PipelineSpec, dispatch: str | None) -> ClipResult:
+    """One clip's edit: a subflow here, or a run of the ``dispatch`` deployment on its own pool."""
+    started = time.perf_counter()
+    if dispatch is None:
+        manifest = edit_video(spec=spec)
+        return _result(clip, manifest, status="completed", seconds=time.perf_counter() - started)
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(dispatch, parameters={"spec": spec.model_dump(mode="json")}, as_subflow=True, timeout=None)
+    if not run.state or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise StageFailed(f"flow run {run.name!r} of {dispatch} ended {state}: {run.state.message if run.state else ''}")
+    manifest = read_manifest(manifest_url(spec, clip), Settings())
+    return _result(clip, manifest, status="completed", seconds=time.perf_counter() - started)
+
+
+def _fan_out(
+    todo: list[tuple[Clip, PipelineSpec]], concurrency: int, dispatch: str | None
+) -> Iterator[tuple[Clip, ClipResult]]:
+    """Run at most ``concurrency`` edits at once; yield each clip's result as it finishes."""
+    pending = list(todo)
+    running: dict[PrefectFuture, tuple[Clip, PipelineSpec, float]] = {}
+    while pending or running:
+        while pending and len(running) < concurrency:
+            clip, spec = pending.pop(0)
+            running[edit_clip.submit(clip, spec, dispatch)] = (clip, spec, time.time())
+        future = next(iter(as_completed(list(running))))
+        clip, spec, started = running.pop(future)
+        yield clip, _settle(future, clip, spec, started)
+
+
+def _settle(future: PrefectFuture, clip: Clip, spec: PipelineSpec, started: float) -> ClipResult:
+    future.wait()
+    if future.state.is_completed():
+        return future.result()
+    seconds = time.time() - started
+    error = future.state.result(raise_on_failure=False)
+    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(future.state.message)
+    try:  # a failed stage still leaves this run's manifest, which says what was done
+        manifest = read_manifest(manifest_url(spec, clip), Settings())
+        if manifest.finished_at >= started:
+            return _result(clip, manifest, status="failed", seconds=seconds, error=message)
+    except (FileNotFoundError, ValidationError):
+        pass
+    return ClipResult(clip=clip.url, status="failed", seconds=round(seconds, 2), error=message)
+
+
+def read_manifest(url: str, settings: Settings) -> RunManifest:
+    fs, path = _fs(url, settings)
+    return RunManifest.model_validate_json(fs.cat_file(path))
+
+
+def _result(clip: Clip, manifest: RunManifest, *, status: str, seconds: float, error: str | None = None) -> ClipResult:
+    videos = [url for name, url in manifest.outputs.items() if name != "manifest"]
+    metrics = {
+        (name if len(manifest.metrics) == 1 else f"{stage_id}.{name}"): value
+        for stage_id, values in manifest.metrics.items()
+        for name, value in values.items()
+    }
+    return ClipResult(
+        clip=clip.url,
+        status=status,
+        output=videos[0] if videos else None,
+        manifest=manifest.outputs.get("manifest"),
+        computed=[r.name for r in manifest.stages if r.status == "computed"],
+        cached=[r.name for r in manifest.stages if r.status == "cached"],
+        seconds=round(seconds, 2),
+        metrics=metrics,
+        error=error,
+    )
+
+
+# the report ----------------------------------------------------------------------------------
+
+
+def publish_report(report: BulkReport) -> None:
+    """The table artifact ``bulk-<pipeline>`` (one row per clip) and ``<pipeline>.bulk.json`` beside the outputs."""
+    names = sorted({name for clip in report.clips for name in clip.metrics})
+    rows: list[dict[str, Any]] = []
+    for clip in report.clips:
+        row = {
+            "clip": clip.clip,
+            "status": clip.status,
+            "output": clip.output or "",
+            "computed": ", ".join(clip.computed) or "-",
+            "cached": ", ".join(clip.cached) or "-",
+            "seconds": clip.seconds,
+        }
+        row.update({name: round(clip.metrics[name], 4) if name in clip.metrics else "" for name in names})
+        row["error"] = clip.error or ""
+        rows.append(row)
+    summary = f"{report.count('completed')} edited, {report.count('exists')} already done, {report.count('failed')} failed"
+    publish_table(f"bulk-{report.pipeline}", rows, description=f"{report.pipeline} over {report.library}: {summary}")
+    settings = Settings()
+    url = join_url(report.output, f"{report.pipeline}.bulk.json")
+    write_bytes(url, report.model_dump_json(indent=2).encode(), {} if is_local(url) else settings.storage_options)
