@@ -19,6 +19,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/orchestration_overhead.py
 	$(BIN)/python benchmarks/attention_store.py
+	$(BIN)/python benchmarks/bulk_throughput.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -83,7 +83,8 @@ def _run_name() -> str:
     params = flow_run.parameters
     spec = params.get("spec")
     name = (spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)) or params.get("preset")
-    return f"{name or 'bulk'}: {params.get('library', '?')}"
+    library = str(params.get("library", "?"))
+    return f"{name or 'bulk'}: {library if len(library) <= 48 else '...' + library[-45:]}"
 
 
 @flow(
@@ -256,6 +257,13 @@ def _fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
 # fan-out -------------------------------------------------------------------------------------
 
 
+class EditRunFailed(StageFailed):
+    """A dispatched edit-video run did not complete; the message is that run's own error."""
+
+
+_PREFECT_PREFIX = "Flow run encountered an exception: "
+
+
 @task(name="edit-clip", task_run_name="{clip.stem}", retries=0)
 def edit_clip(clip: Clip, spec: PipelineSpec, dispatch: str | None) -> ClipResult:
     """One clip's edit: a subflow here, or a run of the ``dispatch`` deployment on its own pool."""
@@ -265,10 +273,12 @@ def edit_clip(clip: Clip, spec: PipelineSpec, dispatch: str | None) -> ClipResul
         return _result(clip, manifest, status="completed", seconds=time.perf_counter() - started)
     from prefect.deployments import run_deployment
 
-    run = run_deployment(dispatch, parameters={"spec": spec.model_dump(mode="json")}, as_subflow=True, timeout=None)
+    # The whole resolved spec travels; preset and overrides are cleared in case the deployment has defaults.
+    parameters = {"spec": spec.model_dump(mode="json"), "preset": None, "overrides": []}
+    run = run_deployment(dispatch, parameters=parameters, as_subflow=True, timeout=None)
     if not run.state or not run.state.is_completed():
-        state = run.state.name if run.state else "unknown"
-        raise StageFailed(f"flow run {run.name!r} of {dispatch} ended {state}: {run.state.message if run.state else ''}")
+        message = (run.state.message or run.state.name) if run.state else "no state"
+        raise EditRunFailed(f"{message.removeprefix(_PREFECT_PREFIX)} (flow run {run.name!r} of {dispatch})")
     manifest = read_manifest(manifest_url(spec, clip), Settings())
     return _result(clip, manifest, status="completed", seconds=time.perf_counter() - started)
 
@@ -294,7 +304,12 @@ def _settle(future: PrefectFuture, clip: Clip, spec: PipelineSpec, started: floa
         return future.result()
     seconds = time.time() - started
     error = future.state.result(raise_on_failure=False)
-    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(future.state.message)
+    if isinstance(error, EditRunFailed):
+        message = str(error)
+    elif isinstance(error, BaseException):
+        message = f"{type(error).__name__}: {error}"
+    else:
+        message = str(future.state.message)
     try:  # a failed stage still leaves this run's manifest, which says what was done
         manifest = read_manifest(manifest_url(spec, clip), Settings())
         if manifest.finished_at >= started:
@@ -321,8 +336,9 @@ def _result(clip: Clip, manifest: RunManifest, *, status: str, seconds: float, e
         status=status,
         output=videos[0] if videos else None,
         manifest=manifest.outputs.get("manifest"),
-        computed=[r.name for r in manifest.stages if r.status == "computed"],
-        cached=[r.name for r in manifest.stages if r.status == "cached"],
+        # A skipped clip ran nothing now; what an earlier run did is in its manifest.
+        computed=[r.name for r in manifest.stages if r.status == "computed" and status != "exists"],
+        cached=[r.name for r in manifest.stages if r.status == "cached" and status != "exists"],
         seconds=round(seconds, 2),
         metrics=metrics,
         error=error,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from deployments import spec_path
-from schemas.errors import SpecError
 from schemas.loading import load_spec
 from schemas.settings import Settings
 from storage.files import human_bytes

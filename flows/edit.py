@@ -45,7 +45,6 @@ class PreparedRun:
     planned: list[PlannedStage]
 
 
-
 def _run_name() -> str:
     """``<pipeline>: <clip>`` for the UI; the parameters may still be raw JSON here."""
     params = flow_run.parameters
@@ -67,7 +66,7 @@ def edit_video(
     store: str | None = None,
     output: str | None = None,
     preset: str | None = None,
-    overrides: list[str] = [],  # noqa: B006  (Prefect copies parameters; a tuple would not render as a list form)
+    overrides: list[str] = [],  # noqa: B006  (Prefect copies parameters; a list renders as a list form in the UI)
 ) -> RunManifest:
     """Run one pipeline on one video; every stage is cached in the store by its key.
 

@@ -19,6 +19,7 @@ from schemas.pipeline import PipelineSpec
 from schemas.refs import ArtifactRef
 from schemas.settings import Settings
 from storage.leases import Leases
+from storage.store import ArtifactStore
 from tasks import TASKS
 
 
@@ -68,7 +69,7 @@ def pick_stage(planned: list[PlannedStage], stage_id: str) -> PlannedStage:
     raise SpecError(f"the pipeline has no stage {stage_id!r}; its stages are {', '.join(p.id for p in planned)}")
 
 
-def check_stored_inputs(store, planned: list[PlannedStage], target: PlannedStage) -> None:  # noqa: ANN001
+def check_stored_inputs(store: ArtifactStore, planned: list[PlannedStage], target: PlannedStage) -> None:
     """Every input of ``target`` must be complete in the store; the error names the stage to run first."""
     by_id = {p.id: p for p in planned}
     for slot, source_id in target.node.inputs.items():

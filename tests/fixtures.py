@@ -63,3 +63,32 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             from prefect.settings import PREFECT_API_URL
 
             yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto's server mode) on loopback for the session, and a boto3 client for it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+    yield endpoint, client
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
+    """A fresh bucket, with REELFLOW_STORAGE_OPTIONS pointing at the local server; returns (bucket, options)."""
+    import json
+
+    endpoint, client = s3_server
+    bucket = f"media-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    options = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
+    monkeypatch.setenv("REELFLOW_STORAGE_OPTIONS", json.dumps(options))
+    return bucket, options

@@ -276,22 +276,6 @@ def _race(store: ArtifactStore, contenders: int) -> list[str]:
     return winners
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A local S3 server (moto) on loopback for the module."""
-    boto3 = pytest.importorskip("boto3", reason="the s3 extra (s3fs, moto) is not installed")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
-    yield endpoint, client
-    server.stop()
-
-
 class TestS3Store(StoreContract):
     @pytest.fixture
     def store(self, s3_server) -> ArtifactStore:
