@@ -64,6 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="reelflow-bulk-bench-"))
     bundle = build_tiny_bundle(work / "tiny-sd", seed=0)
+    (work / "library").mkdir()
     for i in range(args.clips):
         write_synthetic_clip(work / "library" / f"clip{i:02d}.mp4", width=128, height=96, fps=24, seconds=1.0, seed=i)
     print(f"{args.clips} clips, {args.frames} frames at {args.size}x{args.size}, reconstruct on the tiny bundle, "
