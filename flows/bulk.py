@@ -8,7 +8,7 @@ entries are resolved against the manifest's directory. Outputs mirror the librar
 Each clip runs as its own ``edit-video`` flow run: in this process (a subflow) or, with
 ``dispatch``, as a run of that deployment on its own work pool, so a CPU orchestrator can feed
 GPU workers. A failing clip fails only its own run. A clip whose edit already exists (a completed
-manifest for the same pipeline and source size, its videos present) is skipped, so rerunning
+manifest for the same pipeline and an unchanged source, its videos present) is skipped, so rerunning
 after a fix computes only what is missing; clips that do run still reuse every cached stage.
 """
 
@@ -232,7 +232,8 @@ def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipRes
     """The finished edit of ``clip`` with ``spec`` if its manifest and videos are there, else None.
 
     "Finished" means a completed manifest of the same pipeline (stages, models, seed) for a source of
-    the same size; the outputs it names must still exist.
+    the same size, not modified since that edit started; the outputs it names must still exist.
+    (Hashing every source again would read the whole library each night.)
     """
     try:
         manifest = read_manifest(manifest_url(spec, clip), settings)
@@ -244,10 +245,20 @@ def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipRes
     source_fs, source = _fs(clip.url, settings)
     if not source_fs.isfile(source) or source_fs.size(source) != manifest.input.size:
         return None
+    if _modified(source_fs, source) > manifest.started_at:  # replaced since (same size or not)
+        return None
     videos = [v for name, v in manifest.outputs.items() if name != "manifest"]
     if not videos or not all(_fs(v, settings)[0].isfile(_fs(v, settings)[1]) for v in videos):
         return None
     return _result(clip, manifest, status="exists", seconds=0.0)
+
+
+def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    """The file's modification time (unix seconds), or 0 where the filesystem cannot tell."""
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, OSError, AttributeError):
+        return 0.0
 
 
 def _fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -4,6 +4,7 @@ clips, the report; and the run-stage flow against stored inputs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,11 @@ def test_a_changed_pipeline_is_not_mistaken_for_an_existing_edit(make_spec, clip
     (row,) = report.clips
     assert row.status == "completed" and row.computed == ["encode_video"]
     assert set(row.cached) == set(ALL) - {"encode_video"}
+
+    # A source replaced (here: touched) after its edit is edited again; its bytes decide what is cached.
+    os.utime(lib / "a.mp4")
+    (row,) = bulk_edit(library=str(lib), spec=make_spec("stages.encode_video.params.crf=30"), output=str(out)).clips
+    assert row.status == "completed" and row.computed == [] and set(row.cached) == set(ALL)
 
 
 @pytest.mark.flow
