@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 
-from flows.edit import apply_run_options, edit_video, resolve_spec
+from flows.edit import apply_run_options, check_environment, edit_video, resolve_spec
 from schemas.base import Model
 from schemas.errors import SpecError, StageFailed
 from schemas.manifest import RunManifest
@@ -114,6 +114,8 @@ def bulk_edit(
     settings = Settings()
     root = normalize_url(output or pipeline.output)
     clips = list_library(library, settings)
+    # Once, before any clip: the store, and the models here unless the edits run on another pool.
+    check_environment(apply_run_options(pipeline, store=store), settings, models=dispatch is None)
     logger.info("%d clips in %s; %s -> %s", len(clips), library, pipeline.name, root)
 
     results: dict[str, ClipResult] = {}

@@ -117,15 +117,22 @@ def check_inputs(spec: PipelineSpec, settings: Settings) -> ArtifactStore:
     """The cheap checks, before any model or Prefect run: store writable, input a readable video, models found."""
     if not spec.input:
         raise InputVideoError(f"pipeline {spec.name!r} has no input video; pass --input VIDEO or set `input:`")
-    store = ArtifactStore(spec.store or settings.store, settings.storage_options)
-    store.ensure_reachable()
+    store = check_environment(spec, settings)
     fs, path = _source_fs(spec.input, settings)
     with fs.open(path, "rb") as handle:
         probe_video(handle)
-    for model in spec.models.values():
-        fingerprint_model(model.id, model.revision)
-    if settings.gpu_limit and any(node.spec.needs_model for node in spec.graph.order()):
-        check_concurrency_limit(settings.gpu_limit)
+    return store
+
+
+def check_environment(spec: PipelineSpec, settings: Settings, *, models: bool = True) -> ArtifactStore:
+    """What every clip of a pipeline needs on this machine: a writable store, its models, its GPU limit."""
+    store = ArtifactStore(spec.store or settings.store, settings.storage_options)
+    store.ensure_reachable()
+    if models:
+        for model in spec.models.values():
+            fingerprint_model(model.id, model.revision)
+        if settings.gpu_limit and any(node.spec.needs_model for node in spec.graph.order()):
+            check_concurrency_limit(settings.gpu_limit)
     return store
 
 

@@ -177,3 +177,14 @@ def test_run_stage_needs_its_inputs_in_the_store_then_computes_just_that_stage(m
     again = run_stage(stage="encode_latents", spec=spec, recompute=True)
     assert again.key == ref.key
     assert store.read_attrs(store.artifact_path("encode_latents", ref.key))["completed_at"] > before
+
+
+@pytest.mark.flow
+def test_a_missing_model_fails_the_bulk_once_before_any_clip(make_spec, clip: Path, tmp_path: Path) -> None:
+    from schemas.errors import ModelError
+
+    lib = make_library(tmp_path / "lib", clip, ["a.mp4", "b.mp4"])
+    spec = make_spec(f"models.sd.id={tmp_path / 'no-model'}")
+    with pytest.raises(ModelError, match="no-model"):
+        bulk_edit(library=str(lib), spec=spec, output=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
