@@ -8,7 +8,6 @@ from schemas.errors import SpecError
 
 HERE = Path(__file__).resolve().parent
 PRESETS = HERE / "presets"
-PREFECT_YAML = HERE / "prefect.yaml"
 
 
 def preset_names() -> list[str]:

@@ -29,14 +29,17 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 
+from flows.dag import plan_run
 from flows.edit import apply_run_options, check_environment, edit_video, resolve_spec
 from schemas.base import Model
-from schemas.errors import SpecError, StageFailed
+from schemas.calls import SourceRef, StoreSpec
+from schemas.errors import ModelError, SpecError, StageFailed
 from schemas.manifest import RunManifest
 from schemas.pipeline import PipelineSpec
 from schemas.settings import Settings
 from storage.files import is_local, join_url, normalize_url, write_bytes
 from tasks.artifacts import publish_table
+from tasks.models import resolve_device, resolve_dtype
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 _WILDCARDS = "*?["
@@ -113,9 +116,13 @@ def bulk_edit(
     pipeline = resolve_spec(spec, preset, overrides)
     settings = Settings()
     root = normalize_url(output or pipeline.output)
-    clips = list_library(library, settings)
+    clips = [c for c in list_library(library, settings) if not c.url.startswith(root.rstrip("/") + "/")]
+    if not clips:
+        raise SpecError(f"library {library!r} holds no clips outside the output folder {root!r}")
     # Once, before any clip: the store, and the models here unless the edits run on another pool.
     check_environment(apply_run_options(pipeline, store=store), settings, models=dispatch is None)
+    if dispatch is not None:
+        check_deployment(dispatch)
     logger.info("%d clips in %s; %s -> %s", len(clips), library, pipeline.name, root)
 
     results: dict[str, ClipResult] = {}
@@ -143,6 +150,24 @@ def bulk_edit(
             f"{len(failed)} of {len(clips)} clips failed: {listed}. Fix them and rerun; finished clips are skipped"
         )
     return report
+
+
+def check_deployment(name: str) -> None:
+    """``dispatch`` must name a deployment the server has, as ``<flow>/<deployment>``."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    if name.count("/") != 1:
+        raise SpecError(f"dispatch {name!r} is not a deployment name; use <flow>/<deployment>, e.g. edit-video/default")
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise SpecError(
+            f"dispatch names the deployment {name!r}, which the Prefect server does not have; deploy it "
+            "(prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml) or set dispatch to null "
+            "to edit in this run"
+        ) from None
 
 
 # the library ---------------------------------------------------------------------------------
@@ -218,7 +243,7 @@ def _check_unique(clips: list[Clip]) -> None:
         if other != clip.url:
             raise SpecError(
                 f"clips {other!r} and {clip.url!r} would write the same outputs ({clip.folder or '.'}/{clip.stem}.*); "
-                "rename one or put them in different folders"
+                "rename one, or list them from a manifest in a folder that contains both (their sub-folders are kept)"
             )
 
 
@@ -252,7 +277,28 @@ def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipRes
     videos = [v for name, v in manifest.outputs.items() if name != "manifest"]
     if not videos or not all(_fs(v, settings)[0].isfile(_fs(v, settings)[1]) for v in videos):
         return None
+    if not _same_keys(manifest, spec, settings):
+        return None
     return _result(clip, manifest, status="exists", seconds=0.0)
+
+
+def _same_keys(manifest: RunManifest, spec: PipelineSpec, settings: Settings) -> bool:
+    """Whether planning ``spec`` now gives the stage keys the manifest recorded (a retrained model
+    or a new stage version changes them). Planned from the recorded source key, so nothing is
+    re-hashed; tried with each default dtype, since the worker that ran the edit picked its own.
+    Where the models cannot be found here (a CPU orchestrator dispatching to GPU workers), the
+    pipeline comparison already made has to do."""
+    source = SourceRef(url=manifest.input.url, key=manifest.input.key)
+    recorded = {r.name: r.key for r in manifest.stages}
+    local = resolve_dtype(settings, resolve_device(settings))
+    try:
+        for dtype in dict.fromkeys([local, "float16", "float32", "bfloat16"]):
+            planned = plan_run(spec, source=source, store=StoreSpec(url=manifest.store), run_id="", default_dtype=dtype)
+            if {p.id: p.key for p in planned} == recorded:
+                return True
+    except ModelError:
+        return True
+    return False
 
 
 def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float:

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve-pictures", help="serve a local store's pictures to the Prefect UI over HTTP")
     serve.add_argument("--store", help="store path (default: REELFLOW_STORE)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; 0.0.0.0 to serve browsers on other machines)")
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     serve.set_defaults(handler=commands.serve_pictures)
 

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,11 @@ def run_spec(spec: Any) -> Any:
 
 
 def bulk(args: argparse.Namespace) -> int:
+    import fsspec
+
     from flows.bulk import BulkReport, bulk_edit
     from schemas.errors import StageFailed
-    from storage.files import join_url, normalize_url
+    from storage.files import is_local, join_url, normalize_url
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
@@ -87,8 +90,9 @@ def bulk(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except StageFailed:
         url = join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json")
-        if Path(url).is_file():
-            print_bulk(BulkReport.model_validate_json(Path(url).read_text()))
+        fs, path = fsspec.url_to_fs(url, **({} if is_local(url) else Settings().storage_options))
+        if fs.isfile(path):
+            print_bulk(BulkReport.model_validate_json(fs.cat_file(path)))
         raise
     print_bulk(report)
     return 0
@@ -107,6 +111,8 @@ def serve_pictures(args: argparse.Namespace) -> int:
     settings = Settings()
     store = ArtifactStore(args.store or settings.store, settings.storage_options)
     with serve(store, args.host, args.port) as url:
+        if args.host in ("0.0.0.0", "::"):  # reachable from other machines: name this one, not the wildcard
+            url = url.replace(args.host, socket.getfqdn(), 1)
         print(f"serving {store.url}/pictures at {url}; set REELFLOW_PICTURES_URL={url} for the runs (Ctrl-C stops)")
         try:
             while True:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
 
 from core.models import fingerprint_model
@@ -95,7 +96,9 @@ class Outcome:
     ref: ArtifactRef | None = None
 
 
-def execute(planned: list[PlannedStage], store: ArtifactStore, *, result_storage: Path | None) -> dict[str, Outcome]:
+def execute(
+    planned: list[PlannedStage], store: ArtifactStore, *, result_storage: Path | WritableFileSystem | None
+) -> dict[str, Outcome]:
     """Run the planned stages on the current flow's task runner; returns an outcome per stage id."""
     by_id = {p.id: p for p in planned}
     outcomes: dict[str, Outcome] = {}
@@ -134,7 +137,7 @@ def _failed_input(stage: PlannedStage, outcomes: Mapping[str, Outcome]) -> str |
 
 
 def _submit(
-    stage: PlannedStage, store: ArtifactStore, wait_for: list[PrefectFuture], result_storage: Path | None
+    stage: PlannedStage, store: ArtifactStore, wait_for: list[PrefectFuture], result_storage: Path | WritableFileSystem | None
 ) -> PrefectFuture:
     complete = store.is_complete(stage.call.stage_type, stage.key)
     options: dict = {"refresh_cache": not complete}

@@ -128,6 +128,7 @@ def check_environment(spec: PipelineSpec, settings: Settings, *, models: bool = 
     """What every clip of a pipeline needs on this machine: a writable store, its models, its GPU limit."""
     store = ArtifactStore(spec.store or settings.store, settings.storage_options)
     store.ensure_reachable()
+    task_runner(settings)  # REELFLOW_TASK_RUNNER=dask without prefect-dask is refused here
     if models:
         for model in spec.models.values():
             fingerprint_model(model.id, model.revision)
@@ -251,6 +252,8 @@ def result_storage(store: ArtifactStore) -> Path | WritableFileSystem | None:
 def publish_run(manifest: RunManifest) -> None:
     """The edit's summary in the UI: every stage with its status, key and artifact, the outputs, the metrics."""
     stem = PurePosixPath(manifest.input.url).stem
+    # The clip's URL hash keeps intro.mp4 of one folder apart from intro.mp4 of another.
+    clip = f"{stem}-{hashlib.sha256(manifest.input.url.encode()).hexdigest()[:6]}"
     rows = [(f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s", f"`{r.key[:12]}`", f"`{r.artifact or r.error or ''}`")
             for r in manifest.stages]  # fmt: skip
     lines = [
@@ -260,10 +263,10 @@ def publish_run(manifest: RunManifest) -> None:
         "",
         *(f"- {name}: `{url}`" for name, url in manifest.outputs.items()),
     ]
-    publish_markdown(f"edit-{stem}-{manifest.pipeline}", "\n".join(lines), description=f"{manifest.pipeline}: {stem}")
+    publish_markdown(f"edit-{clip}-{manifest.pipeline}", "\n".join(lines), description=f"{manifest.pipeline}: {stem}")
     metrics = [
         {"stage": stage_id, "metric": name, "value": value}
         for stage_id, values in manifest.metrics.items()
         for name, value in values.items()
     ]
-    publish_table(f"metrics-{stem}-{manifest.pipeline}", metrics, description=f"{manifest.pipeline}: {stem}")
+    publish_table(f"metrics-{clip}-{manifest.pipeline}", metrics, description=f"{manifest.pipeline}: {stem}")

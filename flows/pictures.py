@@ -26,7 +26,8 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
     def end_headers(self) -> None:
-        self.send_header("Cache-Control", "public, max-age=86400, immutable")  # pictures are content-addressed
+        # Keyed by stage key, but a recompute of the same key rewrites them: cache only briefly.
+        self.send_header("Cache-Control", "public, max-age=60")
         super().end_headers()
 
 

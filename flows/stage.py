@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dag import PlannedStage
 from flows.edit import apply_run_options, prepare_run, resolve_spec, result_storage
-from flows.runners import default_task_runner
-from schemas.errors import ArtifactNotFound, SpecError
+from schemas.errors import ArtifactNotFound, LeaseHeld, SpecError
 from schemas.pipeline import PipelineSpec
 from schemas.refs import ArtifactRef
 from schemas.settings import Settings
@@ -28,7 +28,7 @@ def _run_name() -> str:
     return f"{params.get('stage', 'stage')}: {params.get('input') or 'spec input'}"
 
 
-@flow(name="run-stage", flow_run_name=_run_name, task_runner=default_task_runner(), validate_parameters=True)
+@flow(name="run-stage", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
 def run_stage(
     stage: str,
     spec: PipelineSpec | None = None,
@@ -48,10 +48,15 @@ def run_stage(
     target = pick_stage(run.planned, stage)
     check_stored_inputs(run.store, run.planned, target)
     logger = get_run_logger()
-    if recompute and run.store.is_complete(target.call.stage_type, target.key):
-        logger.info("removing the stored %s %s to recompute it", target.id, target.key[:12])
-        run.store.remove(run.store.artifact_path(target.call.stage_type, target.key))
-    with Leases(run.store).holding(run.run_id, [target.key], run.settings.lease_seconds):
+    leases = Leases(run.store)
+    with leases.holding(run.run_id, [target.key], run.settings.lease_seconds):
+        if recompute and run.store.is_complete(target.call.stage_type, target.key):
+            held = [h for h in leases.holders(target.key) if h != run.run_id]
+            if held:
+                raise LeaseHeld(f"{target.id} {target.key[:12]} is in use by running edits ({', '.join(held)}); "
+                                "recompute it when they finish")  # fmt: skip
+            logger.info("removing the stored %s %s to recompute it", target.id, target.key[:12])
+            run.store.remove(run.store.artifact_path(target.call.stage_type, target.key))
         complete = run.store.is_complete(target.call.stage_type, target.key)
         options: dict = {"refresh_cache": not complete}
         storage = result_storage(run.store)
@@ -66,6 +71,9 @@ def pick_stage(planned: list[PlannedStage], stage_id: str) -> PlannedStage:
     for stage in planned:
         if stage.id == stage_id:
             return stage
+    copies = [p.id for p in planned if p.id.rsplit("_", 1)[0] == stage_id and p.id.rsplit("_", 1)[-1].isdigit()]
+    if copies:
+        raise SpecError(f"stage {stage_id!r} is repeated by `each:`; name one copy: {', '.join(copies)}")
     raise SpecError(f"the pipeline has no stage {stage_id!r}; its stages are {', '.join(p.id for p in planned)}")
 
 

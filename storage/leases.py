@@ -162,13 +162,18 @@ class Leases:
     def release_hold(self, run_id: str) -> None:
         self._remove(self.store.abspath(f"{HOLDS}/{run_id}.json"))
 
-    def held_keys(self) -> set[str]:
-        keys: set[str] = set()
+    def _live_holds(self) -> Iterator[dict]:
         for path in self.fs.glob(self.store.abspath(f"{HOLDS}/*.json")):
             record = _load(self.fs, path)
             if record and _as_lease(record).live():
-                keys.update(record.get("keys", []))
-        return keys
+                yield record
+
+    def held_keys(self) -> set[str]:
+        return {key for record in self._live_holds() for key in record.get("keys", [])}
+
+    def holders(self, key: str) -> list[str]:
+        """Run ids of the live holds on ``key``."""
+        return sorted(record["holder"] for record in self._live_holds() if key in record.get("keys", []))
 
     def sweep_expired(self) -> int:
         """Delete dead leases and holds; returns how many files were removed."""

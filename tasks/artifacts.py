@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -66,6 +67,8 @@ def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) 
             return store.fs.sign(store.abspath(rel), expiration=settings.picture_url_seconds)
         except NotImplementedError:
             pass
+        except Exception as exc:  # noqa: BLE001  (no signing credentials must not fail a finished stage)
+            logging.getLogger(__name__).warning("cannot presign %s (%s); embedding the picture instead", rel, exc)
     return f"data:image/png;base64,{base64.b64encode(png).decode()}"
 
 
@@ -74,20 +77,31 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:100]
 
 
-def _in_run() -> bool:
+def in_run() -> bool:
+    """Whether this code runs inside a Prefect flow or task run (so artifacts have a home)."""
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
 def publish_markdown(name: str, markdown: str, description: str = "") -> None:
-    """A keyed markdown artifact (``name`` is made a valid key), only inside a Prefect run."""
-    if _in_run():
-        create_markdown_artifact(markdown, key=artifact_key(name), description=description)
+    """A keyed markdown artifact (``name`` is made a valid key), only inside a Prefect run.
+
+    Best effort: the UI is a view of the work, so an API hiccup is logged, never raised.
+    """
+    if in_run():
+        _best_effort(create_markdown_artifact, markdown, key=artifact_key(name), description=description)
 
 
 def publish_table(name: str, rows: list[dict[str, Any]], description: str = "") -> None:
-    """A keyed table artifact, one row per dict, only inside a Prefect run."""
-    if _in_run() and rows:
-        create_table_artifact(rows, key=artifact_key(name), description=description)
+    """A keyed table artifact, one row per dict, only inside a Prefect run (best effort too)."""
+    if in_run() and rows:
+        _best_effort(create_table_artifact, rows, key=artifact_key(name), description=description)
+
+
+def _best_effort(create: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        create(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not publish artifact %s: %s", kwargs.get("key"), exc)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

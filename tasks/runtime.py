@@ -9,6 +9,7 @@ records) costs one metadata read.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import threading
 import time
@@ -30,7 +31,7 @@ from schemas.settings import Settings
 from storage.keys import canonical_json
 from storage.leases import Leases, default_holder, renewing
 from storage.store import ArtifactStore, ArtifactWriter
-from tasks.artifacts import picture_markdown, publish_markdown, stage_summary
+from tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
 from tasks.models import resolve_device
 from tasks.progress import Progress
 
@@ -81,10 +82,21 @@ def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] 
         if not store.is_complete(call.stage_type, call.key):
             with _model_slot(call, settings):
                 _compute(call, store, settings, body, lease)
-            attrs = store.read_attrs(store.artifact_path(call.stage_type, call.key))
-            publish_markdown(f"stage-{call.stage_id}-{call.key[:8]}", stage_summary(store, call.stage_type, call.key, attrs),
-                             description=f"{call.stage_id} of {call.pipeline}")  # fmt: skip
+            _publish_summary(call, store)
     return store.ref(call.stage_type, call.key)
+
+
+def _publish_summary(call: StageCall, store: ArtifactStore) -> None:
+    """The stage's markdown artifact; the artifact is already committed, so nothing here may fail it."""
+    if not in_run():
+        return
+    try:
+        attrs = store.read_attrs(store.artifact_path(call.stage_type, call.key))
+        summary = stage_summary(store, call.stage_type, call.key, attrs)
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("no summary for %s: %s", call.stage_id, exc)
+        return
+    publish_markdown(f"stage-{call.stage_id}-{call.key[:8]}", summary, f"{call.stage_id} of {call.pipeline}")
 
 
 @contextmanager

@@ -68,7 +68,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3 server (moto's server mode) on loopback for the session, and a boto3 client for it."""
-    import boto3
+    boto3 = pytest.importorskip("boto3", reason="the s3 extra (s3fs, moto) is not installed")
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -59,7 +59,7 @@ def test_manifest_files_resolve_entries_against_their_folder(tmp_path: Path, cli
     [
         ({}, "missing/*.mp4", "holds no clips"),
         ({}, "nowhere", "does not exist"),
-        ({"a/c.mp4": 1, "b/c.mp4": 1, "lists/l.txt": "../a/c.mp4\n../b/c.mp4"}, "lists/l.txt", "same outputs"),
+        ({"a/c.mp4": 1, "b/c.mp4": 1, "lists/l.txt": "../a/c.mp4\n../b/c.mp4"}, "lists/l.txt", "same outputs.*folder that contains both"),
         ({"list.json": "{not json"}, "list.json", "not valid JSON"),
         ({"list.json": '{"clips": []}'}, "list.json", "JSON list"),
         ({"one.mp4": 1}, "one.mp4", "single video"),
@@ -188,3 +188,51 @@ def test_a_missing_model_fails_the_bulk_once_before_any_clip(make_spec, clip: Pa
     with pytest.raises(ModelError, match="no-model"):
         bulk_edit(library=str(lib), spec=spec, output=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.flow
+def test_a_retrained_model_makes_an_existing_edit_stale(make_spec, tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+    from core.tiny import build_tiny_bundle
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bundle, model)
+    lib, out = make_library(tmp_path / "lib", clip, ["a.mp4"]), tmp_path / "edited"
+    spec = make_spec(f"models.sd.id={model}")
+    bulk_edit(library=str(lib), spec=spec, output=str(out))
+    assert bulk_edit(library=str(lib), spec=spec, output=str(out)).clips[0].status == "exists"
+    build_tiny_bundle(model, seed=1)  # retrained in place: same spec, new weights
+    (row,) = bulk_edit(library=str(lib), spec=spec, output=str(out)).clips
+    assert row.status == "completed" and row.cached == ["decode_video"]
+
+
+@pytest.mark.flow
+def test_outputs_inside_the_library_are_never_taken_for_clips(make_spec, clip: Path, tmp_path: Path) -> None:
+    lib = make_library(tmp_path / "lib", clip, ["a.mp4"])
+    bulk_edit(library=str(lib), spec=make_spec(), output=str(lib / "edited"))
+    report = bulk_edit(library=str(lib), spec=make_spec(), output=str(lib / "edited"))
+    assert [Path(c.clip).name for c in report.clips] == ["a.mp4"] and report.clips[0].status == "exists"
+
+
+@pytest.mark.flow
+def test_dispatch_to_a_deployment_the_server_lacks_is_refused_up_front(make_spec, clip: Path, tmp_path: Path) -> None:
+    lib = make_library(tmp_path / "lib", clip, ["a.mp4"])
+    with pytest.raises(SpecError, match="'edit-video/nowhere', which the Prefect server does not have; deploy it"):
+        bulk_edit(library=str(lib), spec=make_spec(), output=str(tmp_path / "o"), dispatch="edit-video/nowhere")
+    with pytest.raises(SpecError, match="use <flow>/<deployment>"):
+        bulk_edit(library=str(lib), spec=make_spec(), output=str(tmp_path / "o"), dispatch="default")
+
+
+@pytest.mark.flow
+def test_run_stage_names_the_copies_of_a_repeated_stage_and_respects_holds(make_spec) -> None:
+    from schemas.errors import LeaseHeld
+    from storage.leases import Leases
+
+    with pytest.raises(SpecError, match="repeated by `each:`; name one copy: encode_latents_0, encode_latents_1"):
+        run_stage(stage="encode_latents", spec=make_spec("stages.encode_latents.each=[{}, {chunk_size: 3}]"))
+    spec = make_spec()
+    ref = run_stage(stage="decode_video", spec=spec)
+    leases = Leases(ArtifactStore(spec.store))
+    with leases.holding("another-run", [ref.key], ttl=60):
+        with pytest.raises(LeaseHeld, match="in use by running edits \\(another-run\\)"):
+            run_stage(stage="decode_video", spec=spec, recompute=True)
+    assert ArtifactStore(spec.store).is_complete("decode_video", ref.key)

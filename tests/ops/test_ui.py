@@ -16,7 +16,7 @@ pytestmark = pytest.mark.flow
 def test_the_contact_sheet_renders_on_the_artifact_page(ops, tiny_bundle, tmp_path) -> None:
     executable = chromium()
     if executable is None:
-        if os.environ.get("REELFLOW_REQUIRE_BROWSER"):
+        if os.environ.get("CI_REQUIRE_BROWSER"):
             pytest.fail("Chromium is missing; install it with: apt-get install -y chromium")
         pytest.skip("Chromium is not installed (apt-get install -y chromium)")
     source = clip(tmp_path / "pictured.mp4", seed=31)
