@@ -43,8 +43,8 @@ def run_stage(
     ``recompute`` deletes the stage's stored artifact first (its key stays the same, so this is for
     a result you distrust, e.g. after a driver change); otherwise a stored artifact is returned as is.
     """
-    spec_ = apply_run_options(resolve_spec(spec, preset, overrides), input=input, store=store)
-    run = prepare_run(spec_, Settings())
+    pipeline = apply_run_options(resolve_spec(spec, preset, overrides), input=input, store=store)
+    run = prepare_run(pipeline, Settings())
     target = pick_stage(run.planned, stage)
     check_stored_inputs(run.store, run.planned, target)
     logger = get_run_logger()
