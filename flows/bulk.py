@@ -30,14 +30,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 
 from flows.dag import plan_run
-from flows.edit import apply_run_options, check_environment, edit_video, resolve_spec
+from flows.edit import apply_run_options, check_environment, edit_video, resolve_spec, spec_param
 from schemas.base import Model
 from schemas.calls import SourceRef, StoreSpec
 from schemas.errors import ModelError, SpecError, StageFailed
 from schemas.manifest import RunManifest
 from schemas.pipeline import PipelineSpec
 from schemas.settings import Settings
-from storage.files import is_local, join_url, normalize_url, write_bytes
+from storage.files import join_url, normalize_url, options_for, url_to_fs, write_bytes
 from tasks.artifacts import publish_table
 from tasks.models import resolve_device, resolve_dtype
 
@@ -84,8 +84,7 @@ class Clip:
 
 def _run_name() -> str:
     params = flow_run.parameters
-    spec = params.get("spec")
-    name = (spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)) or params.get("preset")
+    name = spec_param(params, "name") or params.get("preset")
     library = str(params.get("library", "?"))
     return f"{name or 'bulk'}: {library if len(library) <= 48 else '...' + library[-45:]}"
 
@@ -175,9 +174,7 @@ def check_deployment(name: str) -> None:
 
 def list_library(library: str, settings: Settings) -> list[Clip]:
     """The clips of a library URL (glob, directory or manifest file), each with its folder; in order."""
-    options = {} if is_local(library) else settings.storage_options
-    url = normalize_url(library)
-    fs, path = fsspec.url_to_fs(url, **options)
+    fs, path = url_to_fs(library, settings.storage_options)
     if any(ch in path for ch in _WILDCARDS):
         base = path[: min(path.find(ch) for ch in _WILDCARDS if ch in path)].rsplit("/", 1)[0]
         found = [(p, base) for p in sorted(fs.glob(path)) if fs.isfile(p)]
@@ -310,7 +307,7 @@ def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float:
 
 
 def _fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.url_to_fs(url, **({} if is_local(url) else settings.storage_options))
+    return url_to_fs(url, settings.storage_options)
 
 
 # fan-out -------------------------------------------------------------------------------------
@@ -427,4 +424,4 @@ def publish_report(report: BulkReport) -> None:
     publish_table(f"bulk-{report.pipeline}", rows, description=f"{report.pipeline} over {report.library}: {summary}")
     settings = Settings()
     url = join_url(report.output, f"{report.pipeline}.bulk.json")
-    write_bytes(url, report.model_dump_json(indent=2).encode(), {} if is_local(url) else settings.storage_options)
+    write_bytes(url, report.model_dump_json(indent=2).encode(), options_for(url, settings.storage_options))

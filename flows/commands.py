@@ -76,11 +76,9 @@ def run_spec(spec: Any) -> Any:
 
 
 def bulk(args: argparse.Namespace) -> int:
-    import fsspec
-
     from flows.bulk import BulkReport, bulk_edit
     from schemas.errors import StageFailed
-    from storage.files import is_local, join_url, normalize_url
+    from storage.files import join_url, normalize_url, url_to_fs
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
@@ -90,7 +88,7 @@ def bulk(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except StageFailed:
         url = join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json")
-        fs, path = fsspec.url_to_fs(url, **({} if is_local(url) else Settings().storage_options))
+        fs, path = url_to_fs(url, Settings().storage_options)
         if fs.isfile(path):
             print_bulk(BulkReport.model_validate_json(fs.cat_file(path)))
         raise

@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -26,7 +27,7 @@ from schemas.loading import load_spec, validate_spec
 from schemas.manifest import RunManifest, SourceRecord
 from schemas.pipeline import PipelineSpec
 from schemas.settings import Settings
-from storage.files import is_local, join_url, normalize_url, write_bytes
+from storage.files import join_url, options_for, url_to_fs, write_bytes
 from storage.keys import canonical_json, content_key
 from storage.leases import Leases
 from storage.store import ArtifactStore
@@ -45,12 +46,17 @@ class PreparedRun:
     planned: list[PlannedStage]
 
 
-def _run_name() -> str:
-    """``<pipeline>: <clip>`` for the UI; the parameters may still be raw JSON here."""
-    params = flow_run.parameters
+def spec_param(params: dict, field: str) -> Any:
+    """A field of the ``spec`` flow parameter, which may still be raw JSON when run names are made."""
     spec = params.get("spec")
-    name = (spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)) or params.get("preset") or "edit"
-    source = params.get("input") or (spec.get("input") if isinstance(spec, dict) else getattr(spec, "input", None))
+    return spec.get(field) if isinstance(spec, dict) else getattr(spec, field, None)
+
+
+def _run_name() -> str:
+    """``<pipeline>: <clip>`` for the UI."""
+    params = flow_run.parameters
+    name = spec_param(params, "name") or params.get("preset") or "edit"
+    source = params.get("input") or spec_param(params, "input")
     return f"{name}: {PurePosixPath(str(source)).stem}" if source else str(name)
 
 
@@ -166,7 +172,7 @@ def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
 
 
 def _source_fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.url_to_fs(normalize_url(url), **({} if is_local(url) else settings.storage_options))
+    fs, path = url_to_fs(url, settings.storage_options)
     if not fs.isfile(path):
         raise InputVideoError(f"input video {url!r} does not exist; check the path or URL")
     if fs.size(path) == 0:
@@ -227,7 +233,7 @@ def _metrics(run: PreparedRun, outcomes: dict[str, Outcome]) -> dict[str, dict]:
 
 
 def _out_opts(run: PreparedRun) -> dict:
-    return {} if is_local(run.spec.output) else run.settings.storage_options
+    return options_for(run.spec.output, run.settings.storage_options)
 
 
 def result_storage(store: ArtifactStore) -> Path | WritableFileSystem | None:

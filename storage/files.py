@@ -23,6 +23,16 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def options_for(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The storage options that apply to ``url``: none for local paths, which fsspec would reject."""
+    return {} if is_local(url) else dict(storage_options or {})
+
+
+def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """``fsspec.url_to_fs`` of ``url`` (made absolute if local) with the options that apply to it."""
+    return fsspec.url_to_fs(normalize_url(url), **options_for(url, storage_options))
+
+
 def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write one whole file on ``fs``: temp + ``os.replace`` locally, a single PUT elsewhere."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
