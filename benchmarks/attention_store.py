@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_spec(work: Path, frames: int, size: int, steps: int, edits: int, store: str = "store"):
-    from deployments import spec_path
-    from schemas.loading import load_spec
+    from reelflow.deployments import spec_path
+    from reelflow.schemas.loading import load_spec
 
     each = ", ".join(["{}"] + [f"{{target_prompt: a painting of a dog walking on a street number {i}}}" for i in range(1, edits)])
     return load_spec(
@@ -55,9 +55,9 @@ def make_spec(work: Path, frames: int, size: int, steps: int, edits: int, store:
 
 
 def planned_stages(spec, work: Path) -> dict:
-    from flows.dag import plan_run
-    from schemas.calls import SourceRef, StoreSpec
-    from storage.keys import content_key
+    from reelflow.flows.dag import plan_run
+    from reelflow.schemas.calls import SourceRef, StoreSpec
+    from reelflow.storage.keys import content_key
 
     clip = str(work / "clip.mp4")
     source = SourceRef(url=clip, key=content_key(fsspec.filesystem("file"), clip))
@@ -66,7 +66,7 @@ def planned_stages(spec, work: Path) -> dict:
 
 
 def run(stage) -> float:
-    from tasks import TASKS
+    from reelflow.tasks import TASKS
 
     started = time.perf_counter()
     TASKS[stage.call.stage_type].fn(call=stage.call)
@@ -75,7 +75,7 @@ def run(stage) -> float:
 
 def store_vs_numpy(work: Path, stages: dict) -> dict:
     """Sizes and write speed: the inversion artifact vs np.save of the same maps as float32."""
-    from storage.store import ArtifactStore
+    from reelflow.storage.store import ArtifactStore
 
     inversion = ArtifactStore(str(work / "store")).open("invert_latents", stages["invert_latents"].key)
     report = dict(inversion.attrs["attention_store"])
@@ -102,8 +102,8 @@ def store_vs_numpy(work: Path, stages: dict) -> dict:
 def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float]:
     """Best-of-``repeats`` time of the first edit with maps streamed from the store, and with every
     map already in RAM (loaded before the clock starts), alternating the two."""
-    import tasks.fatezero as fz
-    from storage.store import ArtifactStore
+    import reelflow.tasks.fatezero as fz
+    from reelflow.storage.store import ArtifactStore
 
     edit = stages["denoise_latents_0"]
     store = ArtifactStore(edit.call.store.url)
@@ -167,9 +167,9 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from core.synthetic import write_synthetic_clip
-    from core.tiny import build_tiny_bundle
-    from flows.edit import edit_video
+    from reelflow.core.synthetic import write_synthetic_clip
+    from reelflow.core.tiny import build_tiny_bundle
+    from reelflow.flows.edit import edit_video
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="reelflow-attn-bench-"))

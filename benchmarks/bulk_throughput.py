@@ -27,9 +27,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 
 def stage_seconds(report) -> list[tuple[float, float]]:  # noqa: ANN001
     """(edit wall seconds, seconds inside stage bodies) per clip."""
-    from flows.bulk import read_manifest
-    from schemas.settings import Settings
-    from storage.store import ArtifactStore
+    from reelflow.flows.bulk import read_manifest
+    from reelflow.schemas.settings import Settings
+    from reelflow.storage.store import ArtifactStore
 
     pairs = []
     for clip in report.clips:
@@ -55,11 +55,11 @@ def main() -> None:
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
-    from core.synthetic import write_synthetic_clip
-    from core.tiny import build_tiny_bundle
-    from deployments import spec_path
-    from flows.bulk import bulk_edit
-    from schemas.loading import load_spec
+    from reelflow.core.synthetic import write_synthetic_clip
+    from reelflow.core.tiny import build_tiny_bundle
+    from reelflow.deployments import spec_path
+    from reelflow.flows.bulk import bulk_edit
+    from reelflow.schemas.loading import load_spec
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="reelflow-bulk-bench-"))

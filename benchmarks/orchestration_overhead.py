@@ -30,11 +30,11 @@ import torch  # noqa: E402
 
 
 def plain_loop(clip: Path, bundle: Path, frames: int, size: int) -> None:
-    from core.frames import from_model_range, plan_resize, resize_frames, to_model_range
-    from core.metrics import psnr, ssim
-    from core.models import load_component
-    from core.vae import decode_latents, encode_frames
-    from core.video import FrameSelection, decode_audio, decode_frames, encode_mp4, probe_video, select_frames
+    from reelflow.core.frames import from_model_range, plan_resize, resize_frames, to_model_range
+    from reelflow.core.metrics import psnr, ssim
+    from reelflow.core.models import load_component
+    from reelflow.core.vae import decode_latents, encode_frames
+    from reelflow.core.video import FrameSelection, decode_audio, decode_frames, encode_mp4, probe_video, select_frames
 
     info = probe_video(clip)
     span = select_frames(info, FrameSelection(num_frames=frames))
@@ -50,8 +50,8 @@ def plain_loop(clip: Path, bundle: Path, frames: int, size: int) -> None:
 
 
 def make_spec(clip: Path, bundle: Path, store: Path, out: Path, frames: int, size: int):
-    from deployments import spec_path
-    from schemas.loading import load_spec
+    from reelflow.deployments import spec_path
+    from reelflow.schemas.loading import load_spec
 
     return load_spec(
         spec_path("reconstruct"),
@@ -86,9 +86,9 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from core.synthetic import write_synthetic_clip
-    from core.tiny import build_tiny_bundle
-    from flows.edit import edit_video
+    from reelflow.core.synthetic import write_synthetic_clip
+    from reelflow.core.tiny import build_tiny_bundle
+    from reelflow.flows.edit import edit_video
 
     work = Path(tempfile.mkdtemp(prefix="reelflow-bench-"))
     clip, bundle = work / "clip.mp4", build_tiny_bundle(work / "tiny-sd")

@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from schemas.errors import ModelError
+from reelflow.schemas.errors import ModelError
 
 CACHE_SIZE = 8
 _MIB = 1 << 20

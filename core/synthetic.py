@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from core.video import AudioTrack, VideoTarget, encode_mp4
+from reelflow.core.video import AudioTrack, VideoTarget, encode_mp4
 
 
 def _synthetic_frames(

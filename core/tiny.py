@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from schemas.errors import ModelError
+from reelflow.schemas.errors import ModelError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"
@@ -255,7 +255,7 @@ def _write_tokenizer_files(tokenizer_dir: Path) -> None:
 def _readme(seed: int) -> str:
     return (
         f"# Tiny random Stable Diffusion bundle ({MARKER})\n\n"
-        f"Written by `core.tiny.build_tiny_bundle(seed={seed})`. The weights are random: "
+        f"Written by `reelflow.core.tiny.build_tiny_bundle(seed={seed})`. The weights are random: "
         "outputs are noise. It exists so tests and demos run the real `from_pretrained` path "
         "without a download. Do not use it for anything else.\n"
     )

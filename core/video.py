@@ -26,7 +26,7 @@ from typing import BinaryIO, TypeAlias
 import av
 import numpy as np
 
-from schemas.errors import InputVideoError
+from reelflow.schemas.errors import InputVideoError
 
 VideoSource: TypeAlias = "str | os.PathLike[str] | BinaryIO"
 VideoTarget: TypeAlias = "str | os.PathLike[str] | BinaryIO"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas.errors import SpecError
+from reelflow.schemas.errors import SpecError
 
 HERE = Path(__file__).resolve().parent
 PRESETS = HERE / "presets"

@@ -29,17 +29,17 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 
-from flows.dag import plan_run
-from flows.edit import apply_run_options, check_environment, edit_video, resolve_spec, spec_param
-from schemas.base import Model
-from schemas.calls import SourceRef, StoreSpec
-from schemas.errors import ModelError, SpecError, StageFailed
-from schemas.manifest import RunManifest
-from schemas.pipeline import PipelineSpec
-from schemas.settings import Settings
-from storage.files import join_url, normalize_url, options_for, url_to_fs, write_bytes
-from tasks.artifacts import publish_table
-from tasks.models import resolve_device, resolve_dtype
+from reelflow.flows.dag import plan_run
+from reelflow.flows.edit import apply_run_options, check_environment, edit_video, resolve_spec, spec_param
+from reelflow.schemas.base import Model
+from reelflow.schemas.calls import SourceRef, StoreSpec
+from reelflow.schemas.errors import ModelError, SpecError, StageFailed
+from reelflow.schemas.manifest import RunManifest
+from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.files import join_url, normalize_url, options_for, url_to_fs, write_bytes
+from reelflow.tasks.artifacts import publish_table
+from reelflow.tasks.models import resolve_device, resolve_dtype
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 _WILDCARDS = "*?["

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows import commands  # noqa: E402  (after the Prefect environment defaults)
-from schemas.errors import ReelflowError  # noqa: E402
+from reelflow.flows import commands  # noqa: E402  (after the Prefect environment defaults)
+from reelflow.schemas.errors import ReelflowError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployments import spec_path
-from schemas.loading import load_spec
-from schemas.settings import Settings
-from storage.files import human_bytes
-from storage.gc import collect_garbage
-from storage.store import ArtifactStore, locate_artifact_url
+from reelflow.deployments import spec_path
+from reelflow.schemas.loading import load_spec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.files import human_bytes
+from reelflow.storage.gc import collect_garbage
+from reelflow.storage.store import ArtifactStore, locate_artifact_url
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_spec(spec: Any) -> Any:
-    from flows.edit import check_inputs, edit_video_with_settings
+    from reelflow.flows.edit import check_inputs, edit_video_with_settings
 
     settings = Settings()
     check_inputs(spec, settings)
@@ -76,9 +76,9 @@ def run_spec(spec: Any) -> Any:
 
 
 def bulk(args: argparse.Namespace) -> int:
-    from flows.bulk import BulkReport, bulk_edit
-    from schemas.errors import StageFailed
-    from storage.files import join_url, normalize_url, url_to_fs
+    from reelflow.flows.bulk import BulkReport, bulk_edit
+    from reelflow.schemas.errors import StageFailed
+    from reelflow.storage.files import join_url, normalize_url, url_to_fs
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
@@ -104,7 +104,7 @@ def print_bulk(report: Any) -> None:
 
 
 def serve_pictures(args: argparse.Namespace) -> int:
-    from flows.pictures import serve_pictures as serve
+    from reelflow.flows.pictures import serve_pictures as serve
 
     settings = Settings()
     store = ArtifactStore(args.store or settings.store, settings.storage_options)
@@ -120,7 +120,7 @@ def serve_pictures(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from flows.demo import prepare_demo
+    from reelflow.flows.demo import prepare_demo
 
     workdir = Path(args.workdir).resolve()
     spec = prepare_demo(workdir, args.preset)
@@ -226,7 +226,7 @@ def gc(args: argparse.Namespace) -> int:
 
 
 def models_tiny(args: argparse.Namespace) -> int:
-    from core.tiny import build_tiny_bundle
+    from reelflow.core.tiny import build_tiny_bundle
 
     path = build_tiny_bundle(Path(args.dir), seed=args.seed)
     print(f"wrote a tiny random Stable-Diffusion-style bundle to {path}")

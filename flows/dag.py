@@ -20,15 +20,15 @@ from pathlib import Path
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
 
-from core.models import fingerprint_model
-from schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall, StoreSpec
-from schemas.graph import Node
-from schemas.manifest import StageRecord
-from schemas.pipeline import ModelSpec, PipelineSpec
-from schemas.refs import ArtifactRef
-from storage.keys import stage_key
-from storage.store import ArtifactStore
-from tasks import TASKS
+from reelflow.core.models import fingerprint_model
+from reelflow.schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall, StoreSpec
+from reelflow.schemas.graph import Node
+from reelflow.schemas.manifest import StageRecord
+from reelflow.schemas.pipeline import ModelSpec, PipelineSpec
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.storage.keys import stage_key
+from reelflow.storage.store import ArtifactStore
+from reelflow.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.synthetic import write_synthetic_clip
-from core.tiny import build_tiny_bundle
-from deployments import spec_path
-from schemas.loading import load_spec
-from schemas.pipeline import PipelineSpec
+from reelflow.core.synthetic import write_synthetic_clip
+from reelflow.core.tiny import build_tiny_bundle
+from reelflow.deployments import spec_path
+from reelflow.schemas.loading import load_spec
+from reelflow.schemas.pipeline import PipelineSpec
 
 DEMO_OVERRIDES = (
     "stages.decode_video.params.num_frames=12",

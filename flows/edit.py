@@ -16,23 +16,23 @@ from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
-from core.models import fingerprint_model
-from core.video import probe_video
-from deployments import preset_names, spec_path
-from flows.dag import Outcome, PlannedStage, execute, plan_run
-from flows.runners import default_task_runner, task_runner
-from schemas.calls import SourceRef, StoreSpec
-from schemas.errors import InputVideoError, SpecError, StageFailed
-from schemas.loading import load_spec, validate_spec
-from schemas.manifest import RunManifest, SourceRecord
-from schemas.pipeline import PipelineSpec
-from schemas.settings import Settings
-from storage.files import join_url, options_for, url_to_fs, write_bytes
-from storage.keys import canonical_json, content_key
-from storage.leases import Leases
-from storage.store import ArtifactStore
-from tasks.artifacts import markdown_table, publish_markdown, publish_table
-from tasks.models import resolve_device, resolve_dtype
+from reelflow.core.models import fingerprint_model
+from reelflow.core.video import probe_video
+from reelflow.deployments import preset_names, spec_path
+from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run
+from reelflow.flows.runners import default_task_runner, task_runner
+from reelflow.schemas.calls import SourceRef, StoreSpec
+from reelflow.schemas.errors import InputVideoError, SpecError, StageFailed
+from reelflow.schemas.loading import load_spec, validate_spec
+from reelflow.schemas.manifest import RunManifest, SourceRecord
+from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.files import join_url, options_for, url_to_fs, write_bytes
+from reelflow.storage.keys import canonical_json, content_key
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore
+from reelflow.tasks.artifacts import markdown_table, publish_markdown, publish_table
+from reelflow.tasks.models import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-from schemas.errors import StoreError
-from storage.store import PICTURES, ArtifactStore
+from reelflow.schemas.errors import StoreError
+from reelflow.storage.store import PICTURES, ArtifactStore
 
 
 class _Handler(SimpleHTTPRequestHandler):

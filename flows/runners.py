@@ -13,8 +13,8 @@ from __future__ import annotations
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from schemas.errors import SpecError
-from schemas.settings import Settings
+from reelflow.schemas.errors import SpecError
+from reelflow.schemas.settings import Settings
 
 
 def task_runner(settings: Settings) -> TaskRunner:

@@ -12,15 +12,15 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dag import PlannedStage
-from flows.edit import apply_run_options, prepare_run, resolve_spec, result_storage
-from schemas.errors import ArtifactNotFound, LeaseHeld, SpecError
-from schemas.pipeline import PipelineSpec
-from schemas.refs import ArtifactRef
-from schemas.settings import Settings
-from storage.leases import Leases
-from storage.store import ArtifactStore
-from tasks import TASKS
+from reelflow.flows.dag import PlannedStage
+from reelflow.flows.edit import apply_run_options, prepare_run, resolve_spec, result_storage
+from reelflow.schemas.errors import ArtifactNotFound, LeaseHeld, SpecError
+from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.schemas.settings import Settings
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore
+from reelflow.tasks import TASKS
 
 
 def _run_name() -> str:

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import Field
 
-from schemas.base import DType, Model
-from schemas.pipeline import AnyStage
+from reelflow.schemas.base import DType, Model
+from reelflow.schemas.pipeline import AnyStage
 
 
 class StoreSpec(Model):

@@ -13,8 +13,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Model, PositiveInt
-from schemas.stages import StageSpec, register_stage
+from reelflow.schemas.base import Model, PositiveInt
+from reelflow.schemas.stages import StageSpec, register_stage
 
 FrameKey = Literal["self", "first", "last", "mid", "previous"] | int
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]

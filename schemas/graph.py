@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from schemas.errors import GraphError
-from schemas.stages import StageSpec
+from reelflow.schemas.errors import GraphError
+from reelflow.schemas.stages import StageSpec
 
 
 @dataclass(frozen=True)

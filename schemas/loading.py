@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from schemas.errors import GraphError, SpecError
-from schemas.pipeline import PipelineSpec
-from schemas.stages import STAGE_TYPES
+from reelflow.schemas.errors import GraphError, SpecError
+from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.stages import STAGE_TYPES
 
 
 def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> PipelineSpec:

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from schemas.base import Model
-from schemas.pipeline import PipelineSpec
+from reelflow.schemas.base import Model
+from reelflow.schemas.pipeline import PipelineSpec
 
 StageStatus = Literal["computed", "cached", "failed", "skipped"]
 

@@ -7,10 +7,10 @@ from typing import Annotated, Union
 
 from pydantic import Field, model_validator
 
-from schemas.base import DType, Model
-import schemas.fatezero  # noqa: F401  (registers the FateZero stages before AnyStage is built)
-from schemas.graph import Graph, resolve_graph
-from schemas.stages import STAGE_TYPES
+from reelflow.schemas.base import DType, Model
+import reelflow.schemas.fatezero  # noqa: F401  (registers the FateZero stages before AnyStage is built)
+from reelflow.schemas.graph import Graph, resolve_graph
+from reelflow.schemas.stages import STAGE_TYPES
 
 AnyStage = Annotated[Union[tuple(STAGE_TYPES.values())], Field(discriminator="stage")]  # noqa: UP007
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.base import Model
+from reelflow.schemas.base import Model
 
 
 class ArraySpec(Model):

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import Model, NonNegativeFloat, PositiveInt, StageId
+from reelflow.schemas.base import Model, NonNegativeFloat, PositiveInt, StageId
 
 STAGE_TYPES: dict[str, type[StageSpec]] = {}
 

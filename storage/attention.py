@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from storage.store import ArtifactWriter
+from reelflow.storage.store import ArtifactWriter
 
 ATTENTION = "attention"
 # Bit-shuffled LZ4 in Blosc: on float16 softmax maps both faster and smaller than plain zstd

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from storage.leases import Leases
-from storage.store import ArtifactInfo, ArtifactStore
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactInfo, ArtifactStore
 
 STALE_TEMP_SECONDS = 6 * 3600
 

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.files import put_atomic
-from storage.store import ArtifactStore
+from reelflow.storage.files import put_atomic
+from reelflow.storage.store import ArtifactStore
 
 LEASES = "leases"
 HOLDS = "holds"

@@ -30,10 +30,10 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
-from schemas.refs import ArraySpec, ArtifactRef
-from storage.arrays import frame_chunks, storage_dtype
-from storage.files import normalize_url
+from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
+from reelflow.schemas.refs import ArraySpec, ArtifactRef
+from reelflow.storage.arrays import frame_chunks, storage_dtype
+from reelflow.storage.files import normalize_url
 
 ARTIFACTS = "artifacts"
 PICTURES = "pictures"

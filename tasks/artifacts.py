@@ -25,9 +25,9 @@ from PIL import Image
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
-from schemas.settings import Settings
-from storage.files import human_bytes, put_atomic
-from storage.store import PICTURES, ArtifactStore
+from reelflow.schemas.settings import Settings
+from reelflow.storage.files import human_bytes, put_atomic
+from reelflow.storage.store import PICTURES, ArtifactStore
 
 MIN_TILE = 96
 

@@ -15,9 +15,9 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from schemas.calls import StageCall
-from schemas.errors import LeaseHeld, ReelflowError, StoreError
-from tasks.runtime import open_store
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.errors import LeaseHeld, ReelflowError, StoreError
+from reelflow.tasks.runtime import open_store
 
 
 @dataclass

@@ -12,20 +12,20 @@ import numpy as np
 import torch
 import zarr
 
-from core.attention.processor import install_frame_processors, set_num_frames
-from core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
-from core.editing.prompt_to_prompt import equalizer, refine_mapper, replace_matrix, step_window, word_token_indices
-from core.inversion.ddim import ddim_invert, inversion_timesteps
-from core.sampling.ddim import classifier_free_guidance, ddim_denoise_step, denoising_timesteps
-from core.text import encode_prompts
-from schemas.calls import StageCall
-from schemas.fatezero import FateZeroParams
-from schemas.refs import ArtifactRef
-from storage.attention import AttentionReader, AttentionWriter
-from tasks.artifacts import artifact_key, contact_sheet, publish_markdown
-from tasks.models import component, model_lock
-from tasks.runtime import StageContext, run_stage
-from tasks.stage import stage_task
+from reelflow.core.attention.processor import install_frame_processors, set_num_frames
+from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
+from reelflow.core.editing.prompt_to_prompt import equalizer, refine_mapper, replace_matrix, step_window, word_token_indices
+from reelflow.core.inversion.ddim import ddim_invert, inversion_timesteps
+from reelflow.core.sampling.ddim import classifier_free_guidance, ddim_denoise_step, denoising_timesteps
+from reelflow.core.text import encode_prompts
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.fatezero import FateZeroParams
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.storage.attention import AttentionReader, AttentionWriter
+from reelflow.tasks.artifacts import artifact_key, contact_sheet, publish_markdown
+from reelflow.tasks.models import component, model_lock
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
 
 LATENT_DIMS = ("step", "frame", "channel", "y", "x")
 logger = logging.getLogger(__name__)

@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from core.metrics import METRICS
-from schemas.calls import StageCall
-from schemas.refs import ArtifactRef
-from tasks.artifacts import contact_sheet, markdown_table, publish_markdown
-from tasks.runtime import StageContext, run_stage
-from tasks.stage import stage_task
+from reelflow.core.metrics import METRICS
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.tasks.artifacts import contact_sheet, markdown_table, publish_markdown
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
 
 SHEET_FRAMES = 8
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from core.models import load_component
-from schemas.calls import ResolvedModel
-from schemas.errors import ModelError
-from schemas.settings import Settings
+from reelflow.core.models import load_component
+from reelflow.schemas.calls import ResolvedModel
+from reelflow.schemas.errors import ModelError
+from reelflow.schemas.settings import Settings
 
 
 _LOCKS: dict[int, threading.Lock] = {}

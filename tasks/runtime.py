@@ -24,16 +24,16 @@ import numpy as np
 import zarr
 from prefect.context import TaskRunContext
 
-from schemas.calls import StageCall, StoreSpec
-from schemas.errors import LeaseHeld
-from schemas.refs import ArtifactRef
-from schemas.settings import Settings
-from storage.keys import canonical_json
-from storage.leases import Leases, default_holder, renewing
-from storage.store import ArtifactStore, ArtifactWriter
-from tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
-from tasks.models import resolve_device
-from tasks.progress import Progress
+from reelflow.schemas.calls import StageCall, StoreSpec
+from reelflow.schemas.errors import LeaseHeld
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.schemas.settings import Settings
+from reelflow.storage.keys import canonical_json
+from reelflow.storage.leases import Leases, default_holder, renewing
+from reelflow.storage.store import ArtifactStore, ArtifactWriter
+from reelflow.tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
+from reelflow.tasks.models import resolve_device
+from reelflow.tasks.progress import Progress
 
 _LIBRARIES = ("reelflow", "torch", "diffusers", "transformers", "zarr", "numpy", "av", "prefect")
 _POLL_SECONDS = 0.5

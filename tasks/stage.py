@@ -7,9 +7,9 @@ from collections.abc import Callable
 from prefect import Task, task
 from prefect.tasks import exponential_backoff
 
-from schemas.calls import StageCall
-from schemas.refs import ArtifactRef
-from tasks.caching import StageKeyPolicy, retry_transient
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.tasks.caching import StageKeyPolicy, retry_transient
 
 TASKS: dict[str, Task] = {}
 

@@ -7,15 +7,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.frames import from_model_range, to_model_range
-from core.vae import decode_latents as vae_decode
-from core.vae import downscale_factor
-from core.vae import encode_frames as vae_encode
-from schemas.calls import StageCall
-from schemas.refs import ArtifactRef
-from tasks.models import component
-from tasks.runtime import StageContext, run_stage
-from tasks.stage import stage_task
+from reelflow.core.frames import from_model_range, to_model_range
+from reelflow.core.vae import decode_latents as vae_decode
+from reelflow.core.vae import downscale_factor
+from reelflow.core.vae import encode_frames as vae_encode
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.tasks.models import component
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
 
 
 @stage_task("encode_latents")

@@ -10,12 +10,12 @@ import fsspec
 import numpy as np
 import zarr
 
-from core.frames import plan_resize, resize_frames
-from core.video import AudioTrack, FrameSelection, decode_audio, decode_frames, encode_mp4, probe_video, select_frames
-from schemas.calls import StageCall
-from schemas.refs import ArtifactRef
-from tasks.runtime import StageContext, run_stage
-from tasks.stage import stage_task
+from reelflow.core.frames import plan_resize, resize_frames
+from reelflow.core.video import AudioTrack, FrameSelection, decode_audio, decode_frames, encode_mp4, probe_video, select_frames
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
 
 MP4_CHUNK_BYTES = 1 << 20
 AUDIO_CHUNK_SAMPLES = 1 << 18  # about 5 s at 48 kHz per chunk, chunked along time

@@ -24,7 +24,7 @@ def write_audio_only(path: Path, rate: int = 16000) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.tiny import build_tiny_bundle
+    from reelflow.core.tiny import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
@@ -32,7 +32,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 96x64, 24 fps, 1 s synthetic clip with motion and a sound track."""
-    from core.synthetic import write_synthetic_clip
+    from reelflow.core.synthetic import write_synthetic_clip
 
     path = tmp_path_factory.mktemp("clips") / "clip.mp4"
     write_synthetic_clip(path, width=96, height=64, fps=24, seconds=1.0)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.editing.prompt_to_prompt import apply_cross_fusion, blend_mask
+from reelflow.core.editing.prompt_to_prompt import apply_cross_fusion, blend_mask
 
 MapSink = Callable[[int, str, bool, torch.Tensor], None]
 """``sink(step, layer, is_cross, probs (F, H, Nq, Nk))``."""

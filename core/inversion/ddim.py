@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler
 
-from core.sampling.ddim import ddim_renoise, denoising_timesteps, step_alphas
+from reelflow.core.sampling.ddim import ddim_renoise, denoising_timesteps, step_alphas
 
 UnetFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 """``unet_fn(latents, t, step_index) -> eps``: the caller binds the UNet, the source text

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from core.attention.processor import (
+from reelflow.core.attention.processor import (
     FrameAttnProcessor,
     frame_indices,
     install_frame_processors,

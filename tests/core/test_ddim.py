@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
-from core.inversion.ddim import ddim_invert, ddim_inversion_step, inversion_timesteps
-from core.sampling.ddim import (
+from reelflow.core.inversion.ddim import ddim_invert, ddim_inversion_step, inversion_timesteps
+from reelflow.core.sampling.ddim import (
     classifier_free_guidance,
     ddim_denoise_step,
     denoising_timesteps,
     step_alphas,
 )
-from core.tiny import sd15_scheduler
-from core.tiny import tiny_unet as build_tiny_unet
+from reelflow.core.tiny import sd15_scheduler
+from reelflow.core.tiny import tiny_unet as build_tiny_unet
 
 F = 2
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
-from core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
-from core.editing.prompt_to_prompt import refine_mapper
-from core.inversion.ddim import inversion_timesteps
-from core.models import load_component
-from core.sampling.ddim import denoising_timesteps
-from core.text import encode_prompts
+from reelflow.core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
+from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
+from reelflow.core.editing.prompt_to_prompt import refine_mapper
+from reelflow.core.inversion.ddim import inversion_timesteps
+from reelflow.core.models import load_component
+from reelflow.core.sampling.ddim import denoising_timesteps
+from reelflow.core.text import encode_prompts
 
 FRAMES = 3
 PROMPT = "a cat walking on a street"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.frames import ResizePlan, from_model_range, plan_resize, resize_frames, to_model_range
+from reelflow.core.frames import ResizePlan, from_model_range, plan_resize, resize_frames, to_model_range
 
 
 # --- plan_resize ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.metrics import PSNR_CAP_DB, psnr, ssim
+from reelflow.core.metrics import PSNR_CAP_DB, psnr, ssim
 
 
 def frames(seed: int = 0, shape: tuple[int, ...] = (3, 32, 32, 3)) -> np.ndarray:

@@ -12,10 +12,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from core import models
-from core.models import clear_model_cache, fingerprint_model, load_component, torch_dtype
-from core.tiny import build_tiny_bundle
-from schemas.errors import ModelError
+from reelflow.core import models
+from reelflow.core.models import clear_model_cache, fingerprint_model, load_component, torch_dtype
+from reelflow.core.tiny import build_tiny_bundle
+from reelflow.schemas.errors import ModelError
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 

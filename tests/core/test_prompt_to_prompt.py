@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from core.editing.prompt_to_prompt import (
+from reelflow.core.editing.prompt_to_prompt import (
     apply_cross_fusion,
     blend_mask,
     equalizer,
@@ -15,7 +15,7 @@ from core.editing.prompt_to_prompt import (
     step_window,
     word_token_indices,
 )
-from core.tiny import tiny_tokenizer
+from reelflow.core.tiny import tiny_tokenizer
 
 K = 77
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from core.tiny import build_tiny_bundle
-from core.vae import decode_latents, encode_frames
+from reelflow.core.tiny import build_tiny_bundle
+from reelflow.core.vae import decode_latents, encode_frames
 
 F, H, W = 5, 64, 64
 

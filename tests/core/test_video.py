@@ -10,10 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from core import video
-from core.synthetic import write_synthetic_clip
+from reelflow.core import video
+from reelflow.core.synthetic import write_synthetic_clip
 from tests.fixtures import write_audio_only
-from core.video import (
+from reelflow.core.video import (
     AudioTrack,
     FrameSelection,
     VideoInfo,
@@ -23,7 +23,7 @@ from core.video import (
     probe_video,
     select_frames,
 )
-from schemas.errors import InputVideoError
+from reelflow.schemas.errors import InputVideoError
 
 RATE = 16000
 

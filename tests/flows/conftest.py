@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments import spec_path
-from schemas.loading import load_spec
-from schemas.pipeline import PipelineSpec
+from reelflow.deployments import spec_path
+from reelflow.schemas.loading import load_spec
+from reelflow.schemas.pipeline import PipelineSpec
 
 TINY_OVERRIDES = (
     "stages.decode_video.params.num_frames=6",

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from core.synthetic import write_synthetic_clip
-from flows.bulk import bulk_edit, list_library
-from flows.edit import edit_video, resolve_spec
-from flows.stage import run_stage
-from schemas.errors import ArtifactNotFound, SpecError, StageFailed
-from schemas.settings import Settings
-from storage.store import ArtifactStore
+from reelflow.core.synthetic import write_synthetic_clip
+from reelflow.flows.bulk import bulk_edit, list_library
+from reelflow.flows.edit import edit_video, resolve_spec
+from reelflow.flows.stage import run_stage
+from reelflow.schemas.errors import ArtifactNotFound, SpecError, StageFailed
+from reelflow.schemas.settings import Settings
+from reelflow.storage.store import ArtifactStore
 
 ALL = ("decode_video", "encode_latents", "decode_latents", "encode_video", "compute_metrics")
 
@@ -181,7 +181,7 @@ def test_run_stage_needs_its_inputs_in_the_store_then_computes_just_that_stage(m
 
 @pytest.mark.flow
 def test_a_missing_model_fails_the_bulk_once_before_any_clip(make_spec, clip: Path, tmp_path: Path) -> None:
-    from schemas.errors import ModelError
+    from reelflow.schemas.errors import ModelError
 
     lib = make_library(tmp_path / "lib", clip, ["a.mp4", "b.mp4"])
     spec = make_spec(f"models.sd.id={tmp_path / 'no-model'}")
@@ -192,7 +192,7 @@ def test_a_missing_model_fails_the_bulk_once_before_any_clip(make_spec, clip: Pa
 
 @pytest.mark.flow
 def test_a_retrained_model_makes_an_existing_edit_stale(make_spec, tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
-    from core.tiny import build_tiny_bundle
+    from reelflow.core.tiny import build_tiny_bundle
 
     model = tmp_path / "model"
     shutil.copytree(tiny_bundle, model)
@@ -224,8 +224,8 @@ def test_dispatch_to_a_deployment_the_server_lacks_is_refused_up_front(make_spec
 
 @pytest.mark.flow
 def test_run_stage_names_the_copies_of_a_repeated_stage_and_respects_holds(make_spec) -> None:
-    from schemas.errors import LeaseHeld
-    from storage.leases import Leases
+    from reelflow.schemas.errors import LeaseHeld
+    from reelflow.storage.leases import Leases
 
     with pytest.raises(SpecError, match="repeated by `each:`; name one copy: encode_latents_0, encode_latents_1"):
         run_stage(stage="encode_latents", spec=make_spec("stages.encode_latents.each=[{}, {chunk_size: 3}]"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from storage.store import ArtifactStore
+from reelflow.flows.cli import main
+from reelflow.storage.store import ArtifactStore
 from tests.fixtures import write_audio_only
 
 pytestmark = pytest.mark.flow
@@ -137,7 +137,7 @@ def test_truncated_video_fails_in_decode_with_one_line_and_no_traceback(
     argv = ["run", "reconstruct", "--input", str(video), *tiny_args(tiny_bundle, store, output)]
     argv += ["--set", "stages.decode_video.params.num_frames=24"]
     env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_LOGGING_LEVEL": "INFO"}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "reelflow.flows.cli", *argv], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("reelflow: error: stage 'decode_video' failed: InputVideoError:")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flows.edit import edit_video_with_settings
-from flows.runners import task_runner
-from schemas.errors import SpecError
-from schemas.settings import Settings
+from reelflow.flows.edit import edit_video_with_settings
+from reelflow.flows.runners import task_runner
+from reelflow.schemas.errors import SpecError
+from reelflow.schemas.settings import Settings
 
 pytestmark = pytest.mark.flow
 ALL = ("decode_video", "encode_latents", "decode_latents", "encode_video", "compute_metrics")

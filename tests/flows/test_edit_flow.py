@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from core.video import probe_video
-from flows.edit import edit_video
-from schemas.errors import StageFailed
-from storage.store import ArtifactStore
+from reelflow.core.video import probe_video
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.errors import StageFailed
+from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 ALL = ("decode_video", "encode_latents", "decode_latents", "encode_video", "compute_metrics")
@@ -64,7 +64,7 @@ def test_rerun_is_served_from_cache_without_running_any_stage(make_spec, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("a cached stage was computed again")
 
-    monkeypatch.setattr("tasks.runtime._compute", refuse)
+    monkeypatch.setattr("reelflow.tasks.runtime._compute", refuse)
     again = edit_video(spec)
     assert statuses(again) == {name: "cached" for name in ALL}
     assert prefect_task_states(again.run_id, len(ALL)) == {name: "Cached" for name in ALL}
@@ -101,7 +101,7 @@ def test_a_failed_stage_skips_its_descendants_but_not_its_siblings(make_spec, mo
     def broken(reference, test):
         raise ValueError("metric exploded")
 
-    monkeypatch.setitem(__import__("tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
     spec = make_spec()
     with pytest.raises(StageFailed, match="stage 'compute_metrics' failed: ValueError: metric exploded"):
         edit_video(spec)
@@ -120,17 +120,17 @@ def test_deterministic_failures_are_not_retried(make_spec, monkeypatch) -> None:
         calls.append(1)
         raise ValueError("deterministic")
 
-    monkeypatch.setitem(__import__("tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
     with pytest.raises(StageFailed):
         edit_video(make_spec())
     assert len(calls) == 1
 
 
 def test_transient_io_errors_are_retried(make_spec, monkeypatch) -> None:
-    import tasks.metrics
+    import reelflow.tasks.metrics
 
     calls = []
-    real = tasks.metrics.METRICS["psnr"]
+    real = reelflow.tasks.metrics.METRICS["psnr"]
 
     def flaky(reference, test):
         calls.append(1)
@@ -138,18 +138,18 @@ def test_transient_io_errors_are_retried(make_spec, monkeypatch) -> None:
             raise ConnectionResetError("store connection dropped")
         return real(reference, test)
 
-    monkeypatch.setitem(tasks.metrics.METRICS, "psnr", flaky)
+    monkeypatch.setitem(reelflow.tasks.metrics.METRICS, "psnr", flaky)
     manifest = edit_video(make_spec("stages.compute_metrics.params.metrics=[psnr]"))
     assert len(calls) == 2 and manifest.status == "completed"
 
 
 def test_independent_branches_run_concurrently(make_spec, monkeypatch) -> None:
     """encode_video and compute_metrics both wait on one barrier: run one after the other, they would time out."""
-    import tasks.metrics
-    import tasks.video
+    import reelflow.tasks.metrics
+    import reelflow.tasks.video
 
     barrier = threading.Barrier(2, timeout=30)
-    real_encode, real_metrics = tasks.video._encode, tasks.metrics._compute
+    real_encode, real_metrics = reelflow.tasks.video._encode, reelflow.tasks.metrics._compute
 
     def encode(ctx):
         barrier.wait()
@@ -159,7 +159,7 @@ def test_independent_branches_run_concurrently(make_spec, monkeypatch) -> None:
         barrier.wait()
         return real_metrics(ctx)
 
-    monkeypatch.setattr(tasks.video, "_encode", encode)
-    monkeypatch.setattr(tasks.metrics, "_compute", metrics)
+    monkeypatch.setattr(reelflow.tasks.video, "_encode", encode)
+    monkeypatch.setattr(reelflow.tasks.metrics, "_compute", metrics)
     manifest = edit_video(make_spec())
     assert manifest.status == "completed"

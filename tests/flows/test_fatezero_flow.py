@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from deployments import spec_path
-from flows.edit import edit_video
-from schemas.errors import GraphError
-from schemas.loading import load_spec
-from storage.store import ArtifactStore
+from reelflow.deployments import spec_path
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.errors import GraphError
+from reelflow.schemas.loading import load_spec
+from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 STEPS = 4

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from flows.edit import edit_video
-from schemas.errors import SpecError
-from storage.store import ArtifactStore
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.errors import SpecError
+from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 TWO_ENCODES = "stages.encode_latents.each=[{chunk_size: 2}, {chunk_size: 3}]"
@@ -37,15 +37,15 @@ def encode_intervals(manifest) -> list[tuple[float, float]]:
 
 @pytest.fixture
 def slow_vae(monkeypatch):
-    import tasks.vae
+    import reelflow.tasks.vae
 
-    real = tasks.vae.vae_encode
+    real = reelflow.tasks.vae.vae_encode
 
     def slow(*args, **kwargs):
         time.sleep(1.0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.vae, "vae_encode", slow)
+    monkeypatch.setattr(reelflow.tasks.vae, "vae_encode", slow)
 
 
 def test_two_model_stages_overlap_without_a_limit_and_take_turns_with_one(make_spec, slow_vae, monkeypatch, tmp_path):

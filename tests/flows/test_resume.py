@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.edit import edit_video
-from storage.leases import Leases
-from storage.store import ArtifactStore
+from reelflow.flows.edit import edit_video
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.flow
 CHILD = """
 import pathlib, sys, time
 import torch
-import tasks.vae
+import reelflow.tasks.vae
 
 torch.set_num_threads(1)  # as the test process, so both compute bit-identical results
 
-real_decode = tasks.vae.vae_decode
+real_decode = reelflow.tasks.vae.vae_decode
 
 def decode_then_hang(vae, latents, *, chunk_size, on_chunk):
     def first_chunk_then_hang(start, stop, chunk):
@@ -35,10 +35,10 @@ def decode_then_hang(vae, latents, *, chunk_size, on_chunk):
         time.sleep(600)
     return real_decode(vae, latents, chunk_size=chunk_size, on_chunk=first_chunk_then_hang)
 
-tasks.vae.vae_decode = decode_then_hang
+reelflow.tasks.vae.vae_decode = decode_then_hang
 
-from flows.edit import edit_video
-from schemas.pipeline import PipelineSpec
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.pipeline import PipelineSpec
 edit_video(PipelineSpec.model_validate_json(pathlib.Path(sys.argv[1]).read_text()))
 """
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from flows.bulk import bulk_edit
-from flows.edit import edit_video
-from schemas.errors import StageFailed
-from storage.store import ArtifactStore
+from reelflow.flows.bulk import bulk_edit
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.errors import StageFailed
+from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 ALL = ("decode_video", "encode_latents", "decode_latents", "encode_video", "compute_metrics")
@@ -39,7 +39,7 @@ def test_an_edit_on_s3_fails_then_resumes_from_its_cached_stages(make_spec, clip
         raise ValueError("encoder crashed")
 
     with monkeypatch.context() as patch:
-        patch.setattr("tasks.video.encode_mp4", broken)
+        patch.setattr("reelflow.tasks.video.encode_mp4", broken)
         with pytest.raises(StageFailed, match="stage 'encode_video' failed"):
             edit_video(spec)
     fs.invalidate_cache()

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from core.synthetic import write_synthetic_clip
-from flows.edit import prepare_run, resolve_spec
-from schemas.manifest import RunManifest
-from schemas.settings import Settings
-from storage.leases import Leases
-from storage.store import ArtifactStore
+from reelflow.core.synthetic import write_synthetic_clip
+from reelflow.flows.edit import prepare_run, resolve_spec
+from reelflow.schemas.manifest import RunManifest
+from reelflow.schemas.settings import Settings
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore
 from tests.ops.services import wait_for
 
 pytestmark = pytest.mark.flow

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments import PRESETS
-from schemas.errors import GraphError, SpecError
-from schemas.loading import apply_override, load_spec
-from schemas.pipeline import PipelineSpec
-from schemas.stages import STAGE_TYPES
+from reelflow.deployments import PRESETS
+from reelflow.schemas.errors import GraphError, SpecError
+from reelflow.schemas.loading import apply_override, load_spec
+from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.stages import STAGE_TYPES
 
 
 def reconstruct_raw() -> dict:

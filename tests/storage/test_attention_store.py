@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.attention import AttentionReader, AttentionWriter
-from storage.store import ArtifactStore
+from reelflow.storage.attention import AttentionReader, AttentionWriter
+from reelflow.storage.store import ArtifactStore
 
 KEY = "c3" * 32
 

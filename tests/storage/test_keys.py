@@ -9,8 +9,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from storage.arrays import frame_chunks, storage_dtype
-from storage.keys import canonical_json, content_key, stage_key
+from reelflow.storage.arrays import frame_chunks, storage_dtype
+from reelflow.storage.keys import canonical_json, content_key, stage_key
 
 BASE = dict(
     stage="encode_latents",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from schemas.errors import ArtifactIncomplete, ArtifactNotFound
-from storage.gc import collect_garbage
-from storage.leases import Leases
-from storage.store import ArtifactStore, locate_artifact_url
+from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound
+from reelflow.storage.gc import collect_garbage
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore, locate_artifact_url
 
 KEY_A = "a1" * 32
 KEY_B = "b2" * 32
@@ -217,7 +217,7 @@ class TestLocalStore(StoreContract):
         assert store.temporaries() == []
 
     def test_unwritable_root_is_a_clear_error(self, tmp_path: Path) -> None:
-        from schemas.errors import StoreError
+        from reelflow.schemas.errors import StoreError
 
         blocker = tmp_path / "file"
         blocker.write_text("not a directory")

@@ -12,16 +12,16 @@ import fsspec
 import numpy as np
 import pytest
 
-from core.video import probe_video
-from deployments import spec_path
-from flows.dag import plan_run
-from schemas.calls import SourceRef, StoreSpec
-from schemas.errors import ArtifactNotFound, InputVideoError
-from schemas.loading import load_spec
-from storage.keys import content_key
-from storage.leases import Leases
-from storage.store import ArtifactStore
-from tasks import TASKS
+from reelflow.core.video import probe_video
+from reelflow.deployments import spec_path
+from reelflow.flows.dag import plan_run
+from reelflow.schemas.calls import SourceRef, StoreSpec
+from reelflow.schemas.errors import ArtifactNotFound, InputVideoError
+from reelflow.schemas.loading import load_spec
+from reelflow.storage.keys import content_key
+from reelflow.storage.leases import Leases
+from reelflow.storage.store import ArtifactStore
+from reelflow.tasks import TASKS
 
 
 def plan(clip: Path, bundle: Path, store_url: str, *overrides: str, run_id: str = "run-1") -> dict:
