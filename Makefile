@@ -20,6 +20,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/orchestration_overhead.py
 	$(BIN)/python benchmarks/attention_store.py
 	$(BIN)/python benchmarks/bulk_throughput.py
+	$(BIN)/python benchmarks/resume_saving.py
+	$(BIN)/python benchmarks/windowed_memory.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -61,15 +61,15 @@ def planned_stages(spec, work: Path) -> dict:
 
     clip = str(work / "clip.mp4")
     source = SourceRef(url=clip, key=content_key(fsspec.filesystem("file"), clip))
-    planned = plan_run(spec, source=source, store=StoreSpec(url=spec.store), run_id="bench", default_dtype="float32")
+    planned = plan_run(spec, sources={"video": source}, store=StoreSpec(url=spec.store), run_id="bench", default_dtype="float32")
     return {p.id: p for p in planned}
 
 
 def run(stage) -> float:
-    from reelflow.tasks import TASKS
+    from reelflow.tasks import task_for
 
     started = time.perf_counter()
-    TASKS[stage.call.stage_type].fn(call=stage.call)
+    task_for(stage.call.stage).fn(call=stage.call)
     return time.perf_counter() - started
 
 
@@ -119,8 +119,8 @@ def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float
     }
     original = fz._fusion_controller
 
-    def in_ram(inversion, plan, device):
-        controller, reader = original(inversion, plan, device)
+    def in_ram(inversion, attrs, plan, device):
+        controller, reader = original(inversion, attrs, plan, device)
         controller.source = preloaded.__getitem__
         return controller, reader
 

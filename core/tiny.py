@@ -9,6 +9,12 @@ weights are random: outputs are noise, but shapes, dtypes, latent scaling and th
 
 The bundle is a pure function of ``seed``: two builds with the same seed are byte-identical, so the
 bundle's fingerprint, and every stage key derived from it, is stable across processes.
+
+Beside it, one tiny model per other model family (``reelflow.core.models.FAMILIES``), each written
+the way its library saves a real one and each a pure function of ``seed`` too: a CLIP image encoder
+with projection and its image processor (transformers), a ViT (timm), and RAFT (torchvision, its
+state dict pickled as ``model.pth``, as torchvision publishes checkpoints). ``TINY_BUILDERS`` names
+every builder.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from torchvision.models.optical_flow import raft_small
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from reelflow.schemas.errors import ModelError
 
@@ -259,3 +273,120 @@ def _readme(seed: int) -> str:
         "outputs are noise. It exists so tests and demos run the real `from_pretrained` path "
         "without a download. Do not use it for anything else.\n"
     )
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The pipeline :func:`build_tiny_bundle` writes, in memory."""
+    return _tiny_pipeline(seed)
+
+
+CLIP_IMAGE_SIZE = 32
+TIMM_ARCHITECTURE = "vit_tiny_patch16_224"
+# vit_tiny's factory shrunk: 2 blocks of width 32 over a 4x4 grid of 8-pixel patches, 10 classes.
+TIMM_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+RAFT_ARCHITECTURE = "raft_small"
+
+
+def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
+    """The CLIP image encoder :func:`build_tiny_clip_vision` writes, in memory (eval mode)."""
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=16,
+    )
+    return _seeded(seed, 0, lambda: CLIPVisionModelWithProjection(config)).eval()
+
+
+def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP image encoder with projection and its image processor.
+
+    The directory is what ``save_pretrained`` writes for ``openai/clip-vit-*``'s vision tower:
+    ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
+
+    Raises:
+        ModelError: ``out_dir`` is a file, or a non-empty directory that is not a tiny model.
+    """
+
+    def write(staging: Path) -> None:
+        tiny_clip_vision(seed).save_pretrained(staging)
+        crop = {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
+        CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size=crop).save_pretrained(staging)
+
+    return _write_staged(Path(out_dir), write, "CLIP image encoder", "build_tiny_clip_vision", seed)
+
+
+def tiny_timm(seed: int = 0) -> torch.nn.Module:
+    """The timm ViT :func:`build_tiny_timm` writes, in memory (eval mode)."""
+    # timm takes about a second to import; only callers of the timm builders pay for it.
+    import timm
+
+    return _seeded(seed, 0, lambda: timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **TIMM_ARGS)).eval()
+
+
+def build_tiny_timm(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random timm ViT as ``timm.models.save_for_hf`` does: config.json, model.safetensors.
+
+    Raises:
+        ModelError: ``out_dir`` is a file, or a non-empty directory that is not a tiny model.
+    """
+    from timm.models import save_for_hf
+
+    def write(staging: Path) -> None:
+        save_for_hf(tiny_timm(seed), staging, model_args=TIMM_ARGS, safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, "timm ViT", "build_tiny_timm", seed)
+
+
+def tiny_raft(seed: int = 0) -> torch.nn.Module:
+    """The torchvision RAFT (small) :func:`build_tiny_raft` writes, in memory (eval mode)."""
+    return _seeded(seed, 0, lambda: raft_small(weights=None)).eval()
+
+
+def build_tiny_raft(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random torchvision ``raft_small``: config.json and its state dict as ``model.pth``.
+
+    Full size (about 1M parameters, 4 MB): RAFT's layout is fixed by torchvision's builder.
+
+    Raises:
+        ModelError: ``out_dir`` is a file, or a non-empty directory that is not a tiny model.
+    """
+
+    def write(staging: Path) -> None:
+        config = {"library": "torchvision", "architecture": RAFT_ARCHITECTURE}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(tiny_raft(seed).state_dict(), staging / "model.pth")
+
+    return _write_staged(Path(out_dir), write, "torchvision RAFT", "build_tiny_raft", seed)
+
+
+def _write_staged(out: Path, write: Callable[[Path], None], what: str, builder: str, seed: int) -> Path:
+    """Run ``write`` on a staging sibling of ``out``, then swap it in, as build_tiny_bundle does."""
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        write(staging)
+        (staging / "README.md").write_text(
+            f"# Tiny random {what} ({MARKER})\n\n"
+            f"Written by `reelflow.core.tiny.{builder}(seed={seed})`. The weights are random. It "
+            "exists so tests run the real loading path without a download.\n"
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+TINY_BUILDERS: dict[str, Callable[[Path, int], Path]] = {
+    "sd": lambda out, seed: build_tiny_bundle(out, seed=seed),
+    "clip-vision": build_tiny_clip_vision,
+    "timm": build_tiny_timm,
+    "torchvision-raft": build_tiny_raft,
+}

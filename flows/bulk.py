@@ -31,11 +31,13 @@ from pydantic import Field, ValidationError
 
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import apply_run_options, check_environment, edit_video, resolve_spec, spec_param
+from reelflow.flows.sources import source_overrides, source_urls
 from reelflow.schemas.base import Model
 from reelflow.schemas.calls import SourceRef, StoreSpec
-from reelflow.schemas.errors import ModelError, SpecError, StageFailed
+from reelflow.schemas.errors import ModelError, SourceError, SpecError, StageFailed
+from reelflow.schemas.loading import load_spec
 from reelflow.schemas.manifest import RunManifest
-from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import join_url, normalize_url, options_for, url_to_fs, write_bytes
 from reelflow.tasks.artifacts import publish_table
@@ -76,6 +78,8 @@ class BulkReport(Model):
 class Clip:
     url: str
     folder: str  # relative to the library root, "" at the top
+    sources: tuple[tuple[str, str], ...] = ()  # (source name, URL) from a manifest object
+    overrides: tuple[str, ...] = ()  # this clip's own spec overrides, from a manifest object
 
     @property
     def stem(self) -> str:
@@ -127,7 +131,11 @@ def bulk_edit(
     results: dict[str, ClipResult] = {}
     todo: list[tuple[Clip, PipelineSpec]] = []
     for clip in clips:
-        clip_spec = apply_run_options(pipeline, input=clip.url, store=store, output=_output_dir(root, clip))
+        try:
+            clip_spec = clip_pipeline(pipeline, clip, store=store, output=_output_dir(root, clip))
+        except SpecError as exc:
+            results[clip.url] = ClipResult(clip=clip.url, status="failed", error=f"{type(exc).__name__}: {exc}")
+            continue
         done = existing_edit(clip, clip_spec, settings) if skip_existing else None
         if done is not None:
             results[clip.url] = done
@@ -149,6 +157,13 @@ def bulk_edit(
             f"{len(failed)} of {len(clips)} clips failed: {listed}. Fix them and rerun; finished clips are skipped"
         )
     return report
+
+
+def clip_pipeline(pipeline: PipelineSpec, clip: Clip, *, store: str | None, output: str) -> PipelineSpec:
+    """The pipeline for one clip: its video, output folder, the sources and overrides its manifest entry gives."""
+    spec = apply_run_options(pipeline, input=clip.url, store=store, output=output)
+    given = [*clip.overrides, *source_overrides(dict(clip.sources))]
+    return load_spec(spec.model_dump(mode="json"), given) if given else spec
 
 
 def check_deployment(name: str) -> None:
@@ -182,18 +197,30 @@ def list_library(library: str, settings: Settings) -> list[Clip]:
         found = [(p, path) for p in sorted(fs.find(path)) if p.lower().endswith(VIDEO_SUFFIXES)]
     elif fs.isfile(path):
         base = path.rsplit("/", 1)[0]
-        found = [(p, base) for p in _manifest_entries(fs, path, base)]
+        found = [(entry, base) for entry in _manifest_entries(fs, path, base)]
     else:
         raise SpecError(f"library {library!r} does not exist; give a directory, a glob such as 'clips/*.mp4', "
                         "or a manifest file (.txt, one clip per line, or .json, a list)")  # fmt: skip
     if not found:
         raise SpecError(f"library {library!r} holds no clips; check the glob or the manifest")
-    clips = [Clip(_url(fs, p), _folder(p, base)) for p, base in found]
+    clips = [_clip(fs, entry, base) for entry, base in found]
     _check_unique(clips)
     return clips
 
 
-def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, base: str) -> list[str]:
+def _clip(fs: fsspec.AbstractFileSystem, entry: str | dict, base: str) -> Clip:
+    if isinstance(entry, str):
+        return Clip(_url(fs, entry), _folder(entry, base))
+    sources = tuple((name, _url(fs, _resolve(value, base))) for name, value in entry.items() if name not in _ENTRY_KEYS)
+    video = _resolve(entry[VIDEO], base)
+    return Clip(_url(fs, video), _folder(video, base), sources, tuple(entry.get("overrides", ())))
+
+
+_ENTRY_KEYS = (VIDEO, "overrides")
+
+
+def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, base: str) -> list[str | dict]:
+    """A manifest's clips: paths, or (``.json``) objects ``{"video": ..., "<source>": ..., "overrides": [...]}``."""
     if path.lower().endswith(VIDEO_SUFFIXES):
         raise SpecError(f"library {path!r} is a single video; use the edit-video flow, or a glob or manifest here")
     try:
@@ -205,17 +232,30 @@ def _manifest_entries(fs: fsspec.AbstractFileSystem, path: str, base: str) -> li
             entries = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SpecError(f"library manifest {path!r} is not valid JSON ({exc}); give a list of clip paths") from None
-        if not (isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
-            raise SpecError(f"library manifest {path!r} must be a JSON list of clip paths or URLs")
+        if not (isinstance(entries, list) and all(_valid_entry(e) for e in entries)):
+            raise SpecError(
+                f"library manifest {path!r} must be a JSON list of clip paths, or of objects with a `video` path, "
+                'source paths by name and optional `overrides`, e.g. {"video": "a.mp4", "edited_frame": "a.png"}'
+            )
     else:
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    resolved = []
-    for entry in entries:
-        if "://" in entry:
-            resolved.append(entry)
-        else:
-            resolved.append(entry if entry.startswith("/") else posixpath.normpath(f"{base}/{entry}"))
-    return resolved
+    return [_resolve(e, base) if isinstance(e, str) else e for e in entries]
+
+
+def _valid_entry(entry: object) -> bool:
+    if isinstance(entry, str):
+        return True
+    if not isinstance(entry, dict) or not isinstance(entry.get(VIDEO), str):
+        return False
+    overrides = entry.get("overrides", [])
+    paths = [v for k, v in entry.items() if k != "overrides"]
+    return isinstance(overrides, list) and all(isinstance(o, str) for o in overrides) and all(isinstance(v, str) for v in paths)
+
+
+def _resolve(entry: str, base: str) -> str:
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    return posixpath.normpath(f"{base}/{entry}")
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -255,9 +295,10 @@ def manifest_url(spec: PipelineSpec, clip: Clip) -> str:
 def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipResult | None:
     """The finished edit of ``clip`` with ``spec`` if its manifest and videos are there, else None.
 
-    "Finished" means a completed manifest of the same pipeline (stages, models, seed) for a source of
-    the same size, not modified since that edit started; the outputs it names must still exist.
-    (Hashing every source again would read the whole library each night.)
+    "Finished" means a completed manifest of the same pipeline (stages, models, seed) whose sources
+    (the video and any sidecars) have the same sizes and were not modified since that edit started;
+    the outputs it names must still exist. (Hashing every source again would read the whole library
+    each night.)
     """
     try:
         manifest = read_manifest(manifest_url(spec, clip), settings)
@@ -266,10 +307,7 @@ def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipRes
     fields = {"input", "output", "store", "description"}
     if manifest.status != "completed" or manifest.spec.model_dump(exclude=fields) != spec.model_dump(exclude=fields):
         return None
-    source_fs, source = _fs(clip.url, settings)
-    if not source_fs.isfile(source) or source_fs.size(source) != manifest.input.size:
-        return None
-    if _modified(source_fs, source) > manifest.started_at:  # replaced since (same size or not)
+    if not _sources_unchanged(manifest, spec, settings):
         return None
     videos = [v for name, v in manifest.outputs.items() if name != "manifest"]
     if not videos or not all(_fs(v, settings)[0].isfile(_fs(v, settings)[1]) for v in videos):
@@ -279,18 +317,38 @@ def existing_edit(clip: Clip, spec: PipelineSpec, settings: Settings) -> ClipRes
     return _result(clip, manifest, status="exists", seconds=0.0)
 
 
+def _sources_unchanged(manifest: RunManifest, spec: PipelineSpec, settings: Settings) -> bool:
+    try:
+        urls = source_urls(spec)
+    except SourceError:
+        return False
+    records = {VIDEO: manifest.input, **manifest.sources}
+    for name, url in urls.items():
+        fs, path = _fs(url, settings)
+        if name not in records or not fs.isfile(path) or fs.size(path) != records[name].size:
+            return False
+        if _modified(fs, path) > manifest.started_at:  # replaced since (same size or not)
+            return False
+    return True
+
+
 def _same_keys(manifest: RunManifest, spec: PipelineSpec, settings: Settings) -> bool:
     """Whether planning ``spec`` now gives the stage keys the manifest recorded (a retrained model
     or a new stage version changes them). Planned from the recorded source key, so nothing is
     re-hashed; tried with each default dtype, since the worker that ran the edit picked its own.
     Where the models cannot be found here (a CPU orchestrator dispatching to GPU workers), the
     pipeline comparison already made has to do."""
-    source = SourceRef(url=manifest.input.url, key=manifest.input.key)
+    kinds = spec.source_kinds
+    records = {VIDEO: manifest.input, **manifest.sources}
+    if set(spec.used_sources()) - set(records):
+        return False
+    sources = {n: SourceRef(url=r.url, key=r.key, kind=kinds[n], size=r.size) for n, r in records.items() if n in kinds}
     recorded = {r.name: r.key for r in manifest.stages}
     local = resolve_dtype(settings, resolve_device(settings))
     try:
         for dtype in dict.fromkeys([local, "float16", "float32", "bfloat16"]):
-            planned = plan_run(spec, source=source, store=StoreSpec(url=manifest.store), run_id="", default_dtype=dtype)
+            planned = plan_run(spec, sources=sources, store=StoreSpec(url=manifest.store), run_id="", default_dtype=dtype,
+                               cache_dir=settings.model_cache_dir)
             if {p.id: p.key for p in planned} == recorded:
                 return True
     except ModelError:

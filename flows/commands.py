@@ -9,11 +9,16 @@ import json
 import logging
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from reelflow.deployments import spec_path
+from reelflow.flows.sources import source_overrides
+from reelflow.schemas.errors import SpecError
+from reelflow.schemas.registry import DECLARED_IN, load_methods, tiny_builders
+from reelflow.schemas.stages import STAGE_TYPES, stage_tag
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import human_bytes
@@ -61,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     for field in ("input", "store", "output"):
         if getattr(args, field):
             overrides.append(f"{field}={json.dumps(getattr(args, field))}")
-    spec = load_spec(spec_path(args.spec), overrides)
+    path = spec_path(args.spec)
+    overrides += source_overrides(parse_sources(args.sources, load_spec(path, overrides)))
+    spec = load_spec(path, overrides)
     manifest = run_spec(spec)
     print_summary(manifest)
     return 0
@@ -77,15 +84,17 @@ def run_spec(spec: Any) -> Any:
 
 def bulk(args: argparse.Namespace) -> int:
     from reelflow.flows.bulk import BulkReport, bulk_edit
+    from reelflow.flows.edit import supervised_here
     from reelflow.schemas.errors import StageFailed
     from reelflow.storage.files import join_url, normalize_url, url_to_fs
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
-        report = bulk_edit(
-            library=args.library, spec=spec, output=args.output, store=args.store, concurrency=args.concurrency,
-            skip_existing=args.skip_existing, dispatch=args.dispatch,
-        )  # fmt: skip
+        with supervised_here():  # this process runs the bulk run and its edits, so no heartbeats
+            report = bulk_edit(
+                library=args.library, spec=spec, output=args.output, store=args.store, concurrency=args.concurrency,
+                skip_existing=args.skip_existing, dispatch=args.dispatch,
+            )  # fmt: skip
     except StageFailed:
         url = join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json")
         fs, path = url_to_fs(url, Settings().storage_options)
@@ -126,7 +135,8 @@ def demo(args: argparse.Namespace) -> int:
     spec = prepare_demo(workdir, args.preset)
     manifest = run_spec(spec)
     print_summary(manifest)
-    print(f"\nsource clip  {spec.input}\nmodels       {spec.models['sd'].id}\nstore        {spec.store}")
+    models = ", ".join(sorted({model.id for model in spec.models.values()})) or "none"
+    print(f"\nsource clip  {spec.input}\nmodels       {models}\nstore        {spec.store}")
     print(f"try          reelflow list --store {spec.store}")
     return 0
 
@@ -145,8 +155,15 @@ def print_summary(manifest: Any) -> None:
 
 
 def _store(url: str | None) -> ArtifactStore:
+    """An existing store (``url`` or REELFLOW_STORE): these commands read or prune one, never create it."""
     settings = Settings()
-    return ArtifactStore(url or settings.store, settings.storage_options)
+    store = ArtifactStore(url or settings.store, settings.storage_options)
+    store.ensure_exists()
+    return store
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -180,8 +197,8 @@ def describe_artifact(store: ArtifactStore, rel: str) -> str:
     for slot, ref in prov.get("inputs", {}).items():
         lines.append(f"  {slot:<12} {ref.get('stage', 'file')} {ref['key'][:16]}  {ref.get('url', '')}")
     lines.append(f"params     {json.dumps(prov.get('params', {}), sort_keys=True)}")
-    if prov.get("model"):
-        lines.append(f"model      {prov['model']['id']} ({prov['model']['dtype']}, {prov['model']['fingerprint']})")
+    for role, model in prov.get("models", {}).items():
+        lines.append(f"model      {role}: {model['id']} ({model['dtype']}, {model['fingerprint']})")
     lines.append(f"run        {prov.get('run_id')} on {prov.get('host')} ({prov.get('device')})")
     lines.append("libraries  " + ", ".join(f"{k} {v}" for k, v in prov.get("libraries", {}).items()))
     extra = {k: v for k, v in attrs.items() if k not in ("provenance", "complete", "started_at", "completed_at", "seconds")}
@@ -206,7 +223,7 @@ def list_artifacts(args: argparse.Namespace) -> int:
         state = "complete" if info.complete else "INCOMPLETE"
         print(f"{when}  {info.stage:<16} {info.key[:16]}  {state:<10} {human_bytes(store.size(info.path)):>10}")
         count += 1
-    print(f"{count} artifacts in {store.url}")
+    print(f"{_plural(count, 'artifact')} in {store.url}")
     return 0
 
 
@@ -219,15 +236,50 @@ def gc(args: argparse.Namespace) -> int:
     for rel in report.removed:
         print(f"{verb} {store.url_of(rel)}")
     print(
-        f"{verb} {len(report.removed)} entries, {human_bytes(report.freed_bytes)}; kept {len(report.kept_held)} held by "
-        f"running edits; {human_bytes(report.remaining_bytes)} of artifacts remain"
+        f"{verb} {_plural(len(report.removed), 'entry', 'entries')}, {human_bytes(report.freed_bytes)}; kept "
+        f"{len(report.kept_held)} held by running edits; {human_bytes(report.remaining_bytes)} of artifacts remain"
     )
     return 0
 
 
 def models_tiny(args: argparse.Namespace) -> int:
-    from reelflow.core.tiny import build_tiny_bundle
+    builders = tiny_builders()
+    if args.kind not in builders:
+        raise SpecError(f"no tiny model {args.kind!r}; installed: {', '.join(sorted(builders))}")
+    path = builders[args.kind].tiny_builder(args.kind)(Path(args.dir), seed=args.seed)
+    print(f"wrote the tiny random model {args.kind!r} ({builders[args.kind].name}) to {path}")
+    return 0
 
-    path = build_tiny_bundle(Path(args.dir), seed=args.seed)
-    print(f"wrote a tiny random Stable-Diffusion-style bundle to {path}")
+
+def parse_sources(given: list[str], spec: Any) -> dict[str, str]:
+    """``--source NAME=PATH`` values, checked against the sources the pipeline declares."""
+    sources = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SpecError(f"--source {item!r} is not of the form NAME=PATH, e.g. edited_frame=frame0.png")
+        if name not in spec.source_kinds:
+            raise SpecError(f"pipeline {spec.name!r} has no source {name!r}; its sources: {', '.join(spec.source_kinds)}")
+        sources[name] = path
+    return sources
+
+
+def stages(args: argparse.Namespace) -> int:
+    """Every declared stage, by (stage, method), with what the engine reads from its declaration."""
+    if args.tiny:
+        for name, method in sorted(tiny_builders().items()):
+            print(f"{name:<20} {method.name:<10} {method.tiny[name]}")
+        return 0
+    load_methods()
+    for (stage, method), cls in sorted(STAGE_TYPES.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        package = DECLARED_IN.get(cls.__module__, cls.__module__)
+        print(f"{stage_tag(stage, method):<28} -> {cls.produces:<26} version {cls.version}  method {package}")
+        for slot, kinds in cls.slots.items():
+            print(f"    input  {slot} <- {'|'.join(kinds)}")
+        for slot, kind in cls.reads.items():
+            print(f"    source {slot}: {kind}")
+        for role, declared in cls.roles.items():
+            print(f"    model  {role}: {'|'.join(declared.families)}  {declared.description}")
+        for export in cls.exports:
+            print(f"    export {export.kind}" + (f" .{export.suffix}" if export.suffix else ""))
     return 0

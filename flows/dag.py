@@ -20,15 +20,19 @@ from pathlib import Path
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
 
-from reelflow.core.models import fingerprint_model
+from reelflow.core.models import fingerprint_model, get_family, infer_family
 from reelflow.schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall, StoreSpec
+from reelflow.schemas.errors import SpecError
 from reelflow.schemas.graph import Node
 from reelflow.schemas.manifest import StageRecord
 from reelflow.schemas.pipeline import ModelSpec, PipelineSpec
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.keys import stage_key
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks import TASKS
+from reelflow.tasks import load_implementations, task_for
+
+
+load_implementations()  # every method's tasks, checked against the declarations: a mismatch stops here
 
 
 @dataclass(frozen=True)
@@ -46,48 +50,64 @@ class PlannedStage:
 
 
 def plan_run(
-    spec: PipelineSpec, *, source: SourceRef, store: StoreSpec, run_id: str, default_dtype: str
+    spec: PipelineSpec,
+    *,
+    sources: Mapping[str, SourceRef],
+    store: StoreSpec,
+    run_id: str,
+    default_dtype: str,
+    cache_dir: str | None = None,
 ) -> list[PlannedStage]:
-    """Every stage with its key and call, in topological order. Loads no model."""
-    models = {name: resolve_model(m, default_dtype) for name, m in spec.models.items() if _used(spec, name)}
+    """Every stage with its key and call, in topological order. Loads no model.
+
+    ``sources`` maps each source the stages read (see :meth:`PipelineSpec.used_sources`) to its file;
+    each model is fingerprinted once here (a hub id by the commit its revision resolves to in the hub
+    cache at ``cache_dir``), and the stages load exactly that.
+    """
+    models = {name: resolve_model(m, default_dtype, cache_dir) for name, m in spec.models.items() if _used(spec, name)}
     planned: dict[str, PlannedStage] = {}
     for node in spec.graph.order():
-        inputs = {slot: InputRef(stage=planned[src].call.stage_type, key=planned[src].key) for slot, src in node.inputs.items()}
-        model = models[node.model] if node.model else None
+        producers = {slot: planned[src] for slot, src in node.inputs.items()}
+        inputs = {slot: InputRef(stage=p.call.stage_type, key=p.key, kind=p.node.spec.produces) for slot, p in producers.items()}
+        roles = {role: _fitting(node, role, name, models[name]) for role, name in node.models.items()}
+        files = {slot: sources[name] for slot, name in node.sources.items()}
         key = stage_key(
             stage=node.spec.stage,
+            method=node.spec.method,
             version=node.spec.version,
             params=node.spec.params.model_dump(mode="json"),
-            models={"model": f"{model.fingerprint}|{model.dtype}"} if model else {},
-            inputs={slot: ref.key for slot, ref in inputs.items()} | ({"source": source.key} if node.spec.reads_source else {}),
+            models={role: f"{m.fingerprint}|{m.dtype}" for role, m in roles.items()},
+            inputs={slot: ref.key for slot, ref in inputs.items()} | {f"source:{s}": f.key for s, f in files.items()},
             seed=spec.seed if node.spec.seeded() else None,
         )
-        call = StageCall(
-            pipeline=spec.name,
-            stage=node.spec,
-            key=key,
-            inputs=inputs,
-            model=model,
-            source=source if node.spec.reads_source else None,
-            seed=spec.seed,
-            store=store,
-            run_id=run_id,
-        )
+        call = StageCall(pipeline=spec.name, stage=node.spec, key=key, inputs=inputs, models=roles, sources=files,
+                         seed=spec.seed, store=store, run_id=run_id)  # fmt: skip
         planned[node.id] = PlannedStage(node, call)
     return list(planned.values())
 
 
-def resolve_model(model: ModelSpec, default_dtype: str) -> ResolvedModel:
-    return ResolvedModel(
-        id=model.id,
-        revision=model.revision,
-        dtype=model.dtype or default_dtype,
-        fingerprint=fingerprint_model(model.id, model.revision),
-    )
+def resolve_model(model: ModelSpec, default_dtype: str, cache_dir: str | None = None) -> ResolvedModel:
+    """The model's family (stated, or told from its files), dtype and fingerprint; a hub revision becomes
+    the commit it points at now, so a moved branch changes the keys and the stages load what was planned."""
+    family = get_family(model.family or infer_family(model.id, model.revision, cache_dir) or "diffusers").name
+    fingerprint = fingerprint_model(model.id, model.revision, family=family, cache_dir=cache_dir)
+    commit = fingerprint.rpartition("@")[2] if fingerprint.startswith("hub:") else None
+    return ResolvedModel(id=model.id, revision=commit, family=family, dtype=model.dtype or default_dtype,
+                         fingerprint=fingerprint)  # fmt: skip
+
+
+def _fitting(node: Node, role: str, name: str, model: ResolvedModel) -> ResolvedModel:
+    families = node.spec.roles[role].families
+    if model.family not in families:
+        raise SpecError(
+            f"stage {node.id!r} needs a {' or '.join(families)} model as its {role}, but {name!r} ({model.id}) is a "
+            f"{model.family} model; map the role to another model with `models: {{{role}: ...}}`"
+        )
+    return model
 
 
 def _used(spec: PipelineSpec, name: str) -> bool:
-    return any(node.model == name for node in spec.graph.order())
+    return any(name in node.models.values() for node in spec.graph.order())
 
 
 @dataclass
@@ -143,7 +163,7 @@ def _submit(
     options: dict = {"refresh_cache": not complete}
     if result_storage is not None:
         options["result_storage"] = result_storage
-    return TASKS[stage.call.stage_type].with_options(**options).submit(call=stage.call, wait_for=wait_for)
+    return task_for(stage.call.stage).with_options(**options).submit(call=stage.call, wait_for=wait_for)
 
 
 def _outcome(stage: PlannedStage, future: PrefectFuture, store: ArtifactStore, seconds: float) -> Outcome:

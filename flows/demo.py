@@ -1,7 +1,12 @@
-"""``reelflow demo``: a synthetic clip, a tiny model bundle, and a preset wired to both.
+"""``reelflow demo``: a synthetic clip, tiny models, and a preset wired to both.
 
-The tiny sizes keep every preset to seconds on a CPU: 96x64 frames and, for FateZero, a few DDIM
-steps with cross-frame attention on every layer (the tiny UNet has no 640-channel level).
+Any installed preset runs: every model entry points at the tiny Stable-Diffusion-style bundle,
+every named source gets a synthetic file of its kind, and every stage takes the small sizes its
+declaration lists under ``demo`` (a few frames at 96x64, a few steps), so a preset runs in seconds
+on a CPU.
+
+Torch and diffusers are imported inside ``prepare_demo``, so the CLI can show ``DEMO_DESCRIPTION``
+in ``reelflow demo --help`` without loading them.
 """
 
 from __future__ import annotations
@@ -9,39 +14,69 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reelflow.core.synthetic import write_synthetic_clip
-from reelflow.core.tiny import build_tiny_bundle
 from reelflow.deployments import spec_path
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.stages import STAGE_TYPES, DecodeVideo, stage_tag
 
-DEMO_OVERRIDES = (
-    "stages.decode_video.params.num_frames=12",
-    "stages.decode_video.params.width=96",
-    "stages.decode_video.params.height=64",
-    "stages.decode_video.params.multiple=8",
-)
-FATEZERO_OVERRIDES = (
-    "stages.decode_video.params.num_frames=6",
-    "stages.invert_latents.params.num_steps=6",
-    "stages.invert_latents.params.min_channels=0",
-)
+CLIP_SECONDS, WIDTH, HEIGHT = 2.0, 96, 64
+
+
+def _description() -> str:
+    video = DecodeVideo.demo
+    others = "; ".join(
+        f"{stage_tag(*key)}: " + ", ".join(f"{k}={v}" for k, v in cls.demo.items())
+        for key, cls in sorted(STAGE_TYPES.items(), key=lambda item: stage_tag(*item[0]))
+        if cls.demo and cls is not DecodeVideo
+    )
+    return (
+        f"Run a preset on a synthetic {CLIP_SECONDS:.0f} s clip with a tiny random Stable-Diffusion-style model, on a "
+        f"local store. Every preset takes {video['num_frames']} frames at {video['width']}x{video['height']}"
+        + (f", and these stages take small sizes of their own: {others}" if others else "")
+        + ". Everything goes under --workdir (default: demo): source.mp4, models/tiny-sd/, sources/, store/, and the "
+        "output video with its run manifest in <workdir>/output."
+    )
+
+
+DEMO_DESCRIPTION = _description()
 
 
 def prepare_demo(workdir: Path, preset: str = "reconstruct") -> PipelineSpec:
-    """Make (once) the clip and the tiny bundle under ``workdir``; return ``preset`` pointed at them."""
+    """Make (once) the clip, the tiny bundle and the sources under ``workdir``; return ``preset`` wired to them."""
+    from reelflow.core.synthetic import write_synthetic_clip
+    from reelflow.core.tiny import build_tiny_bundle
+
     workdir.mkdir(parents=True, exist_ok=True)
     clip = workdir / "source.mp4"
     if not clip.is_file():
-        write_synthetic_clip(clip, width=96, height=64, fps=24, seconds=2.0)
+        write_synthetic_clip(clip, width=WIDTH, height=HEIGHT, fps=24, seconds=CLIP_SECONDS)
     bundle = workdir / "models" / "tiny-sd"
     if not (bundle / "model_index.json").is_file():
         build_tiny_bundle(bundle, seed=0)
-    paths = (
-        f"input={json.dumps(str(clip))}",
-        f"store={json.dumps(str(workdir / 'store'))}",
-        f"output={json.dumps(str(workdir / 'output'))}",
-        f"models.sd.id={json.dumps(str(bundle))}",
-    )
-    sizes = [*DEMO_OVERRIDES, *(FATEZERO_OVERRIDES if preset.startswith("fatezero") else ())]
-    return load_spec(spec_path(preset), [*paths, *sizes])
+    spec = load_spec(spec_path(preset))
+    given = [f"input={json.dumps(str(clip))}", f"store={json.dumps(str(workdir / 'store'))}",
+             f"output={json.dumps(str(workdir / 'output'))}"]  # fmt: skip
+    given += [f"models.{name}.id={json.dumps(str(bundle))}" for name in spec.models]
+    given += [f"sources.{name}.path={json.dumps(str(_source(workdir, name, s.kind, clip)))}" for name, s in spec.sources.items()]
+    given += [f"stages.{stage.id}.params.{k}={json.dumps(v)}" for stage in spec.stages for k, v in type(stage).demo.items()]
+    return load_spec(spec_path(preset), given)
+
+
+def _source(workdir: Path, name: str, kind: str, clip: Path) -> Path:
+    """A synthetic file for a named source: a gradient image, a centred mask, or the clip (video, audio)."""
+    if kind in ("video", "audio"):
+        return clip
+    import numpy as np
+    from PIL import Image
+
+    path = workdir / "sources" / f"{name}.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+        if kind == "mask":
+            inside = ((x - WIDTH / 2) / (WIDTH / 4)) ** 2 + ((y - HEIGHT / 2) / (HEIGHT / 4)) ** 2 <= 1
+            Image.fromarray((inside * 255).astype(np.uint8)).save(path)
+        else:
+            rgb = np.stack([x * 255 // WIDTH, y * 255 // HEIGHT, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+            Image.fromarray(rgb).save(path)
+    return path

@@ -6,29 +6,31 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from prefect import Flow, flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
-from reelflow.core.models import fingerprint_model
-from reelflow.core.video import probe_video
 from reelflow.deployments import preset_names, spec_path
-from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run
+from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_model
 from reelflow.flows.runners import default_task_runner, task_runner
+from reelflow.flows.sources import check_sources, hash_sources
 from reelflow.schemas.calls import SourceRef, StoreSpec
-from reelflow.schemas.errors import InputVideoError, SpecError, StageFailed
+from reelflow.schemas.errors import SpecError, StageFailed
+from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.loading import load_spec, validate_spec
 from reelflow.schemas.manifest import RunManifest, SourceRecord
-from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import join_url, options_for, url_to_fs, write_bytes
-from reelflow.storage.keys import canonical_json, content_key
+from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
 from reelflow.tasks.artifacts import markdown_table, publish_markdown, publish_table
@@ -40,10 +42,13 @@ class PreparedRun:
     spec: PipelineSpec
     settings: Settings
     store: ArtifactStore
-    source: SourceRef
-    size: int
+    sources: dict[str, SourceRef]
     run_id: str
     planned: list[PlannedStage]
+
+    @property
+    def video(self) -> SourceRef:
+        return self.sources[VIDEO]
 
 
 def spec_param(params: dict, field: str) -> Any:
@@ -60,6 +65,43 @@ def _run_name() -> str:
     return f"{name}: {PurePosixPath(str(source)).stem}" if source else str(name)
 
 
+@contextmanager
+def supervised_here() -> Iterator[None]:
+    """Flow runs this block starts outside any other run go without Prefect's flow-run heartbeat.
+
+    Prefect 3.9 joins its heartbeat thread when a run ends, and the thread sleeps in 1 s slices: every
+    run paid up to 1 s at its end (0.98 s of a 1.09 s one-task flow). The heartbeat lets the server
+    tell that a run's process died; here the process that runs the flow is the one that asked for it
+    (``reelflow run``, a script), so whoever started it sees it die. The cost: such a run killed
+    mid-way stays ``Running`` in the UI. Kept: runs inside another run (a worker's run keeps heartbeats
+    for its subflows too) and every run of a process that sets ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``.
+    """
+    if FlowRunContext.get() is not None or "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+class SupervisedFlow(Flow):
+    """A flow whose direct calls run under ``supervised_here``. Deployments run it through Prefect's
+    engine (``run_flow``), not through a call, so their runs keep the heartbeat."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with supervised_here():
+            return super().__call__(*args, **kwargs)
+
+    def with_options(self, **options: Any) -> SupervisedFlow:
+        return supervised(super().with_options(**options))  # Prefect's with_options builds a plain Flow
+
+
+def supervised(wrapped: Flow) -> SupervisedFlow:
+    """Decorator, above ``@flow``: the flow's direct calls run under ``supervised_here``."""
+    wrapped.__class__ = SupervisedFlow
+    return wrapped
+
+
+@supervised
 @flow(
     name="edit-video",
     flow_run_name=_run_name,
@@ -119,15 +161,11 @@ def apply_run_options(spec: PipelineSpec, **options: str | None) -> PipelineSpec
     return validate_spec({**spec.model_dump(mode="json", exclude_unset=False), **given}) if given else spec
 
 
-def check_inputs(spec: PipelineSpec, settings: Settings) -> ArtifactStore:
-    """The cheap checks, before any model or Prefect run: store writable, input a readable video, models found."""
-    if not spec.input:
-        raise InputVideoError(f"pipeline {spec.name!r} has no input video; pass --input VIDEO or set `input:`")
-    store = check_environment(spec, settings)
-    fs, path = _source_fs(spec.input, settings)
-    with fs.open(path, "rb") as handle:
-        probe_video(handle)
-    return store
+def check_inputs(spec: PipelineSpec, settings: Settings) -> tuple[ArtifactStore, dict[str, str]]:
+    """The cheap checks, before any model or Prefect run: store writable, every source there and readable
+    as its kind, models found. Returns the store and the sources' URLs."""
+    urls = check_sources(spec, settings)  # before the store is created, so a bad source leaves nothing behind
+    return check_environment(spec, settings), urls
 
 
 def check_environment(spec: PipelineSpec, settings: Settings, *, models: bool = True) -> ArtifactStore:
@@ -137,7 +175,7 @@ def check_environment(spec: PipelineSpec, settings: Settings, *, models: bool = 
     task_runner(settings)  # REELFLOW_TASK_RUNNER=dask without prefect-dask is refused here
     if models:
         for model in spec.models.values():
-            fingerprint_model(model.id, model.revision)
+            resolve_model(model, "float32", settings.model_cache_dir)
         if settings.gpu_limit and any(node.spec.needs_model for node in spec.graph.order()):
             check_concurrency_limit(settings.gpu_limit)
     return store
@@ -161,38 +199,21 @@ def check_concurrency_limit(name: str) -> None:
 
 
 def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
-    """Check the inputs, hash the source and plan every stage key; nothing heavy runs here."""
-    store = check_inputs(spec, settings)
-    source, size = hash_source(spec.input, settings)
+    """Check the inputs, hash the sources and plan every stage key; nothing heavy runs here."""
+    store, urls = check_inputs(spec, settings)
+    sources = hash_sources(spec, urls, settings)
     run_id = str(flow_run.id or uuid.uuid4())
     dtype = resolve_dtype(settings, resolve_device(settings))
     store_spec = StoreSpec(url=store.url, storage_options=settings.storage_options)
-    planned = plan_run(spec, source=source, store=store_spec, run_id=run_id, default_dtype=dtype)
-    return PreparedRun(spec, settings, store, source, size, run_id, planned)
-
-
-def _source_fs(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = url_to_fs(url, settings.storage_options)
-    if not fs.isfile(path):
-        raise InputVideoError(f"input video {url!r} does not exist; check the path or URL")
-    if fs.size(path) == 0:
-        raise InputVideoError(f"input video {url!r} is empty (0 bytes); re-export or re-download it")
-    return fs, path
-
-
-def hash_source(url: str, settings: Settings) -> tuple[SourceRef, int]:
-    """The source's content key (sha256 of its size and bytes) and size."""
-    fs, path = _source_fs(url, settings)
-    local = isinstance(fs, LocalFileSystem)
-    resolved = path if local else fs.unstrip_protocol(path)
-    options = {} if local else settings.storage_options
-    return SourceRef(url=resolved, key=content_key(fs, path), storage_options=options), int(fs.size(path))
+    planned = plan_run(spec, sources=sources, store=store_spec, run_id=run_id, default_dtype=dtype,
+                       cache_dir=settings.model_cache_dir)  # fmt: skip
+    return PreparedRun(spec, settings, store, sources, run_id, planned)
 
 
 def finish_run(run: PreparedRun, outcomes: dict[str, Outcome], started: float) -> RunManifest:
     """Export output videos, gather metrics, write the manifest; returns it."""
-    stem = f"{PurePosixPath(run.source.url).stem}.{run.spec.name}"
-    outputs = _export_videos(run, outcomes, stem)
+    stem = f"{PurePosixPath(run.video.url).stem}.{run.spec.name}"
+    outputs, metrics = _exports(run, outcomes, stem)
     outputs["manifest"] = join_url(run.spec.output, f"{stem}.manifest.json")
     records = [o.record for o in outcomes.values()]
     finished = time.time()
@@ -204,32 +225,37 @@ def finish_run(run: PreparedRun, outcomes: dict[str, Outcome], started: float) -
         finished_at=finished,
         seconds=round(finished - started, 4),
         spec=run.spec,
-        input=SourceRecord(url=run.source.url, key=run.source.key, size=run.size),
+        input=_record(run.video),
+        sources={name: _record(ref) for name, ref in run.sources.items() if name != VIDEO},
         store=run.store.url,
         stages=records,
         outputs=outputs,
-        metrics=_metrics(run, outcomes),
+        metrics=metrics,
     )
     outputs["manifest"] = write_bytes(outputs["manifest"], manifest.model_dump_json(indent=2).encode(), _out_opts(run))
     return manifest.model_copy(update={"outputs": outputs})
 
 
-def _export_videos(run: PreparedRun, outcomes: dict[str, Outcome], stem: str) -> dict[str, str]:
-    videos = [(sid, o) for sid, o in outcomes.items() if o.ref is not None and o.ref.stage == "encode_video"]
-    outputs = {}
-    for stage_id, outcome in videos:
-        name = f"{stem}.mp4" if len(videos) == 1 else f"{stem}.{stage_id}.mp4"
-        data = bytes(run.store.open("encode_video", outcome.ref.key)["mp4"][:])
-        outputs[stage_id] = write_bytes(join_url(run.spec.output, name), data, _out_opts(run))
-    return outputs
+def _record(ref: SourceRef) -> SourceRecord:
+    return SourceRecord(url=ref.url, key=ref.key, size=ref.size)
 
 
-def _metrics(run: PreparedRun, outcomes: dict[str, Outcome]) -> dict[str, dict]:
-    return {
-        stage_id: dict(run.store.open("compute_metrics", o.ref.key).attrs.get("metrics", {}))
-        for stage_id, o in outcomes.items()
-        if o.ref is not None and o.ref.stage == "compute_metrics"
+def _exports(run: PreparedRun, outcomes: dict[str, Outcome], stem: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """What the stages declare as the run's outputs: files written beside the manifest, and metrics."""
+    done = [(p, outcomes[p.id].ref) for p in run.planned if outcomes[p.id].ref is not None]
+    files = [(p, ref, e) for p, ref in done for e in p.node.spec.exports if e.kind == "file"]
+    outputs: dict[str, str] = {}
+    for planned, ref, export in files:
+        alone = sum(e.suffix == export.suffix for _, _, e in files) == 1
+        name = f"{stem}.{export.suffix}" if alone else f"{stem}.{planned.id}.{export.suffix}"
+        data = bytes(run.store.open(ref.stage, ref.key)[export.array][:])
+        outputs[planned.id] = write_bytes(join_url(run.spec.output, name), data, _out_opts(run))
+    metrics = {
+        planned.id: dict(Metrics.read(run.store.open(ref.stage, ref.key).attrs).metrics)
+        for planned, ref in done
+        if any(e.kind == "metrics" for e in planned.node.spec.exports)
     }
+    return outputs, metrics
 
 
 def _out_opts(run: PreparedRun) -> dict:

@@ -20,7 +20,7 @@ from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.settings import Settings
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks import TASKS
+from reelflow.tasks import task_for
 
 
 def _run_name() -> str:
@@ -62,7 +62,7 @@ def run_stage(
         storage = result_storage(run.store)
         if storage is not None:
             options["result_storage"] = storage
-        ref: ArtifactRef = TASKS[target.call.stage_type].with_options(**options)(call=target.call)
+        ref: ArtifactRef = task_for(target.call.stage).with_options(**options)(call=target.call)
     logger.info("%s %s -> %s", target.id, target.key[:12], run.store.url_of(ref.path))
     return ref
 

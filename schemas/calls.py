@@ -18,27 +18,31 @@ class StoreSpec(Model):
 
 
 class ResolvedModel(Model):
-    """A model with its dtype settled and its fingerprint taken (no weights loaded)."""
+    """A model with its family and dtype settled and its fingerprint taken (no weights loaded)."""
 
     id: str
-    revision: str | None = None
+    revision: str | None = Field(default=None, description="For hub ids, the commit the spec's revision resolved to.")
+    family: str = Field(default="diffusers", description="Loader family.")
     dtype: DType
     fingerprint: str
 
 
 class SourceRef(Model):
-    """The source video a pipeline reads, identified by the hash of its bytes."""
+    """A file a pipeline reads (the video, an edited frame, an audio clip), identified by the hash of its bytes."""
 
     url: str
     key: str = Field(description="sha256 over the file's size and bytes.")
+    kind: str = Field(default="video", description="video, image, audio or mask.")
+    size: int = Field(default=0, description="Bytes.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class InputRef(Model):
-    """An upstream artifact by stage type and key (its path follows from those)."""
+    """An upstream artifact by stage type and key (its path follows from those), and its kind."""
 
     stage: str
     key: str
+    kind: str = ""
 
 
 class StageCall(Model):
@@ -48,8 +52,8 @@ class StageCall(Model):
     stage: AnyStage
     key: str
     inputs: dict[str, InputRef] = Field(default_factory=dict)
-    model: ResolvedModel | None = None
-    source: SourceRef | None = None
+    models: dict[str, ResolvedModel] = Field(default_factory=dict, description="Role -> model.")
+    sources: dict[str, SourceRef] = Field(default_factory=dict, description="Source slot -> file.")
     seed: int = 0
     store: StoreSpec
     run_id: str

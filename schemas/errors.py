@@ -20,8 +20,17 @@ class GraphError(SpecError):
     """The stage graph is invalid: unknown stage, unwired input, duplicate id or a cycle."""
 
 
-class InputVideoError(ReelflowError, ValueError):
+class SourceError(ReelflowError, ValueError):
+    """A named source file (video, image, audio, mask) is missing, empty, unreadable or of the wrong kind."""
+
+
+class InputVideoError(SourceError):
     """The source video cannot be used: missing, empty, not a video, truncated, no video stream."""
+
+
+class RegistryError(ReelflowError, RuntimeError):
+    """The stage registries disagree: a declaration without an implementation, or the reverse, or a
+    method package that cannot be loaded. Raised at import, never inside a flow."""
 
 
 class StoreError(ReelflowError, OSError):

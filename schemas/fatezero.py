@@ -9,15 +9,46 @@ for layers whose query length is at most 1024 (32x32 and below at 512 px).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from reelflow.schemas.base import Model, PositiveInt
-from reelflow.schemas.stages import StageSpec, register_stage
+from reelflow.schemas.kinds import Attrs, register_kind
+from reelflow.schemas.registry import Method
+from reelflow.schemas.stages import Role, StageSpec, register_stage
 
 FrameKey = Literal["self", "first", "last", "mid", "previous"] | int
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+UNET = Role(families=("diffusers",), description="the denoising UNet (with its scheduler config)")
+TEXT_ENCODER = Role(families=("diffusers",), description="the CLIP text encoder and its tokenizer")
+
+
+class AttentionLayer(Model):
+    is_cross: bool
+    query_len: int
+    shape: tuple[int, ...] = Field(description="(F, heads, queries, keys) of one step's map.")
+
+
+class DdimAttentionInversion(Attrs):
+    """What FateZero's inversion leaves for its edits: the schedule, the recorded steps and layers."""
+
+    source_prompt: str
+    num_steps: int
+    timesteps: list[int] = Field(description="Inversion timesteps, ascending.")
+    recorded_steps: list[int]
+    recorded_cross_steps: list[int]
+    recorded_self_steps: list[int]
+    frame_keys: list[FrameKey]
+    min_channels: int
+    layers: dict[str, AttentionLayer] = Field(description="Recorded layer -> what its maps are.")
+
+
+register_kind(
+    "inversion/ddim-attention",
+    DdimAttentionInversion,
+    "DDIM inversion latents of every step with the self/cross attention maps recorded on the way (FateZero)",
+)
 
 
 class InvertLatentsParams(Model):
@@ -60,17 +91,19 @@ class InvertLatents(StageSpec):
 
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",)}
-    produces: ClassVar[str] = "inversion"
-    needs_model: ClassVar[bool] = True
+    produces: ClassVar[str] = "inversion/ddim-attention"
+    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "text_encoder": TEXT_ENCODER}
+    # The tiny UNet has no 640-channel level: cross-frame attention on every layer instead.
+    demo: ClassVar[dict[str, Any]] = {"num_steps": 6, "min_channels": 0}
 
     stage: Literal["invert_latents"] = "invert_latents"
+    method: Literal["fatezero"] = Field(default="fatezero", description="DDIM inversion recording attention.")
     params: InvertLatentsParams = Field(description="Inversion options.")
 
 
 class FateZeroParams(Model):
     """One FateZero edit: a target prompt and how the inversion's attention is fused into it."""
 
-    method: Literal["fatezero"] = Field(default="fatezero", description="Editing method.")
     target_prompt: str = Field(min_length=1, description="What the edited video should show.")
     negative_prompt: str = Field(default="", description="Unconditional prompt for classifier-free guidance.")
     guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="Classifier-free guidance scale.")
@@ -120,12 +153,13 @@ class DenoiseLatents(StageSpec):
     """Denoise from the inverted latents with the target prompt, fusing the stored attention (FateZero)."""
 
     version: ClassVar[str] = "1"
-    slots: ClassVar[dict[str, tuple[str, ...]]] = {"inversion": ("inversion",)}
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {"inversion": ("inversion/ddim-attention",)}
     produces: ClassVar[str] = "latents"
-    needs_model: ClassVar[bool] = True
+    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "text_encoder": TEXT_ENCODER}
     same_model_slots: ClassVar[tuple[str, ...]] = ("inversion",)
 
     stage: Literal["denoise_latents"] = "denoise_latents"
+    method: Literal["fatezero"] = Field(default="fatezero", description="Attention-fusion editing (FateZero).")
     params: FateZeroParams = Field(description="The edit.")
 
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
@@ -146,3 +180,10 @@ class DenoiseLatents(StageSpec):
                     f"its windows need {kind}-attention maps for {needed} of the steps but {inversion.id!r} records "
                     f"{recorded} of them; set {inversion.id}.params.{name} to at least {needed}"
                 )
+
+
+METHOD = Method(
+    name="fatezero",
+    description="FateZero (Qi et al. 2023): DDIM inversion recording attention, attention-fusion editing.",
+    implementations=("reelflow.tasks.fatezero",),
+)

@@ -19,7 +19,8 @@ class Node:
 
     spec: StageSpec
     inputs: Mapping[str, str]
-    model: str | None
+    models: Mapping[str, str] = field(default_factory=dict)  # role -> name in the pipeline's `models`
+    sources: Mapping[str, str] = field(default_factory=dict)  # source slot -> name of a pipeline source
 
     @property
     def id(self) -> str:
@@ -44,9 +45,13 @@ class Graph:
         return found
 
 
-def resolve_graph(stages: Sequence[StageSpec], model_names: Sequence[str]) -> Graph:
+def resolve_graph(
+    stages: Sequence[StageSpec], models: Mapping[str, str | None], sources: Mapping[str, str]
+) -> Graph:
+    """Wire ``stages``; ``models`` maps model names to their family (None: not stated), ``sources``
+    maps source names to their kind."""
     by_id = _unique_ids(stages)
-    nodes = {s.id: Node(s, _wire(s, by_id), _pick_model(s, model_names)) for s in stages}
+    nodes = {s.id: Node(s, _wire(s, by_id), _pick_models(s, models), _pick_sources(s, sources)) for s in stages}
     _check_same_models(nodes)
     return _expand(Graph({i: nodes[i] for i in _topological(nodes)}))
 
@@ -55,11 +60,13 @@ def _check_same_models(nodes: Mapping[str, Node]) -> None:
     for node in nodes.values():
         for slot in node.spec.same_model_slots:
             source = nodes[node.inputs[slot]]
-            if source.model != node.model:
-                raise GraphError(
-                    f"stage {node.id!r} uses model {node.model!r} but reads {slot!r} from {source.id!r}, which used "
-                    f"{source.model!r}; they must share one model (set the same `model:` on both)"
-                )
+            for role in sorted(set(node.models) & set(source.models)):
+                if source.models[role] != node.models[role]:
+                    raise GraphError(
+                        f"stage {node.id!r} uses model {node.models[role]!r} as its {role} but reads {slot!r} from "
+                        f"{source.id!r}, which used {source.models[role]!r}; they must share it (set the same "
+                        f"`models: {{{role}: ...}}` on both)"
+                    )
 
 
 def _expand(graph: Graph) -> Graph:
@@ -111,7 +118,7 @@ def _variant(node: Node, index: int, override: dict, copies: Mapping[str, list[s
         first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"])
         raise GraphError(f"stage {node.id!r} each[{index}]: {where}: {first['msg']} (entry {override!r})") from None
-    return Node(spec, inputs, node.model)
+    return Node(spec, inputs, node.models, node.sources)
 
 
 def _unique_ids(stages: Sequence[StageSpec]) -> dict[str, StageSpec]:
@@ -127,7 +134,7 @@ def _wire(spec: StageSpec, by_id: Mapping[str, StageSpec]) -> dict[str, str]:
     unknown = set(spec.inputs) - set(spec.slots)
     if unknown:
         raise GraphError(
-            f"stage {spec.id!r} ({spec.stage}) has no input {sorted(unknown)[0]!r}; "
+            f"stage {spec.id!r} ({spec.tag}) has no input {sorted(unknown)[0]!r}; "
             f"its inputs are: {', '.join(spec.slots) or 'none'}"
         )
     wired = {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()}
@@ -148,8 +155,9 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
             )
         if by_id[source].produces not in kinds:
             raise GraphError(
-                f"stage {spec.id!r} input {slot!r} needs {' or '.join(kinds)}, but {source!r} "
-                f"({by_id[source].stage}) produces {by_id[source].produces}"
+                f"stage {spec.id!r} ({spec.tag}) input {slot!r} needs {' or '.join(kinds)}, but {source!r} "
+                f"({by_id[source].tag}) produces {by_id[source].produces}; wire it to a stage that produces "
+                f"{' or '.join(kinds)}"
             )
         return source
     candidates = [s.id for s in by_id.values() if s.produces in kinds and s.id != spec.id]
@@ -157,26 +165,60 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
         return candidates[0]
     hint = f"candidates: {', '.join(candidates)}" if candidates else f"add a stage that produces {' or '.join(kinds)}"
     raise GraphError(
-        f"stage {spec.id!r} ({spec.stage}) input {slot!r} is not wired; set `inputs: {{{slot}: <stage id>}}` ({hint})"
+        f"stage {spec.id!r} ({spec.tag}) input {slot!r} is not wired; set `inputs: {{{slot}: <stage id>}}` ({hint})"
     )
 
 
-def _pick_model(spec: StageSpec, model_names: Sequence[str]) -> str | None:
-    if not spec.needs_model:
-        return None
-    if spec.model is not None:
-        if spec.model not in model_names:
+def _pick_models(spec: StageSpec, models: Mapping[str, str | None]) -> dict[str, str]:
+    """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits."""
+    unknown = set(spec.models) - set(spec.roles)
+    if unknown:
+        raise GraphError(
+            f"stage {spec.id!r} ({spec.tag}) has no model role {sorted(unknown)[0]!r}; "
+            f"its roles are: {', '.join(spec.roles) or 'none'}"
+        )
+    return {role: _pick_model(spec, role, models) for role in spec.roles}
+
+
+def _pick_model(spec: StageSpec, role: str, models: Mapping[str, str | None]) -> str:
+    families = spec.roles[role].families
+    name = spec.models.get(role) or spec.model
+    if name is not None:
+        if name not in models:
+            raise GraphError(f"stage {spec.id!r} uses model {name!r} as its {role}, which is not in `models` "
+                             f"({', '.join(models) or 'empty'})")  # fmt: skip
+        if models[name] is not None and models[name] not in families:
+            raise GraphError(f"stage {spec.id!r} needs a {' or '.join(families)} model as its {role}, but {name!r} "
+                             f"is {models[name]}; map the role to another model with `models: {{{role}: ...}}`")  # fmt: skip
+        return name
+    fits = [n for n, family in models.items() if family is None or family in families]
+    if len(fits) == 1:
+        return fits[0]
+    fix = "add one under `models`" if not fits else f"set `models: {{{role}: <name>}}` to one of {', '.join(fits)}"
+    raise GraphError(f"stage {spec.id!r} ({spec.tag}) needs a {' or '.join(families)} model as its {role}: {fix}")
+
+
+def _pick_sources(spec: StageSpec, sources: Mapping[str, str]) -> dict[str, str]:
+    """Source slot -> the pipeline source it reads (by default the source named like the slot)."""
+    unknown = set(spec.sources) - set(spec.reads)
+    if unknown:
+        raise GraphError(
+            f"stage {spec.id!r} ({spec.tag}) reads no source {sorted(unknown)[0]!r}; "
+            f"its sources are: {', '.join(spec.reads) or 'none'}"
+        )
+    picked = {}
+    for slot, kind in spec.reads.items():
+        name = spec.sources.get(slot, slot)
+        if name not in sources:
             raise GraphError(
-                f"stage {spec.id!r} uses model {spec.model!r}, which is not in `models` "
-                f"({', '.join(model_names) or 'empty'})"
+                f"stage {spec.id!r} ({spec.tag}) reads the {kind} source {name!r}, which the pipeline does not "
+                f"declare; add `sources: {{{name}: {{kind: {kind}}}}}` (declared: {', '.join(sources)})"
             )
-        return spec.model
-    if len(model_names) == 1:
-        return model_names[0]
-    raise GraphError(
-        f"stage {spec.id!r} ({spec.stage}) needs a model: "
-        + ("add one under `models`" if not model_names else f"set `model:` to one of {', '.join(model_names)}")
-    )
+        if sources[name] != kind:
+            raise GraphError(f"stage {spec.id!r} ({spec.tag}) reads {slot!r} as a {kind}, but the source {name!r} "
+                             f"is declared with kind {sources[name]!r}")  # fmt: skip
+        picked[slot] = name
+    return picked
 
 
 def _topological(nodes: Mapping[str, Node]) -> list[str]:

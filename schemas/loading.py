@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from reelflow.schemas.errors import GraphError, SpecError
 from reelflow.schemas.pipeline import PipelineSpec
-from reelflow.schemas.stages import STAGE_TYPES
+from reelflow.schemas.stages import STAGE_TYPES, stage_tag
 
 
 def load_spec(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> PipelineSpec:
@@ -140,7 +140,7 @@ def _render_loc(loc: tuple[Any, ...], raw: Mapping[str, Any]) -> str:
             index = loc[i + 1]
             entry = stages[index] if isinstance(stages, list) and index < len(stages) else None
             parts.append(f"stages.{_stage_id(entry) if entry is not None else index}")
-            i += 3 if i + 2 < len(loc) and loc[i + 2] in STAGE_TYPES else 2
+            i += 3 if i + 2 < len(loc) and loc[i + 2] in _by_tag() else 2
             continue
         parts.append(str(part))
         i += 1
@@ -162,13 +162,14 @@ def _descend(annotation: Any, part: Any) -> Any:
     if typing.get_origin(annotation) is dict:
         return typing.get_args(annotation)[-1]
     model = _as_model(annotation)
+    tagged = _by_tag()
     if model is not None:
-        if part in STAGE_TYPES and model is not STAGE_TYPES.get(part):
-            return STAGE_TYPES[part]
+        if part in tagged and model is not tagged[part]:
+            return tagged[part]
         field = model.model_fields.get(part) if isinstance(part, str) else None
         return field.annotation if field else None
-    if isinstance(part, str) and part in STAGE_TYPES:
-        return STAGE_TYPES[part]
+    if isinstance(part, str) and part in tagged:
+        return tagged[part]
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args else None
 
@@ -178,3 +179,7 @@ def _as_model(annotation: Any) -> type[BaseModel] | None:
         return annotation
     candidates = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
     return candidates[0] if len(candidates) == 1 else None
+
+
+def _by_tag() -> dict[str, type[BaseModel]]:
+    return {stage_tag(*key): cls for key, cls in STAGE_TYPES.items()}

@@ -36,7 +36,8 @@ class RunManifest(Model):
     finished_at: float
     seconds: float
     spec: PipelineSpec
-    input: SourceRecord
+    input: SourceRecord = Field(description="The video.")
+    sources: dict[str, SourceRecord] = Field(default_factory=dict, description="The other sources the stages read, by name.")
     store: str
     stages: list[StageRecord]
     outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> URL (videos, the manifest).")

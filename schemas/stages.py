@@ -1,10 +1,21 @@
 """Stage declarations: each stage's params, the artifacts it reads, the artifact it writes.
 
-A stage is declared once, here, as a pydantic model that is also the YAML shape of that stage in a
-pipeline spec (tagged by its ``stage`` literal). The class variables are the declaration the DAG
-engine reads: ``version`` (bumped when the numerics change, so stage keys change), ``slots`` (input
-name -> artifact kinds it accepts), ``produces`` (the kind it writes) and ``needs_model``. The
-runnable task for each stage lives in tasks/; nothing here holds weights or imports torch.
+A stage is declared once, as a pydantic model that is also the YAML shape of that stage in a
+pipeline spec, tagged by its ``stage`` literal and, where a stage has several implementations, its
+``method`` literal (``{stage: invert_latents, method: fatezero}``). The class variables are the
+declaration the DAG engine reads:
+
+- ``version``: bumped when the numerics change, so stage keys change;
+- ``slots``: input name -> the artifact kinds it accepts (see :mod:`reelflow.schemas.kinds`);
+- ``produces``: the kind it writes;
+- ``roles``: the models it needs, by role (``unet``, ``vae``, ``image_encoder``, ``depth``, ...);
+- ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
+- ``exports``: what it adds to the run's outputs (a video file, the metrics table);
+- ``same_model_slots``: inputs whose producer must use the same models (an edit and its inversion);
+- ``demo``: params ``reelflow demo`` sets so the stage runs in seconds on a CPU with tiny models.
+
+The runnable task for each (stage, method) is registered under the same key in reelflow.tasks;
+nothing here holds weights or imports torch.
 """
 
 from __future__ import annotations
@@ -15,30 +26,70 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from reelflow.schemas.base import Model, NonNegativeFloat, PositiveInt, StageId
+from reelflow.schemas.errors import RegistryError
+from reelflow.schemas.kinds import KINDS
+from reelflow.schemas.registry import Method
 
-STAGE_TYPES: dict[str, type[StageSpec]] = {}
+STAGE_TYPES: dict[tuple[str, str | None], type[StageSpec]] = {}
+SourceKind = Literal["video", "image", "audio", "mask"]
+SOURCE_KINDS: tuple[str, ...] = ("video", "image", "audio", "mask")
+
+
+def stage_tag(stage: str, method: str | None) -> str:
+    """The tag of a (stage, method) in a spec's stage union and in messages: ``invert_latents:fatezero``."""
+    return f"{stage}:{method}" if method else stage
 
 
 def register_stage(cls: type[StageSpec]) -> type[StageSpec]:
-    """Add a stage class to the registry under its ``stage`` literal."""
-    name = cls.model_fields["stage"].default
-    if name in STAGE_TYPES:
-        raise ValueError(f"stage {name!r} is registered twice")
-    STAGE_TYPES[name] = cls
+    """Add a stage declaration to the registry under its (stage, method) key."""
+    key = (cls.model_fields["stage"].default, cls.model_fields["method"].default)
+    if key in STAGE_TYPES and STAGE_TYPES[key] is not cls:
+        raise RegistryError(f"stage {stage_tag(*key)} is declared twice ({STAGE_TYPES[key].__module__}, {cls.__module__})")
+    for kind in (cls.produces, *(k for kinds in cls.slots.values() for k in kinds)):
+        if kind not in KINDS:
+            raise RegistryError(f"stage {stage_tag(*key)} uses the artifact kind {kind!r}, which no method registers; "
+                                f"register it with register_kind (known: {', '.join(sorted(KINDS))})")  # fmt: skip
+    for slot, kind in cls.reads.items():
+        if kind not in SOURCE_KINDS:
+            raise RegistryError(f"stage {stage_tag(*key)} reads source {slot!r} of kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")
+    STAGE_TYPES[key] = cls
     return cls
 
 
+def methods_of(stage: str) -> list[str | None]:
+    """The methods that implement ``stage`` (None for the untagged one)."""
+    return [method for name, method in STAGE_TYPES if name == stage]
+
+
+class Role(Model):
+    """A model a stage needs, named by what it does there."""
+
+    families: tuple[str, ...] = Field(default=("diffusers",), description="Model families that can fill the role.")
+    description: str = Field(default="", description="What the stage uses it for.")
+
+
+class Export(Model):
+    """Something a stage adds to the run's outputs."""
+
+    kind: Literal["file", "metrics"] = Field(description="file: an array's bytes as a file; metrics: the metrics attr.")
+    array: str | None = Field(default=None, description="For files: the uint8 array holding the file's bytes.")
+    suffix: str | None = Field(default=None, description="For files: the output file's extension, e.g. 'mp4'.")
+
+
 class StageSpec(Model):
-    """Fields every stage shares: its id in the pipeline, its wiring and its model."""
+    """Fields every stage shares: its id in the pipeline, its wiring, its models and its sources."""
 
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {}
     produces: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = False
-    reads_source: ClassVar[bool] = False
+    roles: ClassVar[dict[str, Role]] = {}
+    reads: ClassVar[dict[str, str]] = {}
+    exports: ClassVar[tuple[Export, ...]] = ()
     same_model_slots: ClassVar[tuple[str, ...]] = ()
+    demo: ClassVar[dict[str, Any]] = {}
 
     stage: str
+    method: str | None = Field(default=None, description="Which implementation of the stage, when it has several.")
     id: StageId = Field(
         default="", description="Unique id of this stage in the pipeline; defaults to the stage type."
     )
@@ -49,7 +100,15 @@ class StageSpec(Model):
     )
     model: str | None = Field(
         default=None,
-        description="Name of an entry in the pipeline's `models`; defaults to the only model when there is one.",
+        description="Name of the entry in the pipeline's `models` used for every role not set in `models`; "
+        "defaults to the only model when there is one.",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Model role (unet, vae, image_encoder, ...) -> name of an entry in `models`."
+    )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Source slot -> name of a source of the pipeline; a slot left out reads the source of its own name.",
     )
     each: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -65,12 +124,23 @@ class StageSpec(Model):
             return {**data, "id": data["stage"]}
         return data
 
+    @property
+    def tag(self) -> str:
+        return stage_tag(self.stage, self.method)
+
+    @property
+    def needs_model(self) -> bool:
+        return bool(self.roles)
+
     def seeded(self) -> bool:
         """True when the pipeline seed changes this stage's output (the seed then enters its key)."""
         return False
 
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
         """Raise ValueError when this stage cannot use what its wired producers will make."""
+
+
+SD_VAE = Role(families=("diffusers",), description="the VAE of the latent space")
 
 
 class DecodeVideoParams(Model):
@@ -112,7 +182,8 @@ class DecodeVideo(StageSpec):
 
     version: ClassVar[str] = "1"
     produces: ClassVar[str] = "video_frames"
-    reads_source: ClassVar[bool] = True
+    reads: ClassVar[dict[str, str]] = {"video": "video"}
+    demo: ClassVar[dict[str, Any]] = {"num_frames": 8, "width": 96, "height": 64, "multiple": 8}
 
     stage: Literal["decode_video"] = "decode_video"
     params: DecodeVideoParams = Field(default_factory=DecodeVideoParams, description="Frame selection and sizing.")
@@ -133,7 +204,7 @@ class EncodeLatents(StageSpec):
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"frames": ("video_frames", "frames")}
     produces: ClassVar[str] = "latents"
-    needs_model: ClassVar[bool] = True
+    roles: ClassVar[dict[str, Role]] = {"vae": SD_VAE}
 
     stage: Literal["encode_latents"] = "encode_latents"
     params: EncodeLatentsParams = Field(default_factory=EncodeLatentsParams, description="VAE encoding options.")
@@ -153,7 +224,7 @@ class DecodeLatents(StageSpec):
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",)}
     produces: ClassVar[str] = "frames"
-    needs_model: ClassVar[bool] = True
+    roles: ClassVar[dict[str, Role]] = {"vae": SD_VAE}
 
     stage: Literal["decode_latents"] = "decode_latents"
     params: DecodeLatentsParams = Field(default_factory=DecodeLatentsParams, description="VAE decoding options.")
@@ -178,6 +249,7 @@ class EncodeVideo(StageSpec):
         "source": ("video_frames",),
     }
     produces: ClassVar[str] = "video"
+    exports: ClassVar[tuple[Export, ...]] = (Export(kind="file", array="mp4", suffix="mp4"),)
 
     stage: Literal["encode_video"] = "encode_video"
     params: EncodeVideoParams = Field(default_factory=EncodeVideoParams, description="Encoder options.")
@@ -202,6 +274,21 @@ class ComputeMetrics(StageSpec):
         "edited": ("frames", "video_frames"),
     }
     produces: ClassVar[str] = "metrics"
+    exports: ClassVar[tuple[Export, ...]] = (Export(kind="metrics"),)
 
     stage: Literal["compute_metrics"] = "compute_metrics"
     params: ComputeMetricsParams = Field(default_factory=ComputeMetricsParams, description="Which metrics.")
+
+
+METHOD = Method(
+    name="core",
+    description="The stages every pipeline shares: decode and encode video and latents, metrics.",
+    implementations=("reelflow.tasks.video", "reelflow.tasks.vae", "reelflow.tasks.metrics"),
+    presets="reelflow.deployments.presets",
+    tiny={
+        "sd": "reelflow.core.tiny:build_tiny_bundle",
+        "clip-vision": "reelflow.core.tiny:build_tiny_clip_vision",
+        "timm": "reelflow.core.tiny:build_tiny_timm",
+        "torchvision-raft": "reelflow.core.tiny:build_tiny_raft",
+    },
+)

@@ -24,7 +24,13 @@ ATTENTION = "attention"
 # Bit-shuffled LZ4 in Blosc: on float16 softmax maps both faster and smaller than plain zstd
 # (measured in benchmarks/attention_store.py), and a standard Zarr v3 codec every reader has.
 MAP_CODEC = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
-_DIMS = ("step", "frame", "head", "query", "key")
+
+
+def _dims(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Dimension names of a layer's ``(steps, F, H, Nq, Nk)`` array. Heads, queries and keys differ between
+    layers, so their names carry their sizes: the ``attention`` group then opens as one xarray Dataset."""
+    _, _, heads, queries, keys = shape
+    return ("step", "frame", f"head_{heads}", f"query_{queries}", f"key_{keys}")
 
 
 class AttentionWriter:
@@ -33,10 +39,13 @@ class AttentionWriter:
     def __init__(self, writer: ArtifactWriter, num_steps: int, *, queue_size: int = 8) -> None:
         self.writer = writer
         self.num_steps = num_steps
-        self.layers: dict[str, dict[str, Any]] = {}
+        self.layers: dict[str, dict[str, Any]] = _stored_layers(writer) if writer.resumed_parts else {}
         self.raw_bytes = 0
         self.write_seconds = 0.0
         self._arrays: dict[str, zarr.Array] = {}
+        self._queued = 0  # maps queued so far, and the count when each step's last map was queued
+        self._written = 0
+        self._step_queued: dict[int, int] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="reelflow-attention-writer", daemon=True)
@@ -48,7 +57,13 @@ class AttentionWriter:
             raise self._error
         if layer not in self.layers:
             self.layers[layer] = {"is_cross": is_cross, "query_len": int(probs.shape[2]), "shape": list(probs.shape)}
+        self._queued += 1
+        self._step_queued[step] = self._queued
         self._queue.put((step, layer, probs.astype(np.float16, copy=False)))
+
+    def flushed(self, step: int) -> bool:
+        """Whether every map of ``step`` queued so far is in the store (true for a step that recorded none)."""
+        return self._written >= self._step_queued.get(step, 0)
 
     def close(self) -> None:
         """Wait for every queued map to be written; re-raise a write error."""
@@ -78,6 +93,7 @@ class AttentionWriter:
                 self._array(layer, probs.shape)[step] = probs
                 self.write_seconds += time.perf_counter() - started
                 self.raw_bytes += probs.size * 4  # what the same map costs as float32
+                self._written += 1
             except BaseException as exc:  # noqa: BLE001  (surfaced to the producer by write/close)
                 self._error = exc
 
@@ -87,11 +103,19 @@ class AttentionWriter:
                 f"{ATTENTION}/{layer}",
                 shape=(self.num_steps, *shape),
                 dtype=np.float16,
-                dims=_DIMS,
+                dims=_dims((self.num_steps, *shape)),
                 chunks=(1, *shape),
                 compressor=MAP_CODEC,
+                attrs=self.layers[layer],
             )
         return self._arrays[layer]
+
+
+def _stored_layers(writer: ArtifactWriter) -> dict[str, dict[str, Any]]:
+    """The layers an earlier attempt of a resumed write recorded, from their arrays' attrs."""
+    if ATTENTION not in writer.group:
+        return {}
+    return {name: dict(array.attrs) for name, array in writer.group[ATTENTION].arrays() if "is_cross" in array.attrs}
 
 
 class AttentionReader:

@@ -15,7 +15,8 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-KEY_SCHEMA = "reelflow-stage-key/1"
+# 2: stages are keyed by (stage, method), models by role, and sources by slot.
+KEY_SCHEMA = "reelflow-stage-key/2"
 _READ_BLOCK = 8 << 20
 
 
@@ -27,16 +28,19 @@ def canonical_json(value: Any) -> str:
 def stage_key(
     *,
     stage: str,
+    method: str | None = None,
     version: str,
     params: Mapping[str, Any],
     models: Mapping[str, str],
     inputs: Mapping[str, str],
     seed: int | None,
 ) -> str:
-    """sha256 hex of a stage's identity. ``models`` maps role -> fingerprint, ``inputs`` slot -> input key."""
+    """sha256 hex of a stage's identity. ``models`` maps role -> fingerprint, ``inputs`` slot -> input key
+    (a named source's slot as ``source:<slot>`` -> the hash of its bytes)."""
     identity = {
         "schema": KEY_SCHEMA,
         "stage": stage,
+        "method": method,
         "version": version,
         "params": params,
         "models": dict(models),

@@ -39,6 +39,8 @@ ARTIFACTS = "artifacts"
 PICTURES = "pictures"
 TEMP_MARK = ".tmp-"
 TRASH_MARK = ".trash-"
+RESUME_MARK = f"{TEMP_MARK}resume"  # the fixed temporary name of a resumable write, found again after a crash
+PARTS_DONE = "parts_done"
 _COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
 _ARTIFACT_URL = re.compile(r"^(?P<root>.*?)/?artifacts/(?P<stage>[a-z0-9_]+)/[0-9a-f]{2}/(?P<key>[0-9a-f]{64})\.zarr/?$")
 
@@ -59,9 +61,25 @@ class ArtifactInfo:
 class ArtifactWriter:
     """Writes arrays and attrs into a group that is not yet complete."""
 
-    def __init__(self, group: zarr.Group, path: str) -> None:
+    def __init__(self, group: zarr.Group, path: str, *, resumable: bool = False) -> None:
         self.group = group
         self.path = path
+        self.resumable = resumable
+        done = group.attrs.get(PARTS_DONE, []) if resumable else []
+        self.resumed_parts: tuple[str, ...] = tuple(done)  # parts an earlier attempt finished
+        self._done = list(done)
+
+    def is_done(self, part: str) -> bool:
+        """Whether ``part`` (a step, a window) was written completely by this or an earlier attempt."""
+        return part in self._done
+
+    def mark_done(self, part: str) -> None:
+        """Record that ``part`` is fully written; a resumed write skips it. Call after its data is stored."""
+        if not self.resumable:
+            raise ValueError("mark_done needs a resumable write (ArtifactStore.write(..., resumable=True))")
+        if part not in self._done:
+            self._done.append(part)
+            self.group.attrs.update({PARTS_DONE: list(self._done), "touched_at": time.time()})
 
     def create_array(
         self,
@@ -74,8 +92,15 @@ class ArtifactWriter:
         attrs: Mapping[str, Any] | None = None,
         compressor: zarr.abc.codec.BytesBytesCodec | None = None,
     ) -> zarr.Array:
-        """An empty array chunked along its first axis, for stages that stream their output."""
+        """An empty array chunked along its first axis, for stages that stream their output.
+
+        In a resumed write an array of that name, shape and dtype is returned as the earlier attempt left it.
+        """
         dtype = np.dtype(dtype)
+        if self.resumable and name in self.group:
+            existing = self.group[name]
+            if isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.dtype == dtype:
+                return existing
         return self.group.create_array(
             name,
             shape=shape,
@@ -85,6 +110,7 @@ class ArtifactWriter:
             dimension_names=list(dims),
             attributes=dict(attrs or {}),
             fill_value=0,
+            overwrite=self.resumable,
         )
 
     def write_array(
@@ -148,6 +174,14 @@ class ArtifactStore:
                 "point --store or REELFLOW_STORE at a writable location"
             ) from exc
 
+    def ensure_exists(self) -> None:
+        """Refuse a store root that is not there, creating nothing: for commands that only read or prune one."""
+        if not self.fs.isdir(self.root):
+            raise StoreError(
+                f"store {self.url!r} does not exist; check --store or REELFLOW_STORE "
+                "(a run creates its store, list/inspect/gc only read one)"
+            )
+
     # reading ---------------------------------------------------------------------------------
 
     def read_attrs(self, rel: str) -> dict[str, Any]:
@@ -198,22 +232,55 @@ class ArtifactStore:
     # writing ---------------------------------------------------------------------------------
 
     @contextmanager
-    def write(self, stage: str, key: str, attrs: Mapping[str, Any]) -> Iterator[ArtifactWriter]:
-        """Create the artifact's group; on success mark it complete and publish it, on error remove it."""
+    def write(
+        self, stage: str, key: str, attrs: Mapping[str, Any], *, resumable: bool = False
+    ) -> Iterator[ArtifactWriter]:
+        """Create the artifact's group; on success mark it complete and publish it, on error remove it.
+
+        A ``resumable`` write keeps its partial group when it fails or its process dies, and the next
+        write of the same key reopens it: the writer says which parts are done (:meth:`ArtifactWriter.
+        is_done`), the body computes only the others, and the commit records ``resumed_parts``. Readers
+        still never see it before the ``complete`` marker.
+        """
         final = self.abspath(self.artifact_path(stage, key))
-        target = f"{final}{TEMP_MARK}{int(time.time())}-{uuid.uuid4().hex[:8]}" if self.atomic_rename else final
-        if not self.atomic_rename and self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
-        started = {**attrs, "complete": False, "started_at": time.time()}
-        group = zarr.open_group(self._zarr_store(target, read_only=False), mode="w", attributes=started)
+        target = self._write_target(final, resumable)
+        group = self._resumed_group(target, key) if resumable else None
+        if group is not None:
+            group.attrs.update({**attrs, "complete": False, "resumed_at": time.time()})
+        else:
+            if not self.atomic_rename and self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            started = {**attrs, "complete": False, "started_at": time.time()}
+            group = zarr.open_group(self._zarr_store(target, read_only=False), mode="w", attributes=started)
+        writer = ArtifactWriter(group, target, resumable=resumable)
         try:
-            yield ArtifactWriter(group, target)
-            group.attrs.update({"complete": True, "completed_at": time.time()})
+            yield writer
+            done = {"complete": True, "completed_at": time.time()}
+            group.attrs.update({**done, "resumed_parts": list(writer.resumed_parts)} if resumable else done)
         except BaseException:
-            self._remove_abs(target)
+            if not resumable:
+                self._remove_abs(target)
             raise
         if self.atomic_rename:
             self._publish(target, final)
+
+    def _write_target(self, final: str, resumable: bool) -> str:
+        if not self.atomic_rename:
+            return final
+        if resumable:
+            return f"{final}{RESUME_MARK}"
+        return f"{final}{TEMP_MARK}{int(time.time())}-{uuid.uuid4().hex[:8]}"
+
+    def _resumed_group(self, target: str, key: str) -> zarr.Group | None:
+        """The partial group an earlier attempt at ``key`` left, if there is one to continue."""
+        try:
+            meta = json.loads(self.fs.cat_file(f"{target}/zarr.json"))
+        except (FileNotFoundError, ValueError):
+            return None
+        attrs = meta.get("attributes", {})
+        if attrs.get("complete") or attrs.get("provenance", {}).get("key", key) != key:
+            return None
+        return zarr.open_group(self._zarr_store(target, read_only=False), mode="r+")
 
     def _publish(self, temp: str, final: str) -> None:
         try:
@@ -268,8 +335,16 @@ class ArtifactStore:
         found = []
         for path in self.fs.glob(self.abspath(f"{ARTIFACTS}/*/*/*.zarr{TEMP_MARK}*")):
             stamp = path.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-            found.append((self._relative(path), float(stamp) if stamp.isdigit() else 0.0))
+            found.append((self._relative(path), float(stamp) if stamp.isdigit() else self._touched(path)))
         return found
+
+    def _touched(self, path: str) -> float:
+        """When a resumable partial last finished a part (0 when unreadable: it is swept as stale)."""
+        try:
+            attrs = json.loads(self.fs.cat_file(f"{path}/zarr.json")).get("attributes", {})
+        except (FileNotFoundError, ValueError):
+            return 0.0
+        return float(attrs.get("touched_at") or attrs.get("resumed_at") or attrs.get("started_at") or 0.0)
 
     def trash(self) -> list[str]:
         """Relative paths of groups a removal unpublished but did not finish deleting."""
@@ -295,7 +370,7 @@ class ArtifactStore:
             attrs = self.read_attrs(rel)
         except ArtifactNotFound:
             return None
-        created = float(attrs.get("completed_at") or attrs.get("started_at") or 0.0)
+        created = float(attrs.get("completed_at") or attrs.get("touched_at") or attrs.get("started_at") or 0.0)
         return ArtifactInfo(stage, key, rel, self.url_of(rel), bool(attrs.get("complete")), created, attrs)
 
     def _relative(self, path: str) -> str:

@@ -1,6 +1,7 @@
-"""One thin Prefect task per stage; importing this package registers them all in ``TASKS``."""
+"""One thin Prefect task per declared stage, registered by ``@stage_task`` in each method's
+implementation modules; :func:`load_implementations` (run when the DAG engine is imported) loads them
+all and checks that declarations and implementations match."""
 
-from reelflow.tasks import fatezero, metrics, vae, video  # noqa: F401  (registration side effect)
-from reelflow.tasks.stage import TASKS
+from reelflow.tasks.stage import TASKS, load_implementations, task_for
 
-__all__ = ["TASKS"]
+__all__ = ["TASKS", "load_implementations", "task_for"]

@@ -6,7 +6,12 @@ stage's pictures stay valid) and linked by a URL the browser can load:
 * ``REELFLOW_PICTURES_URL`` set: that base URL plus the path below ``pictures/``; on a local store
   ``reelflow serve-pictures`` serves exactly that directory;
 * an object store (s3://, gs://, ...): a presigned URL valid for ``REELFLOW_PICTURE_URL_SECONDS``;
-* otherwise the PNG is embedded as a data URL, which needs no server at all.
+* otherwise the picture is embedded as a data URL, which needs no server at all: the PNG itself when
+  it is at most ``EMBED_BYTES``, else a JPEG thumbnail of at most that size, with the full-size PNG's
+  place in the store named under it. A keyed artifact's whole markdown rides in one Prefect event
+  (``prefect.artifact-collection.created``/``updated``), and the server drops events over
+  ``PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES`` (1.5 MB by default), so a full-size contact sheet
+  of real frames (megabytes) must never be embedded.
 
 Outside a Prefect run (``task.fn()`` in tests, a plain loop) nothing is published.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +36,9 @@ from reelflow.storage.files import human_bytes, put_atomic
 from reelflow.storage.store import PICTURES, ArtifactStore
 
 MIN_TILE = 96
+# The largest picture embedded as is, and the bound on a thumbnail: a few pictures per markdown stay
+# far below Prefect's 1.5 MB event limit (a data URL is 4/3 of the bytes).
+EMBED_BYTES = 128 * 1024
 
 
 def contact_sheet(frames: np.ndarray, rows: Sequence[np.ndarray] = ()) -> bytes:
@@ -56,7 +65,10 @@ def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png:
     """Save ``png`` in the store beside the artifact it depicts and return markdown that shows it."""
     rel = f"{PICTURES}/{stage}/{key}/{name}.png"
     put_atomic(store.fs, store.abspath(rel), png)
-    return f"![{name}]({picture_url(store, rel, png, settings)})"
+    url = picture_url(store, rel, png, settings)
+    if url.startswith("data:") and len(png) > EMBED_BYTES:
+        return f"![{name}]({url})\n\n*thumbnail; the full-size PNG ({human_bytes(len(png))}) is `{store.url_of(rel)}`*"
+    return f"![{name}]({url})"
 
 
 def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) -> str:
@@ -69,7 +81,22 @@ def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) 
             pass
         except Exception as exc:  # noqa: BLE001  (no signing credentials must not fail a finished stage)
             logging.getLogger(__name__).warning("cannot presign %s (%s); embedding the picture instead", rel, exc)
-    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    if len(png) <= EMBED_BYTES:
+        return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    return f"data:image/jpeg;base64,{base64.b64encode(thumbnail(png, EMBED_BYTES)).decode()}"
+
+
+def thumbnail(png: bytes, max_bytes: int) -> bytes:
+    """A JPEG of ``png``, scaled down until it takes at most ``max_bytes`` (a 1x1 one takes what it takes)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = 1.0
+    while True:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        buffer = io.BytesIO()
+        image.resize(size, Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=85)
+        if buffer.tell() <= max_bytes or size == (1, 1):
+            return buffer.getvalue()
+        scale *= min(0.9, math.sqrt(max_bytes / buffer.tell()))  # the encoded size goes about with the pixels
 
 
 def artifact_key(name: str) -> str:

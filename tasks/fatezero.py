@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,22 +12,31 @@ import numpy as np
 import torch
 import zarr
 
-from reelflow.core.attention.processor import install_frame_processors, set_num_frames
-from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
-from reelflow.core.editing.prompt_to_prompt import equalizer, refine_mapper, replace_matrix, step_window, word_token_indices
-from reelflow.core.inversion.ddim import ddim_invert, inversion_timesteps
-from reelflow.core.sampling.ddim import classifier_free_guidance, ddim_denoise_step, denoising_timesteps
+from reelflow.core.attention.processor import install_frame_processors
+from reelflow.core.editing.fatezero import (
+    FusionController,
+    FusionPlan,
+    RecordingController,
+    fusion_plan,
+    recorded_steps,
+    word_heatmaps,
+)
+from reelflow.core.editing.fatezero_edit import LatentBlender, fatezero_edit, fatezero_invert
+from reelflow.core.editing.prompt_to_prompt import word_token_indices
+from reelflow.core.inversion.ddim import inversion_timesteps
 from reelflow.core.text import encode_prompts
 from reelflow.schemas.calls import StageCall
-from reelflow.schemas.fatezero import FateZeroParams
+from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
+from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.attention import AttentionReader, AttentionWriter
 from reelflow.tasks.artifacts import artifact_key, contact_sheet, publish_markdown
-from reelflow.tasks.models import component, model_lock
+from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
-LATENT_DIMS = ("step", "frame", "channel", "y", "x")
+LATENT_DIMS = ("level", "frame", "latent_channel", "y", "x")  # level k: after k inversion steps (0: clean)
+MASK_DIMS = ("frame", "mask_y", "mask_x")  # the blend mask's grid, coarser than the latents'
 logger = logging.getLogger(__name__)
 
 
@@ -43,67 +52,80 @@ def frame_attention(unet: Any, *, frame_keys: tuple, min_channels: int, controll
             unet.set_attn_processor(original)
 
 
-@stage_task("invert_latents")
+@stage_task("invert_latents", "fatezero")
 def invert_latents(call: StageCall) -> ArtifactRef:
-    """DDIM inversion: latents of every step ``(T+1, F, 4, h, w)`` and ``attention/{layer}`` maps."""
-    return run_stage(call, _invert)
+    """DDIM inversion: latents of every step ``(T+1, F, 4, h, w)`` and ``attention/{layer}`` maps.
+
+    Resumable: each step is marked done once its latents and maps are stored, and an attempt after a
+    crash continues from the last stored step.
+    """
+    return run_stage(call, _invert, resumable=True)
 
 
-def _invert(ctx: StageContext) -> dict[str, Any]:
+def _invert(ctx: StageContext) -> DdimAttentionInversion:
     p = ctx.call.stage.params
     z0 = torch.from_numpy(ctx.array("latents", "latents", "float32"))
-    unet, text = _models(ctx)
-    scheduler = component(ctx.call.model, "scheduler", ctx.settings)
-    frames, steps = z0.shape[0], p.num_steps
-    embeddings = encode_prompts(*text, [p.source_prompt]).to(unet.dtype).expand(frames, -1, -1)
+    unet, (tokenizer, text_encoder) = _models(ctx)
+    scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
+    steps, embeddings = p.num_steps, encode_prompts(tokenizer, text_encoder, [p.source_prompt])
     cross_steps, self_steps = recorded_steps(steps, p.record_fraction), recorded_steps(steps, p.self_fraction)
-    record = sorted(set(cross_steps) | set(self_steps))
     latents = ctx.writer.create_array(
         "latents", shape=(steps + 1, *z0.shape), dtype=np.float32, dims=LATENT_DIMS, chunks=(1, *z0.shape)
     )
+    start = next((k for k in range(steps) if not ctx.writer.is_done(f"step-{k}")), steps)
     latents[0] = z0.numpy()
     maps = AttentionWriter(ctx.writer, steps)
     recorder = RecordingController(p.max_query_len, set(cross_steps), lambda k, layer, cross, probs: maps.write(
         k, layer, cross, probs.to(torch.float16).cpu().numpy()), self_steps=set(self_steps))
-    ctx.progress.start(steps)
-
-    def unet_fn(z: torch.Tensor, t: int, k: int) -> torch.Tensor:
-        recorder.step = k
-        set_num_frames(unet, frames)
-        return unet(z.to(unet.device, unet.dtype), t, encoder_hidden_states=embeddings).sample.float()
-
-    def on_step(k: int, t: int, z: torch.Tensor) -> None:
-        latents[k + 1] = z.cpu().numpy()
-        ctx.progress.advance()
-
-    started = time.perf_counter()
+    ctx.progress.start(steps - start)
+    on_step, started = _StepStream(latents, maps, ctx), time.perf_counter()
     try:
         with frame_attention(unet, frame_keys=p.frame_keys, min_channels=p.min_channels, controller=recorder):
-            ddim_invert(unet_fn, z0.to(unet.device), scheduler, steps, on_step=on_step)
+            z_start = torch.from_numpy(np.asarray(latents[start]))
+            fatezero_invert(unet, z_start, embeddings, scheduler, steps, recorder, on_step=on_step, start=start)
     except BaseException:
         maps.abort()
         raise
     maps.close()
+    on_step.finish()
+    _record_store(ctx, maps, cross_steps, self_steps, time.perf_counter() - started, resumed_from=start)
+    return DdimAttentionInversion(
+        source_prompt=p.source_prompt, num_steps=steps, timesteps=inversion_timesteps(scheduler, steps).tolist(),
+        recorded_steps=sorted(set(cross_steps) | set(self_steps)), recorded_cross_steps=cross_steps,
+        recorded_self_steps=self_steps, frame_keys=list(p.frame_keys), min_channels=p.min_channels,
+        layers=maps.layers,
+    )  # fmt: skip
+
+
+class _StepStream:
+    """``on_step`` of the inversion: stores ``z_{k+1}`` and marks step ``k`` done once its maps are stored too."""
+
+    def __init__(self, latents: zarr.Array, maps: AttentionWriter, ctx: StageContext) -> None:
+        self.latents, self.maps, self.ctx, self.pending = latents, maps, ctx, []
+
+    def __call__(self, k: int, t: int, z: torch.Tensor) -> None:
+        self.latents[k + 1] = z.cpu().numpy()
+        self.pending.append(k)
+        while self.pending and self.maps.flushed(self.pending[0]):
+            self.ctx.writer.mark_done(f"step-{self.pending.pop(0)}")
+        self.ctx.progress.advance()
+
+    def finish(self) -> None:
+        """After the maps writer closed: every step is stored."""
+        for k in self.pending:
+            self.ctx.writer.mark_done(f"step-{k}")
+
+
+def _record_store(
+    ctx: StageContext, maps: AttentionWriter, cross_steps: list[int], self_steps: list[int], seconds: float,
+    *, resumed_from: int,
+) -> None:  # fmt: skip
+    """The attention store's sizes and timings, in the attrs and the UI."""
     stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
-    seconds = time.perf_counter() - started
     _publish_inversion(ctx, maps, stored, cross_steps, self_steps, seconds)
-    return {
-        "source_prompt": p.source_prompt,
-        "num_steps": steps,
-        "timesteps": inversion_timesteps(scheduler, steps).tolist(),
-        "recorded_steps": record,
-        "recorded_cross_steps": cross_steps,
-        "recorded_self_steps": self_steps,
-        "frame_keys": list(p.frame_keys),
-        "min_channels": p.min_channels,
-        "layers": maps.layers,
-        "attention_store": {
-            "raw_float32_bytes": maps.raw_bytes,
-            "stored_bytes": stored,
-            "write_seconds": round(maps.write_seconds, 4),
-            "inversion_seconds": round(seconds, 4),
-        },
-    }
+    ctx.record(attention_store={"raw_float32_bytes": maps.raw_bytes, "stored_bytes": stored,
+                                "write_seconds": round(maps.write_seconds, 4), "inversion_seconds": round(seconds, 4),
+                                "resumed_from_step": resumed_from})  # fmt: skip
 
 
 def _publish_inversion(
@@ -133,110 +155,62 @@ def _rel(ctx: StageContext) -> str:
 
 
 def _models(ctx: StageContext) -> tuple[Any, tuple[Any, Any]]:
-    model = ctx.call.model
-    unet = component(model, "unet", ctx.settings)
-    return unet, (component(model, "tokenizer", ctx.settings), component(model, "text_encoder", ctx.settings))
+    unet = ctx.model("unet")
+    return unet, (ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"))
 
 
-@stage_task("denoise_latents")
+@stage_task("denoise_latents", "fatezero")
 def denoise_latents(call: StageCall) -> ArtifactRef:
     """Edited latents ``(F, 4, h, w)`` and, for local edits, the blend mask ``(F, r, r)``."""
     return run_stage(call, _denoise)
 
 
-def _denoise(ctx: StageContext) -> dict[str, Any]:
+def _denoise(ctx: StageContext) -> Latents:
     p: FateZeroParams = ctx.call.stage.params
-    inversion = ctx.input("inversion")
-    steps, z = int(inversion.attrs["num_steps"]), torch.from_numpy(np.asarray(inversion["latents"][-1]))
+    inversion, attrs = ctx.input("inversion"), ctx.attrs("inversion")
+    z = torch.from_numpy(np.asarray(inversion["latents"][-1]))
     unet, (tokenizer, text_encoder) = _models(ctx)
-    scheduler = component(ctx.call.model, "scheduler", ctx.settings)
-    frames = z.shape[0]
-    plan, fusion = fusion_plan(p, tokenizer, inversion.attrs["source_prompt"], steps, latent_shape=tuple(z.shape[-2:]))
-    controller, reader = _fusion_controller(inversion, plan, unet.device)
-    prompts = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt]).to(unet.dtype)
-    embeddings = torch.cat([prompts[:1].expand(frames, -1, -1), prompts[1:].expand(frames, -1, -1)])
-    blender = _LatentBlender(inversion, controller, steps) if p.blend_latents else None
-    timesteps = denoising_timesteps(scheduler, steps).tolist()
-    if timesteps[::-1] != list(inversion.attrs["timesteps"]):
-        raise ValueError("the edit's DDIM timesteps differ from the inversion's; use the inversion's model and scheduler")
-    ctx.progress.start(steps)
+    scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
+    plan, fusion = _fusion_plan(p, tokenizer, attrs.source_prompt, attrs.num_steps, latent_shape=tuple(z.shape[-2:]))
+    controller, reader = _fusion_controller(inversion, attrs, plan, unet.device)
+    embeddings = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt])
+    blender = LatentBlender(controller, _inversion_latent(inversion)) if p.blend_latents else None
+    ctx.progress.start(attrs.num_steps)
     started = time.perf_counter()
-    with reader, frame_attention(
-        unet,
-        frame_keys=tuple(inversion.attrs["frame_keys"]),
-        min_channels=int(inversion.attrs["min_channels"]),
-        controller=controller,
-    ):
-        for i, t in enumerate(timesteps):
-            controller.begin_step(i)
-            set_num_frames(unet, frames)
-            batch = torch.cat([z, z]).to(unet.device, unet.dtype)
-            eps_uncond, eps_cond = unet(batch, t, encoder_hidden_states=embeddings).sample.float().chunk(2)
-            eps = classifier_free_guidance(eps_uncond, eps_cond, p.guidance_scale)
-            z = ddim_denoise_step(eps, t, z.to(eps.device), scheduler, steps)
-            if blender is not None:
-                z = blender(i, z)
-            ctx.progress.advance()
-    ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "channel", "y", "x"), dtype=np.float16)
-    pictures = []
-    if controller.first_mask is not None:
-        mask = controller.first_mask.cpu().numpy().astype(np.uint8)
-        ctx.writer.write_array("blend_mask", mask, dims=("frame", "y", "x"))
-        words = {w: word_token_indices(tokenizer, inversion.attrs["source_prompt"], w) for w in p.blend_words[0]}
-        heat = _write_word_maps(ctx, controller, words)
-        pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32))]
-        pictures += [(f"source cross-attention of '{word}' per frame", maps) for word, maps in zip(words, heat)]
-    _publish_edit(ctx, p, fusion, pictures)
-    return {
-        "source_prompt": inversion.attrs["source_prompt"],
-        "target_prompt": p.target_prompt,
-        "fusion": fusion,
-        "num_steps": steps,
-        "attention_read_seconds": round(reader.read_seconds, 4),
-        "attention_wait_seconds": round(reader.wait_seconds, 4),
-        "denoise_seconds": round(time.perf_counter() - started, 4),
-    }
+    with reader, frame_attention(unet, frame_keys=tuple(attrs.frame_keys), min_channels=attrs.min_channels,
+                                 controller=controller):  # fmt: skip
+        z = fatezero_edit(
+            unet, z, embeddings, scheduler, attrs.num_steps, controller, p.guidance_scale, blender=blender,
+            inverted_timesteps=attrs.timesteps, on_step=lambda i, t, latents: ctx.progress.advance(),
+        )  # fmt: skip
+    ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float16)
+    _publish_edit(ctx, p, fusion, _write_blend_maps(ctx, controller, tokenizer, attrs.source_prompt, p.blend_words))
+    ctx.record(source_prompt=attrs.source_prompt, target_prompt=p.target_prompt, fusion=fusion, num_steps=attrs.num_steps,
+               attention_read_seconds=round(reader.read_seconds, 4), attention_wait_seconds=round(reader.wait_seconds, 4),
+               denoise_seconds=round(time.perf_counter() - started, 4))  # fmt: skip
+    return Latents()
 
 
-def fusion_plan(
+def _fusion_plan(
     p: FateZeroParams, tokenizer: Any, source_prompt: str, steps: int, *, latent_shape: tuple[int, int]
 ) -> tuple[FusionPlan, str]:
-    """Turn an edit's params into per-step windows and token maps; also says which fusion was used."""
-    plan = FusionPlan(
-        num_steps=steps,
-        cross_window=step_window(steps, p.cross_replace_steps),
-        self_window=step_window(steps, p.self_replace_steps),
-        blend_threshold=p.blend_threshold,
-        blend_resolution=p.blend_resolution or max(1, latent_shape[1] // 4),
-        latent_shape=latent_shape,
-    )
-    fusion = "refine"
-    if p.replace and len(source_prompt.split()) == len(p.target_prompt.split()):
-        plan.replace, fusion = replace_matrix(tokenizer, source_prompt, p.target_prompt), "replace"
-    else:
-        if p.replace:
-            logger.warning("replace needs prompts with the same word count; using refine (as FateZero)")
-            fusion = "refine (replace needs the same word count)"
-        plan.mapper, plan.alphas = refine_mapper(tokenizer, source_prompt, p.target_prompt)
-    if p.reweight:
-        plan.equalizer = equalizer(tokenizer, p.target_prompt, list(p.reweight), list(p.reweight.values()))
-    if p.blend_words is not None:
-        plan.blend_tokens = [i for w in p.blend_words[0] for i in word_token_indices(tokenizer, source_prompt, w)]
-    if p.blend_latents:
-        # FateZero's counter is the step number plus one and blends while it is in (0.2T, 0.8T).
-        window = torch.zeros(steps, dtype=torch.bool)
-        window[int(0.2 * steps) : max(int(0.2 * steps), int(0.8 * steps) - 1)] = True
-        plan.latent_window = window
-        plan.target_tokens = [i for w in p.blend_words[1] for i in word_token_indices(tokenizer, p.target_prompt, w)]
+    """The edit's plan from its params; warns when a replace edit falls back to refine."""
+    plan, fusion = fusion_plan(
+        tokenizer, source_prompt, p.target_prompt, steps, latent_shape=latent_shape,
+        cross_replace_steps=p.cross_replace_steps, self_replace_steps=p.self_replace_steps, replace=p.replace,
+        reweight=p.reweight, blend_words=p.blend_words, blend_threshold=p.blend_threshold,
+        blend_resolution=p.blend_resolution, blend_latents=p.blend_latents,
+    )  # fmt: skip
+    if p.replace and fusion != "replace":
+        logger.warning("replace needs prompts with the same word count; using refine (as FateZero)")
     return plan, fusion
 
 
 def _fusion_controller(
-    inversion: zarr.Group, plan: FusionPlan, device: torch.device
+    inversion: zarr.Group, attrs: DdimAttentionInversion, plan: FusionPlan, device: torch.device
 ) -> tuple[FusionController, AttentionReader]:
-    layers = {name: (info["is_cross"], info["query_len"]) for name, info in inversion.attrs["layers"].items()}
-    active = [i for i in range(plan.num_steps) if plan.cross_window[i] or plan.self_window[i]]
-    order = [plan.num_steps - 1 - i for i in active]
+    """The controller of one edit, reading the inversion's maps through a prefetching reader (the MapSource)."""
+    layers = {name: (info.is_cross, info.query_len) for name, info in attrs.layers.items()}
     pin = device.type == "cuda"
 
     def to_tensor(maps: np.ndarray) -> torch.Tensor:
@@ -244,28 +218,16 @@ def _fusion_controller(
         tensor = torch.from_numpy(maps)
         return tensor.pin_memory() if pin else tensor
 
-    steps = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
+    steps = {True: attrs.recorded_cross_steps, False: attrs.recorded_self_steps}
     recorded = {name: steps[is_cross] for name, (is_cross, _) in layers.items()}
-    reader = AttentionReader(inversion, recorded, order, transform=to_tensor)
+    reader = AttentionReader(inversion, recorded, plan.source_steps(), transform=to_tensor)
     return FusionController(plan, reader, layers), reader
 
 
-class _LatentBlender:
-    """FateZero's optional latent blending (methods.md 1.9): on the steps of the plan's latent window,
-    keep the inversion's latent of the same noise level outside the union of the source and target
-    blend-word masks."""
-
-    def __init__(self, inversion: zarr.Group, controller: FusionController, steps: int) -> None:
-        self.latents, self.controller, self.steps = inversion["latents"], controller, steps
-
-    def __call__(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        window = self.controller.plan.latent_window
-        if window is None or not window[i]:
-            return z
-        h, w = z.shape[-2:]
-        mask = self.controller.latent_mask(h * w).reshape(z.shape[0], 1, h, w).to(z)
-        reference = torch.from_numpy(np.asarray(self.latents[self.steps - 1 - i])).to(z)
-        return reference + mask * (z - reference)
+def _inversion_latent(inversion: zarr.Group) -> Callable[[int], torch.Tensor]:
+    """``k -> z_k`` from the inversion's latents, ``(F, 4, h, w)`` float32."""
+    latents = inversion["latents"]
+    return lambda k: torch.from_numpy(np.asarray(latents[k]))
 
 
 def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: list[tuple[str, np.ndarray]]) -> None:
@@ -276,15 +238,23 @@ def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: l
     publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description=p.target_prompt)
 
 
-def _write_word_maps(ctx: StageContext, controller: FusionController, words: dict[str, list[int]]) -> np.ndarray:
-    """Each source blend word's cross-attention at the first fused step, normalised per frame, ``(W, F, r, r)``."""
-    per_word = []
-    for tokens in words.values():
-        heat = torch.stack([m.mean(dim=1)[..., tokens].sum(-1) for m in controller.first_maps]).mean(0)
-        heat = heat.reshape(-1, *controller.plan.grid(heat.shape[-1]))
-        per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
-    maps = torch.stack(per_word).cpu().numpy().astype(np.float32)
+def _write_blend_maps(
+    ctx: StageContext,
+    controller: FusionController,
+    tokenizer: Any,
+    source_prompt: str,
+    blend_words: tuple[list[str], list[str]] | None,
+) -> list[tuple[str, np.ndarray]]:
+    """Writes the first blend mask ``(F, r, r)`` and the source blend words' heat maps ``(W, F, r, r)``
+    of a local edit; returns them as pictures for the UI (none for a style edit)."""
+    if controller.first_mask is None:
+        return []
+    mask = controller.first_mask.cpu().numpy().astype(np.uint8)
+    ctx.writer.write_array("blend_mask", mask, dims=MASK_DIMS)
+    words = {w: word_token_indices(tokenizer, source_prompt, w) for w in blend_words[0]}
+    maps = word_heatmaps(controller, list(words.values())).numpy()
     ctx.writer.write_array(
-        "word_heatmaps", maps, dims=("word", "frame", "y", "x"), dtype=np.float16, attrs={"words": list(words)}
+        "word_heatmaps", maps, dims=("word", *MASK_DIMS), dtype=np.float16, attrs={"words": list(words)}
     )
-    return maps
+    pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32))]
+    return pictures + [(f"source cross-attention of '{word}' per frame", heat) for word, heat in zip(words, maps)]

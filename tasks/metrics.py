@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
 from reelflow.core.metrics import METRICS
 from reelflow.schemas.calls import StageCall
+from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.tasks.artifacts import contact_sheet, markdown_table, publish_markdown
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -22,7 +22,7 @@ def compute_metrics(call: StageCall) -> ArtifactRef:
     return run_stage(call, _compute)
 
 
-def _compute(ctx: StageContext) -> dict[str, Any]:
+def _compute(ctx: StageContext) -> Metrics:
     source = ctx.array("source", "frames")
     edited = ctx.array("edited", "frames")
     means, per_frame = {}, {}
@@ -31,7 +31,7 @@ def _compute(ctx: StageContext) -> dict[str, Any]:
         ctx.writer.write_array(name, values.astype(np.float32), dims=("frame",), dtype=np.float32)
         means[name], per_frame[name] = round(float(values.mean()), 6), values
     _publish(ctx, source, edited, means, per_frame)
-    return {"metrics": means}
+    return Metrics(metrics=means)
 
 
 def _publish(

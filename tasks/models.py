@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from reelflow.core.models import load_component
+from reelflow.core.models import load_model
 from reelflow.schemas.calls import ResolvedModel
 from reelflow.schemas.errors import ModelError
 from reelflow.schemas.settings import Settings
@@ -35,17 +35,25 @@ def resolve_dtype(settings: Settings, device: str) -> str:
     return "float16" if device == "cuda" else "float32"
 
 
-def component(model: ResolvedModel | None, name: str, settings: Settings) -> Any:
+def load_role(model: ResolvedModel | None, role: str, component: str | None, settings: Settings, **options: Any) -> Any:
+    """Load the model planned for ``role`` (or one ``component`` of it: for a diffusers bundle a subfolder,
+    by default the role's own name) on this worker's device, exactly as fingerprinted when the run was
+    planned. ``options`` go to :func:`~reelflow.core.models.load_model` (e.g. ``cls="DDIMScheduler"``)."""
     if model is None:
         raise ModelError(
-            f"this stage needs a model for its {name} but its call names none; "
-            "plan calls with flows.dag.plan_run, which resolves each stage's model from the spec's `models`"
+            f"this stage needs a model as its {role} but its call names none; "
+            "plan calls with flows.dag.plan_run, which resolves each stage's roles from the spec's `models`"
         )
-    return load_component(
+    if model.family == "diffusers" and component is None:
+        component = role  # a bundle's subfolder is named like the role (unet, vae, text_encoder)
+    return load_model(
         model.id,
-        name,
+        family=model.family,
+        component=component,
         revision=model.revision,
         dtype=model.dtype,
         device=resolve_device(settings),
         cache_dir=settings.model_cache_dir,
+        fingerprint=model.fingerprint,
+        **options,
     )

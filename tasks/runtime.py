@@ -13,26 +13,28 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from prefect.context import TaskRunContext
 
 from reelflow.schemas.calls import StageCall, StoreSpec
 from reelflow.schemas.errors import LeaseHeld
+from reelflow.schemas.kinds import Attrs, kind_attrs
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.settings import Settings
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases, default_holder, renewing
 from reelflow.storage.store import ArtifactStore, ArtifactWriter
 from reelflow.tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
-from reelflow.tasks.models import resolve_device
+from reelflow.tasks.models import load_role, resolve_device
 from reelflow.tasks.progress import Progress
 
 _LIBRARIES = ("reelflow", "torch", "diffusers", "transformers", "zarr", "numpy", "av", "prefect")
@@ -41,13 +43,19 @@ _POLL_SECONDS = 0.5
 
 @dataclass
 class StageContext:
-    """What a stage body gets: its call, the store, the writer of its output and a progress reporter."""
+    """What a stage body gets: its call, the store, the writer of its output and a progress reporter.
+
+    A body reads its inputs through :meth:`input`, :meth:`array` and :meth:`attrs` (the input kind's
+    attrs model), its models through :meth:`model`, its sources through :meth:`open_source`, and returns
+    the attrs model of the kind it produces; :meth:`record` adds informational attrs for people.
+    """
 
     call: StageCall
     store: ArtifactStore
     writer: ArtifactWriter
     progress: Progress
     settings: Settings
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def input(self, slot: str) -> zarr.Group:
         ref = self.call.inputs[slot]
@@ -56,6 +64,24 @@ class StageContext:
     def array(self, slot: str, name: str, dtype: str | None = None) -> np.ndarray:
         """The whole array ``name`` of the input ``slot``, read into memory (optionally cast)."""
         return np.asarray(self.input(slot)[name][:], dtype=dtype)
+
+    def attrs(self, slot: str) -> Attrs:
+        """What the producer of ``slot`` left for this stage: its kind's attrs model."""
+        ref = self.call.inputs[slot]
+        return kind_attrs(ref.kind).read(self.store.read_attrs(self.store.artifact_path(ref.stage, ref.key)))
+
+    def model(self, role: str, component: str | None = None, **options: Any) -> Any:
+        """The model filling ``role`` (a component of it, e.g. its ``tokenizer``), loaded on this worker's device."""
+        return load_role(self.call.models.get(role), role, component, self.settings, **options)
+
+    def open_source(self, slot: str) -> Any:
+        """The source file read through ``slot``, opened for binary reading (use it as a context manager)."""
+        source = self.call.sources[slot]
+        return fsspec.open(source.url, "rb", **source.storage_options)
+
+    def record(self, **values: Any) -> None:
+        """Informational attrs (timings, sizes) stored beside the kind's attrs."""
+        self.extras.update(values)
 
     def picture(self, name: str, png: bytes) -> str:
         """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts)."""
@@ -72,8 +98,17 @@ def open_store(spec: StoreSpec) -> ArtifactStore:
     return _cached_store(spec.url, canonical_json(spec.storage_options))
 
 
-def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] | None]) -> ArtifactRef:
-    """Return the stage's artifact, computing it with ``body`` unless it is already complete."""
+Body = Callable[["StageContext"], "Attrs | None"]
+
+
+def run_stage(call: StageCall, body: Body, *, resumable: bool = False) -> ArtifactRef:
+    """Return the stage's artifact, computing it with ``body`` unless it is already complete.
+
+    A ``resumable`` body writes its output in parts (steps, windows) and marks each done with
+    ``ctx.writer.mark_done``; a crashed attempt's parts are kept, and the next attempt at the same key
+    skips the parts marked done (``ctx.writer.is_done``). The artifact still commits atomically and
+    lists the resumed parts in its ``resumed_parts`` attr.
+    """
     store = open_store(call.store)
     if store.is_complete(call.stage_type, call.key):
         return store.ref(call.stage_type, call.key)
@@ -81,7 +116,7 @@ def run_stage(call: StageCall, body: Callable[[StageContext], Mapping[str, Any] 
     with compute_lease(store, call, settings.lease_seconds) as lease:
         if not store.is_complete(call.stage_type, call.key):
             with _model_slot(call, settings):
-                _compute(call, store, settings, body, lease)
+                _compute(call, store, settings, body, lease, resumable)
             _publish_summary(call, store)
     return store.ref(call.stage_type, call.key)
 
@@ -119,16 +154,32 @@ def _compute(
     call: StageCall,
     store: ArtifactStore,
     settings: Settings,
-    body: Callable[[StageContext], Mapping[str, Any] | None],
+    body: Body,
     lease: LeaseGuard,
+    resumable: bool,
 ) -> None:
     started = time.time()
-    with store.write(call.stage_type, call.key, {"provenance": provenance(call, store, settings)}) as writer:
-        progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage_type})")
-        extra = body(StageContext(call, store, writer, progress, settings)) or {}
+    attrs = {"provenance": provenance(call, store, settings)}
+    with store.write(call.stage_type, call.key, attrs, resumable=resumable) as writer:
+        progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage.tag})")
+        ctx = StageContext(call, store, writer, progress, settings)
+        attrs = _kind_attrs(call, body(ctx))
         progress.finish()
         lease.check()
-        writer.update_attrs({**extra, "seconds": round(time.time() - started, 4)})
+        writer.update_attrs({**ctx.extras, **attrs.model_dump(mode="json"), "seconds": round(time.time() - started, 4)})
+
+
+def _kind_attrs(call: StageCall, returned: Attrs | None) -> Attrs:
+    """The attrs model of the stage's kind, as its body returned it (None is fine for kinds without attrs)."""
+    expected = kind_attrs(call.stage.produces)
+    if returned is None and not expected.model_fields:
+        return expected()
+    if not isinstance(returned, expected):
+        raise TypeError(
+            f"the body of stage {call.stage.tag} must return {expected.__name__}, the attrs of the kind "
+            f"{call.stage.produces!r} it produces; it returned {type(returned).__name__}"
+        )
+    return returned
 
 
 @dataclass
@@ -184,17 +235,18 @@ def provenance(call: StageCall, store: ArtifactStore, settings: Settings) -> dic
         slot: {"stage": ref.stage, "key": ref.key, "url": store.url_of(store.artifact_path(ref.stage, ref.key))}
         for slot, ref in call.inputs.items()
     }
-    if call.source is not None:
-        inputs["source"] = {"url": call.source.url, "key": call.source.key}
+    for slot, source in call.sources.items():
+        inputs[f"source:{slot}"] = {"kind": source.kind, "key": source.key, "url": source.url}
     return {
         "pipeline": call.pipeline,
         "stage": call.stage_type,
+        "method": call.stage.method,
         "stage_id": call.stage_id,
         "version": call.stage.version,
         "key": call.key,
         "params": call.stage.params.model_dump(mode="json"),
         "inputs": inputs,
-        "model": call.model.model_dump(mode="json") if call.model else None,
+        "models": {role: model.model_dump(mode="json") for role, model in call.models.items()},
         "seed": call.seed if call.stage.seeded() else None,
         "run_id": call.run_id,
         "task_run_id": _task_run_id(),

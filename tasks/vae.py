@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -12,8 +10,8 @@ from reelflow.core.vae import decode_latents as vae_decode
 from reelflow.core.vae import downscale_factor
 from reelflow.core.vae import encode_frames as vae_encode
 from reelflow.schemas.calls import StageCall
+from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.models import component
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
@@ -24,14 +22,15 @@ def encode_latents(call: StageCall) -> ArtifactRef:
     return run_stage(call, _encode)
 
 
-def _encode(ctx: StageContext) -> dict[str, Any]:
+def _encode(ctx: StageContext) -> Latents:
     p = ctx.call.stage.params
     frames = to_model_range(ctx.array("frames", "frames"))
-    vae = component(ctx.call.model, "vae", ctx.settings)
+    vae = ctx.model("vae")
     count, _, height, width = frames.shape
     scale = downscale_factor(vae)
     shape = (count, vae.config.latent_channels, height // scale, width // scale)
-    latents = ctx.writer.create_array("latents", shape=shape, dtype=np.float16, dims=("frame", "channel", "y", "x"))
+    dims = ("frame", "latent_channel", "y", "x")
+    latents = ctx.writer.create_array("latents", shape=shape, dtype=np.float16, dims=dims)
     generator = torch.Generator().manual_seed(ctx.call.seed) if p.sample else None
     ctx.progress.start(count)
 
@@ -40,7 +39,8 @@ def _encode(ctx: StageContext) -> dict[str, Any]:
         ctx.progress.advance(stop - start)
 
     vae_encode(vae, frames, chunk_size=p.chunk_size, sample=p.sample, generator=generator, on_chunk=store_chunk)
-    return {"scaling_factor": float(vae.config.scaling_factor), "downscale": scale}
+    ctx.record(scaling_factor=float(vae.config.scaling_factor), downscale=scale)
+    return Latents()
 
 
 @stage_task("decode_latents")
@@ -49,14 +49,14 @@ def decode_latents(call: StageCall) -> ArtifactRef:
     return run_stage(call, _decode)
 
 
-def _decode(ctx: StageContext) -> dict[str, Any]:
+def _decode(ctx: StageContext) -> None:
     p = ctx.call.stage.params
     latents = torch.from_numpy(ctx.array("latents", "latents", "float32"))
-    vae = component(ctx.call.model, "vae", ctx.settings)
+    vae = ctx.model("vae")
     count, _, height, width = latents.shape
     scale = downscale_factor(vae)
     shape = (count, height * scale, width * scale, 3)
-    frames = ctx.writer.create_array("frames", shape=shape, dtype=np.uint8, dims=("frame", "y", "x", "channel"))
+    frames = ctx.writer.create_array("frames", shape=shape, dtype=np.uint8, dims=("frame", "y", "x", "rgb"))
     ctx.progress.start(count)
 
     def store_chunk(start: int, stop: int, chunk: torch.Tensor) -> None:
@@ -64,4 +64,4 @@ def _decode(ctx: StageContext) -> dict[str, Any]:
         ctx.progress.advance(stop - start)
 
     vae_decode(vae, latents, chunk_size=p.chunk_size, on_chunk=store_chunk)
-    return {}
+    return None

@@ -12,6 +12,10 @@ the conditional half of the classifier-free-guidance batch only:
   M * S_edit + (1 - M) * S_source where M thresholds the source cross-attention of the blend words
   (methods.md 1.8).
 
+The plan the fusion controller follows (windows, token maps, thresholds) is built from an edit's
+prompts and options by :func:`fusion_plan`, and :func:`word_heatmaps` reads back the source maps the
+first blend mask came from, for display.
+
 Notation: ``T`` = steps, ``i`` = edit step (0 = noisiest), ``k = T-1-i`` = inversion step with the
 same timestep, ``F`` = frames, ``H`` = heads, ``Nq``/``Nk`` = query/key tokens.
 """
@@ -19,12 +23,21 @@ same timestep, ``F`` = frames, ``H`` = heads, ``Nq``/``Nk`` = query/key tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from reelflow.core.editing.prompt_to_prompt import apply_cross_fusion, blend_mask
+from reelflow.core.editing.prompt_to_prompt import (
+    apply_cross_fusion,
+    blend_mask,
+    equalizer,
+    refine_mapper,
+    replace_matrix,
+    step_window,
+    word_token_indices,
+)
 
 MapSink = Callable[[int, str, bool, torch.Tensor], None]
 """``sink(step, layer, is_cross, probs (F, H, Nq, Nk))``."""
@@ -83,6 +96,15 @@ class FusionPlan:
     latent_window: torch.Tensor | None = None  # bool (T,): steps whose latents are blended (methods.md 1.9)
     target_tokens: list[int] | None = None  # target-prompt token indices of the target blend words
 
+    def reads(self, step: int) -> bool:
+        """Whether edit step ``step`` fuses or blends anything, so needs the maps of inversion step ``T-1-step``."""
+        latent = self.latent_window is not None and bool(self.latent_window[step])
+        return bool(self.cross_window[step] or self.self_window[step] or latent)
+
+    def source_steps(self) -> list[int]:
+        """The inversion steps whose maps the edit reads, in the order it reads them (for prefetching)."""
+        return [self.num_steps - 1 - i for i in range(self.num_steps) if self.reads(i)]
+
     def grid(self, query_len: int) -> tuple[int, int]:
         """``(height, width)`` of a layer's query grid: the latent grid downscaled to ``query_len`` cells."""
         if self.latent_shape is None:
@@ -112,12 +134,7 @@ class FusionController:
     def begin_step(self, step: int) -> None:
         """Load the maps of the inversion step with this edit step's timestep, if the step uses any."""
         self.step, self.masks = step, {}
-        p = self.plan
-        active = bool(p.cross_window[step] or p.self_window[step] or self._blending(step))
-        self._maps = self.source(p.num_steps - 1 - step) if active else {}
-
-    def _blending(self, step: int) -> bool:
-        return self.plan.latent_window is not None and bool(self.plan.latent_window[step])
+        self._maps = self.source(self.plan.num_steps - 1 - step) if self.plan.reads(step) else {}
 
     def _capturing(self, layer: str, is_cross: bool) -> bool:
         """Latent blending needs the edit's own target-word maps, summed from the first step on."""
@@ -206,3 +223,103 @@ class FusionController:
         if not maps:
             raise ValueError("blend words need recorded cross-attention maps at this step; raise record_fraction")
         return maps
+
+
+def fusion_plan(
+    tokenizer: PreTrainedTokenizerBase,
+    source_prompt: str,
+    target_prompt: str,
+    num_steps: int,
+    *,
+    latent_shape: tuple[int, int],
+    cross_replace_steps: float,
+    self_replace_steps: float,
+    replace: bool = False,
+    reweight: Mapping[str, float] | None = None,
+    blend_words: tuple[Sequence[str], Sequence[str]] | None = None,
+    blend_threshold: float = 0.3,
+    blend_resolution: int | None = None,
+    blend_latents: bool = False,
+) -> tuple[FusionPlan, str]:
+    """Turn one edit's options into per-step windows and token maps (methods.md 1.7-1.9).
+
+    Token positions come from the prompt whose maps they index: the Refine mapper sends target
+    tokens to source tokens, the equaliser scales target-prompt columns, the self-attention blend
+    words (``blend_words[0]``) are looked up in the source prompt (their mask comes from the
+    inversion's maps), the latent-blend target words (``blend_words[1]``) in the target prompt.
+
+    Args:
+        tokenizer: The pipeline's CLIP tokenizer.
+        source_prompt, target_prompt: The inversion's and the edit's prompts.
+        num_steps: ``T``, the inversion's step count.
+        latent_shape: ``(h, w)`` of the latents.
+        cross_replace_steps, self_replace_steps: Window fractions, see ``step_window``.
+        replace: Prompt-to-Prompt Replace; used only when the prompts have the same number of
+            space-separated words, else Refine, as FateZero does.
+        reweight: Target word -> factor on its cross-attention columns.
+        blend_words: ``(source words, target words)`` of a local edit, or None (style edit).
+        blend_threshold: ``tau`` of the blend mask.
+        blend_resolution: Side of the cross maps the mask comes from; None: a quarter of the latent width.
+        blend_latents: Also blend latents in FateZero's window ``(0.2T, 0.8T)`` of its step counter.
+
+    Returns:
+        ``(plan, fusion)``: ``fusion`` names the operator used, ``"replace"``, ``"refine"``, or
+        ``"refine (replace needs the same word count)"`` when Replace fell back.
+
+    Raises:
+        ValueError: ``blend_latents`` without ``blend_words``, or a word is not in its prompt.
+    """
+    if blend_latents and blend_words is None:
+        raise ValueError("blend_latents needs blend_words: give (source words, target words)")
+    plan = FusionPlan(
+        num_steps=num_steps,
+        cross_window=step_window(num_steps, cross_replace_steps),
+        self_window=step_window(num_steps, self_replace_steps),
+        blend_threshold=blend_threshold,
+        blend_resolution=blend_resolution or max(1, latent_shape[1] // 4),
+        latent_shape=latent_shape,
+    )
+    fusion = "refine"
+    if replace and len(source_prompt.split()) == len(target_prompt.split()):
+        plan.replace, fusion = replace_matrix(tokenizer, source_prompt, target_prompt), "replace"
+    else:
+        if replace:
+            fusion = "refine (replace needs the same word count)"
+        plan.mapper, plan.alphas = refine_mapper(tokenizer, source_prompt, target_prompt)
+    if reweight:
+        plan.equalizer = equalizer(tokenizer, target_prompt, list(reweight), list(reweight.values()))
+    if blend_words is not None:
+        plan.blend_tokens = [i for w in blend_words[0] for i in word_token_indices(tokenizer, source_prompt, w)]
+    if blend_latents:
+        # FateZero's counter is the step number plus one and blends while it is in (0.2T, 0.8T).
+        window = torch.zeros(num_steps, dtype=torch.bool)
+        window[int(0.2 * num_steps) : max(int(0.2 * num_steps), int(0.8 * num_steps) - 1)] = True
+        plan.latent_window = window
+        plan.target_tokens = [i for w in blend_words[1] for i in word_token_indices(tokenizer, target_prompt, w)]
+    return plan, fusion
+
+
+def word_heatmaps(controller: FusionController, words: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each word's source cross-attention at the step of the first blend mask, for display.
+
+    Per word: the maps the first mask came from (``controller.first_maps``), mean over heads, summed
+    over the word's tokens, mean over layers, divided by each frame's maximum.
+
+    Args:
+        controller: A fusion controller that has made its first blend mask.
+        words: Token positions (source prompt) of each word.
+
+    Returns:
+        ``(W, F, r_h, r_w)`` float32 on the CPU, each frame's maximum 1 (0 where a frame has no attention).
+
+    Raises:
+        ValueError: The controller has made no blend mask yet.
+    """
+    if not controller.first_maps:
+        raise ValueError("the controller has made no blend mask yet, so there are no maps to show")
+    per_word = []
+    for tokens in words:
+        heat = torch.stack([m.mean(dim=1)[..., list(tokens)].sum(-1) for m in controller.first_maps]).mean(0)
+        heat = heat.reshape(-1, *controller.plan.grid(heat.shape[-1]))
+        per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+    return torch.stack(per_word).cpu().float()

@@ -78,8 +78,13 @@ def ddim_invert(
     num_steps: int,
     *,
     on_step: OnStep | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Invert clean latents ``z_0`` to ``z_T`` with ``num_steps`` unguided DDIM steps.
+
+    With ``start = k`` the walk resumes from a stored ``z_k`` (given as ``latents``) and runs steps
+    ``k, ..., T - 1`` only; the result equals the uninterrupted walk's, since each step depends on its
+    input latent alone.
 
     Args:
         unet_fn: ``unet_fn(latents, t, step_index) -> eps``, called once per step, in order
@@ -90,6 +95,7 @@ def ddim_invert(
             every edit step has a stored step at the same timestep.
         on_step: Called after each step with ``(step_index, t, latents_after)`` so the caller can
             stream ``z_{k+1}`` and close the step's attention maps.
+        start: The first step to run; ``latents`` is then ``z_start``.
 
     Returns:
         ``z_T``, ``(F, 4, h, w)``, same dtype and device as ``latents``.
@@ -97,11 +103,13 @@ def ddim_invert(
     # 1. validate
     if latents.ndim != 4:
         raise ValueError(f"latents must be (F, C, h, w); got shape {tuple(latents.shape)}")
+    if not 0 <= start <= num_steps:
+        raise ValueError(f"start must be in [0, {num_steps}]; got {start}")
     # 2. timesteps (ascending; raises on a bad step count or a non-epsilon scheduler)
     timesteps = inversion_timesteps(scheduler, num_steps).tolist()
     # 3. loop: eps at the next timestep on the current latent, then one step up
     with torch.no_grad():
-        for step_index, t in enumerate(timesteps):
+        for step_index, t in enumerate(timesteps[start:], start=start):
             eps = unet_fn(latents, t, step_index)
             latents = ddim_inversion_step(eps, t, latents, scheduler, num_steps)
             if on_step is not None:

@@ -9,11 +9,12 @@ import torch
 
 from reelflow.core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
 from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
-from reelflow.core.editing.prompt_to_prompt import refine_mapper
+from reelflow.core.editing.prompt_to_prompt import equalizer, refine_mapper, word_token_indices
 from reelflow.core.inversion.ddim import inversion_timesteps
 from reelflow.core.models import load_component
 from reelflow.core.sampling.ddim import denoising_timesteps
 from reelflow.core.text import encode_prompts
+from reelflow.core.tiny import tiny_tokenizer
 
 FRAMES = 3
 PROMPT = "a cat walking on a street"
@@ -116,6 +117,7 @@ def test_steps_outside_every_window_load_no_maps() -> None:
     for i in range(4):
         fusion.begin_step(i)
     assert requested == [3, 2]
+    assert fusion.plan.source_steps() == requested, "the reader prefetches the steps in the order they are read"
 
 
 @pytest.mark.parametrize(("fraction", "expected"), [(1.0, [0, 1, 2, 3, 4]), (0.6, [2, 3, 4]), (0.5, [2, 3, 4]), (0.1, [4])])
@@ -192,3 +194,35 @@ def test_latent_blending_unites_source_and_accumulated_target_masks() -> None:
             assert mask[:, 0, 0].all() and mask[:, 3, 3].all(), "source object and target object both kept"
             assert not mask[:, 0, 3].any() and not mask[:, 3, 0].any()
     torch.testing.assert_close(fusion.target_maps["cross"], 3 * edit)
+
+
+def test_reweighting_scales_the_target_words_cross_attention_column_inside_the_cross_window() -> None:
+    """P2P's Reweight through the controller: the equaliser multiplies the target word's fused column
+    by its factor, leaves every other column as the controller without it makes them, and is off
+    outside the cross window (methods.md 1.7)."""
+    tokenizer, target = tiny_tokenizer(), "a painting of a cat walking on a street"
+    mapper, alphas = refine_mapper(tokenizer, PROMPT, target)
+    painting = word_token_indices(tokenizer, target, "painting")
+    others = [j for j in range(77) if j not in painting]
+    generator = torch.Generator().manual_seed(0)
+    source = torch.rand(FRAMES, 2, 16, 77, generator=generator).softmax(-1)
+    probs = torch.rand(2 * FRAMES, 2, 16, 77, generator=generator).softmax(-1)
+
+    def controller(scales: torch.Tensor | None) -> FusionController:
+        cross, never = torch.tensor([True, False]), torch.zeros(2, dtype=torch.bool)
+        plan = FusionPlan(2, cross, never, mapper=mapper, alphas=alphas, equalizer=scales)
+        return FusionController(plan, source=lambda k: {"cross": source}, layers={"cross": (True, 16)})
+
+    plain, weighted = controller(None), controller(equalizer(tokenizer, target, ["painting"], [10.0]))
+    for step in range(2):
+        plain.begin_step(step)
+        weighted.begin_step(step)
+        a = plain(probs, layer="cross", is_cross=True, num_frames=FRAMES)
+        b = weighted(probs, layer="cross", is_cross=True, num_frames=FRAMES)
+        if step == 0:
+            assert (a[FRAMES:, ..., painting] > 0).all()
+            torch.testing.assert_close(b[FRAMES:, ..., painting], 10 * a[FRAMES:, ..., painting], rtol=0, atol=0)
+            torch.testing.assert_close(b[..., others], a[..., others], rtol=0, atol=0)
+            torch.testing.assert_close(b[:FRAMES], probs[:FRAMES], rtol=0, atol=0)
+        else:
+            assert a is probs and b is probs, "outside the cross window nothing is fused or reweighted"

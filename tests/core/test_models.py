@@ -164,9 +164,16 @@ def test_fingerprint_changes_when_the_weights_change(bundle: Path, tmp_path: Pat
     assert fingerprint_model(str(copy)) != fingerprint_model(str(bundle))
 
 
-def test_fingerprint_of_a_hub_id_names_id_and_revision() -> None:
-    assert fingerprint_model("org/model") == "hub:org/model@main"
-    assert fingerprint_model("org/model", revision="abc123") == "hub:org/model@abc123"
+def test_fingerprint_of_a_hub_id_names_the_commit_not_the_branch(tmp_path: Path) -> None:
+    # A commit pins the content by itself: no cache needed. A branch must resolve to one
+    # (tests/core/test_model_families.py), so "main" is never part of a fingerprint.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    assert fingerprint_model("org/model", revision=commit, cache_dir=str(tmp_path)) == (
+        f"hub:org/model@{commit}"
+    )
+    with pytest.raises(ModelError, match="cannot resolve revision 'main'"):
+        fingerprint_model("org/model", cache_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("model_id", ["/no/such/model/dir", "../up/and/away", "a/b/c", ""])

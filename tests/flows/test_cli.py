@@ -51,7 +51,8 @@ def test_run_then_inspect_and_gc(capsys, tiny_bundle: Path, clip: Path, tmp_path
 
     code, out, _ = run_cli(capsys, "inspect", latents["key"][:10], "--store", str(store))
     assert code == 0
-    assert "encode_latents" in out and "(4, 4, 8, 8)" in out and "float16" in out and "dims (frame,channel,y,x)" in out
+    assert "encode_latents" in out and "(4, 4, 8, 8)" in out and "float16" in out
+    assert "dims (frame,latent_channel,y,x)" in out
     assert manifest["stages"][0]["key"][:16] in out, "inspect lists the input artifact"
     code, by_url, _ = run_cli(capsys, "inspect", latents["artifact"])
     assert code == 0 and by_url == out
@@ -59,7 +60,7 @@ def test_run_then_inspect_and_gc(capsys, tiny_bundle: Path, clip: Path, tmp_path
     code, out, _ = run_cli(capsys, "list", "--store", str(store))
     assert code == 0 and "5 artifacts in" in out and out.count("complete") == 5
     code, out, _ = run_cli(capsys, "list", "--store", str(store), "--stage", "encode_latents")
-    assert code == 0 and latents["key"][:16] in out and "1 artifacts in" in out
+    assert code == 0 and latents["key"][:16] in out and "1 artifact in" in out
 
     code, out, _ = run_cli(capsys, "gc", "--store", str(store), "--older-than", "0s", "--dry-run")
     assert code == 0 and "would remove 5 entries" in out and len(complete_artifacts(store)) == 5
@@ -68,6 +69,7 @@ def test_run_then_inspect_and_gc(capsys, tiny_bundle: Path, clip: Path, tmp_path
 
 
 def test_inspect_unknown_key_is_one_line(capsys, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
     code, _, err = run_cli(capsys, "inspect", "deadbeef", "--store", str(tmp_path / "store"))
     assert code == 1
     assert err.strip().startswith("reelflow: error: no artifact") and err.count("\n") == 1
@@ -151,7 +153,7 @@ def test_truncated_video_fails_in_decode_with_one_line_and_no_traceback(
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("stages.0.stage=decod_video", "does not match any of the expected tags"),
+        ("stages.0.stage=decod_video", "is not a stage; stages: "),
         ("stages.encode_video.params.crff=2", "stages.encode_video.params.crff: unknown field"),
         ("stages.encode_latents.inputs.frames=nowhere", "not a stage of this pipeline"),
     ],
@@ -181,3 +183,100 @@ def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -
 def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "run", "no-such-preset")
     assert code == 1 and "presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, reconstruct" in err
+
+
+# What a new user tripped on ---------------------------------------------------------------------
+
+KEY = "c3" * 32
+
+
+def one_artifact_store(root: Path) -> Path:
+    """A store holding one small complete artifact, written straight through the store."""
+    import numpy as np
+
+    with ArtifactStore(str(root)).write("encode_latents", KEY, {"provenance": {"key": KEY}}) as writer:
+        writer.write_array("latents", np.zeros((2, 4, 8, 8), np.float32), dims=("frame", "latent_channel", "y", "x"))
+    return root
+
+
+def cli_subprocess(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "reelflow.flows.cli", *argv]
+
+
+# Every subcommand, with the least it needs to parse.
+SUBCOMMANDS = {
+    "run": ["run", "reconstruct"],
+    "bulk": ["bulk", "clips/*.mp4", "reconstruct"],
+    "demo": ["demo"],
+    "inspect": ["inspect", KEY],
+    "list": ["list"],
+    "gc": ["gc"],
+    "serve-pictures": ["serve-pictures"],
+    "models tiny": ["models", "tiny", "bundle"],
+}
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_debug_is_accepted_before_and_after_any_subcommand(command: str) -> None:
+    from reelflow.flows.cli import build_parser
+
+    argv = SUBCOMMANDS[command]
+    parser = build_parser()
+    assert parser.parse_args(argv).debug is False
+    assert parser.parse_args(["--debug", *argv]).debug is True, "the subcommand must not reset a --debug before it"
+    assert parser.parse_args([*argv, "--debug"]).debug is True
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(capsys, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere")
+    code, _, err = run_cli(capsys, "list", "--store", missing, "--debug")
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("reelflow: error: store")
+    code, _, err = run_cli(capsys, "list", "--store", missing)
+    assert code == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("command", ["list", "inspect", "gc", "--help"])
+def test_a_closed_stdout_ends_the_command_quietly(command: str, buffered: bool, tmp_path: Path) -> None:
+    """``reelflow list | head``: the reader goes away before the command writes; no error, no traceback."""
+    store = str(one_artifact_store(tmp_path / "store"))
+    argv = {"list": ["list", "--store", store], "inspect": ["inspect", KEY[:8], "--store", store],
+            "gc": ["gc", "--store", store, "--dry-run"], "--help": ["--help"]}[command]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update({} if buffered else {"PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cli_subprocess(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # long before the child has imported anything, let alone written
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert err == "", "a closed stdout is not an error to report"
+    if command != "--help":  # argparse itself swallows a failed write of the help when unbuffered (exit 0)
+        assert code == 1
+
+
+@pytest.mark.parametrize("argv", [["list"], ["inspect", KEY[:8]], ["gc", "--older-than", "1d"]], ids=lambda a: a[0])
+def test_reading_commands_refuse_a_store_that_does_not_exist(argv: list[str], capsys, tmp_path, monkeypatch) -> None:
+    missing = tmp_path / "typo" / "store"
+    code, out, err = run_cli(capsys, *argv, "--store", str(missing))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert f"store {str(missing)!r} does not exist" in err and "--store or REELFLOW_STORE" in err
+    monkeypatch.setenv("REELFLOW_STORE", str(missing))
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and f"store {str(missing)!r} does not exist" in err
+    assert not (tmp_path / "typo").exists(), "refusing a store must not create it"
+
+
+def test_list_and_gc_count_in_the_singular(capsys, tmp_path: Path) -> None:
+    store = str(one_artifact_store(tmp_path / "store"))
+    code, out, _ = run_cli(capsys, "list", "--store", store)
+    assert code == 0 and out.strip().splitlines()[-1] == f"1 artifact in {store}"
+    code, out, _ = run_cli(capsys, "gc", "--store", store, "--older-than", "0s", "--dry-run")
+    assert code == 0 and "would remove 1 entry," in out
+
+
+def test_demo_help_states_its_sizes_and_where_everything_goes(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "8 frames at 96x64" in text and "invert_latents:fatezero: num_steps=6" in text
+    assert "<workdir>/output" in text and "(default: demo)" in text

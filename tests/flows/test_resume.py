@@ -88,3 +88,75 @@ def test_sigkill_mid_stage_then_rerun_recomputes_only_from_that_stage(
     resumed = store.open("decode_latents", killed_key)["frames"][:]
     fresh = ArtifactStore(clean.store).open("decode_latents", clean.stages[2].key)["frames"][:]
     np.testing.assert_array_equal(resumed, fresh)
+
+
+# The FateZero inversion in a child that hangs once step 2 of 6 is stored (steps 0-2 record no maps).
+INVERT_CHILD = """
+import pathlib, sys, time
+import torch
+import reelflow.tasks.fatezero as fz
+
+torch.set_num_threads(1)
+real = fz.fatezero_invert
+
+def invert_then_hang(*args, on_step, **kwargs):
+    def step_then_hang(k, t, z):
+        on_step(k, t, z)
+        if k == 2:
+            pathlib.Path(sys.argv[2]).write_text("three steps stored")
+            time.sleep(600)
+    return real(*args, on_step=step_then_hang, **kwargs)
+
+fz.fatezero_invert = invert_then_hang
+from reelflow.flows.edit import edit_video
+from reelflow.schemas.pipeline import PipelineSpec
+edit_video(PipelineSpec.model_validate_json(pathlib.Path(sys.argv[1]).read_text()))
+"""
+
+
+def test_an_inversion_killed_mid_way_resumes_from_its_last_stored_step(
+    tiny_bundle: Path, clip: Path, prefect_harness: str, tmp_path: Path
+) -> None:
+    from reelflow.deployments import spec_path
+    from reelflow.schemas.loading import load_spec
+
+    def spec(store: str):
+        return load_spec(spec_path("fatezero-style"), [
+            f"models.sd.id={tiny_bundle}", f"input={clip}", f"store={tmp_path / store}", f"output={tmp_path / store}-out",
+            "stages.decode_video.params.num_frames=3", "stages.decode_video.params.width=64",
+            "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
+            "stages.invert_latents.params.num_steps=6", "stages.invert_latents.params.min_channels=0",
+            "stages.invert_latents.params.record_fraction=0.5", "stages.invert_latents.params.source_prompt=a cat",
+            "stages.denoise_latents.each=[{}]", "stages.denoise_latents.params={target_prompt: a dog, "
+            "cross_replace_steps: 0.5, self_replace_steps: 0.5}", "stages.encode_video.params.preset=ultrafast",
+        ])  # fmt: skip
+
+    killed = spec("store")
+    spec_file, marker, log = tmp_path / "spec.json", tmp_path / "hanging", tmp_path / "child.log"
+    spec_file.write_text(killed.model_dump_json())
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
+    with log.open("w") as out:
+        child = subprocess.Popen([sys.executable, "-c", INVERT_CHILD, str(spec_file), str(marker)], env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                pytest.fail(f"the child never reached inversion step 2:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+
+    resumed = edit_video(killed)
+    key = next(r.key for r in resumed.stages if r.name == "invert_latents")
+    assert {r.name: r.status for r in resumed.stages}["invert_latents"] == "computed"
+    inversion = ArtifactStore(resumed.store).open("invert_latents", key)
+    assert inversion.attrs["resumed_parts"] == ["step-0", "step-1", "step-2"]
+    assert inversion.attrs["attention_store"]["resumed_from_step"] == 3
+
+    clean = edit_video(spec("clean"))
+    fresh = ArtifactStore(clean.store).open("invert_latents", key)
+    np.testing.assert_array_equal(inversion["latents"][:], fresh["latents"][:])
+    assert sorted(inversion["attention"].array_keys()) == sorted(fresh["attention"].array_keys())
+    for name in fresh["attention"].array_keys():
+        np.testing.assert_array_equal(inversion["attention"][name][:], fresh["attention"][name][:], err_msg=name)
+    assert inversion.attrs["layers"] == fresh.attrs["layers"]

@@ -86,7 +86,7 @@ def test_stride_and_fps_are_exclusive() -> None:
         (["stages.decode_latents.inputs.latents=decode_video"], "needs latents, but 'decode_video'"),
         (["stages.encode_latents.inputs.frames=decode_latents"], "form a cycle"),
         (["stages.encode_latents.inputs.pixels=decode_video"], "has no input 'pixels'; its inputs are: frames"),
-        (["stages.encode_latents.model=other"], "uses model 'other', which is not in `models`"),
+        (["stages.encode_latents.model=other"], "uses model 'other' as its vae, which is not in `models`"),
         (["stages.decode_latents.id=encode_latents"], "two stages have the id 'encode_latents'"),
     ],
 )
@@ -105,7 +105,7 @@ def test_ambiguous_slot_lists_candidates() -> None:
 def test_model_stage_without_models_says_to_add_one() -> None:
     raw = reconstruct_raw()
     raw["models"] = {}
-    with pytest.raises(GraphError, match="needs a model: add one under `models`"):
+    with pytest.raises(GraphError, match="needs a diffusers model as its vae: add one under `models`"):
         load_spec(raw)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound
+from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
 from reelflow.storage.gc import collect_garbage
 from reelflow.storage.leases import Leases
-from reelflow.storage.store import ArtifactStore, locate_artifact_url
+from reelflow.storage.store import ArtifactStore, ArtifactWriter, locate_artifact_url
 
 KEY_A = "a1" * 32
 KEY_B = "b2" * 32
@@ -196,6 +196,65 @@ class StoreContract:
         abandoned = store.write("encode_latents", KEY_A, {})
         abandoned.__enter__().write_array("latents", np.ones((2, 4, 8, 8), np.float32), dims=DIMS)
         assert collect_garbage(store, stale_after=-1).removed == []
+
+
+    def test_a_resumable_write_keeps_its_parts_after_a_failure_and_resumes_them(self, store: ArtifactStore) -> None:
+        data = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+        with pytest.raises(RuntimeError, match="killed"):
+            with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+                array = writer.create_array("latents", shape=(4, 3), dtype="float32", dims=("frame", "x"))
+                for part in range(2):
+                    array[part] = data[part]
+                    writer.mark_done(f"part-{part}")
+                raise RuntimeError("killed after two parts")
+        assert not store.is_complete("encode_latents", KEY_A)
+        with pytest.raises(ArtifactNotFound):
+            store.open("encode_latents", KEY_A)
+
+        with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+            assert writer.resumed_parts == ("part-0", "part-1")
+            array = writer.create_array("latents", shape=(4, 3), dtype="float32", dims=("frame", "x"))
+            computed = []
+            for part in range(4):
+                if not writer.is_done(f"part-{part}"):
+                    array[part] = data[part]
+                    writer.mark_done(f"part-{part}")
+                    computed.append(part)
+        assert computed == [2, 3]
+        group = store.open("encode_latents", KEY_A)
+        np.testing.assert_array_equal(group["latents"][:], data)
+        assert group.attrs["resumed_parts"] == ["part-0", "part-1"]
+        assert store.temporaries() == []
+
+    def test_a_plain_write_after_a_resumable_failure_starts_over(self, store: ArtifactStore) -> None:
+        with pytest.raises(RuntimeError):
+            with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+                writer.mark_done("part-0")
+                raise RuntimeError("killed")
+        with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+            assert writer.resumed_parts == ("part-0",)
+        with store.write("encode_latents", KEY_B, {"provenance": {"key": KEY_B}}, resumable=True) as writer:
+            assert writer.resumed_parts == ()
+            with pytest.raises(ValueError, match="resumable"):
+                ArtifactWriter(writer.group, writer.path).mark_done("x")
+
+    def test_gc_keeps_a_recently_touched_partial_and_sweeps_a_stale_one(self, store: ArtifactStore) -> None:
+        with pytest.raises(RuntimeError):
+            with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+                writer.mark_done("part-0")
+                raise RuntimeError("killed")
+        assert collect_garbage(store, stale_after=3600).removed == []
+        removed = collect_garbage(store, stale_after=0).removed
+        assert len(removed) == 1 and KEY_A in removed[0]
+
+
+    def test_a_missing_store_is_refused_and_not_created(self, store: ArtifactStore) -> None:
+        write_latents(store, KEY_A)
+        store.ensure_exists()
+        missing = ArtifactStore(f"{store.url}-typo", store.storage_options)
+        with pytest.raises(StoreError, match=r"store '.*-typo' does not exist; check --store or REELFLOW_STORE"):
+            missing.ensure_exists()
+        assert not missing.fs.exists(missing.root)
 
 
 class TestLocalStore(StoreContract):

@@ -21,7 +21,7 @@ from reelflow.schemas.loading import load_spec
 from reelflow.storage.keys import content_key
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks import TASKS
+from reelflow.tasks import TASKS, task_for
 
 
 def plan(clip: Path, bundle: Path, store_url: str, *overrides: str, run_id: str = "run-1") -> dict:
@@ -38,12 +38,12 @@ def plan(clip: Path, bundle: Path, store_url: str, *overrides: str, run_id: str 
     )
     fs = fsspec.filesystem("file")
     source = SourceRef(url=str(clip), key=content_key(fs, str(clip)))
-    planned = plan_run(spec, source=source, store=StoreSpec(url=store_url), run_id=run_id, default_dtype="float32")
+    planned = plan_run(spec, sources={"video": source}, store=StoreSpec(url=store_url), run_id=run_id, default_dtype="float32")
     return {p.id: p for p in planned}
 
 
 def run_all(stages: dict) -> dict:
-    return {sid: TASKS[p.call.stage_type].fn(call=p.call) for sid, p in stages.items()}
+    return {sid: task_for(p.call.stage).fn(call=p.call) for sid, p in stages.items()}
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_reconstruct_stages_write_what_they_declare(clip: Path, tiny_bundle: Pat
 
     latents = store.open("encode_latents", refs["encode_latents"].key)["latents"]
     assert latents.shape == (6, 4, 8, 8) and latents.dtype == np.float16
-    assert tuple(latents.metadata.dimension_names) == ("frame", "channel", "y", "x")
+    assert tuple(latents.metadata.dimension_names) == ("frame", "latent_channel", "y", "x")
 
     frames = store.open("decode_latents", refs["decode_latents"].key)["frames"]
     assert frames.shape == (6, 64, 64, 3)
@@ -88,7 +88,7 @@ def test_provenance_names_params_inputs_model_and_libraries(clip: Path, tiny_bun
     assert prov["stage"] == "encode_latents" and prov["key"] == refs["encode_latents"].key
     assert prov["params"] == {"chunk_size": 8, "sample": False}
     assert prov["inputs"]["frames"]["key"] == refs["decode_video"].key
-    assert prov["model"]["id"] == str(tiny_bundle) and prov["model"]["fingerprint"].startswith("local:")
+    assert prov["models"]["vae"]["id"] == str(tiny_bundle) and prov["models"]["vae"]["fingerprint"].startswith("local:")
     assert {"torch", "diffusers", "zarr", "prefect"} <= set(prov["libraries"])
     assert prov["run_id"] == "run-1"
 
@@ -125,7 +125,7 @@ def test_sampled_latents_follow_the_seed(clip: Path, tiny_bundle: Path, store_ur
 def test_missing_input_artifact_is_a_clear_error(clip: Path, tiny_bundle: Path, store_url: str) -> None:
     stages = plan(clip, tiny_bundle, store_url)
     with pytest.raises(ArtifactNotFound, match="no artifact"):
-        TASKS["encode_latents"].fn(call=stages["encode_latents"].call)
+        TASKS[("encode_latents", None)].fn(call=stages["encode_latents"].call)
     assert list(ArtifactStore(store_url).list()) == []
 
 
@@ -137,7 +137,7 @@ def test_truncated_video_fails_decode_without_a_complete_artifact(
     cut.write_bytes(data[: int(len(data) * 0.6)])
     stages = plan(cut, tiny_bundle, store_url, "stages.decode_video.params.num_frames=24")
     with pytest.raises(InputVideoError):
-        TASKS["decode_video"].fn(call=stages["decode_video"].call)
+        TASKS[("decode_video", None)].fn(call=stages["decode_video"].call)
     store = ArtifactStore(store_url)
     assert [i for i in store.list() if i.complete] == [] and store.temporaries() == []
 
@@ -151,11 +151,11 @@ def test_a_stage_waits_for_another_runs_lease(clip: Path, tiny_bundle: Path, sto
     def other_run_publishes() -> None:
         time.sleep(0.8)
         with store.write("decode_video", call.key, {"provenance": {"run_id": "other"}}) as writer:
-            writer.write_array("frames", np.zeros((6, 64, 64, 3), np.uint8), dims=("frame", "y", "x", "channel"))
+            writer.write_array("frames", np.zeros((6, 64, 64, 3), np.uint8), dims=("frame", "y", "x", "rgb"))
         leases.release(call.key, "other-run")
 
     thread = threading.Thread(target=other_run_publishes)
     thread.start()
-    ref = TASKS["decode_video"].fn(call=call)
+    ref = TASKS[("decode_video", None)].fn(call=call)
     thread.join()
     assert ref.run_id == "other", "the waiting run must return the other run's artifact, not compute its own"

@@ -1,0 +1,241 @@
+"""Find, identify and load models, by family, through one per-process cache.
+
+A model is named by ``model_id``: a local directory, or a Hugging Face hub id (``org/name``; timm's
+``hf-hub:org/name`` too) resolved through the local hub cache. Nothing here downloads on its own
+account; whether the hub libraries may reach the network is the caller's environment
+(``HF_HUB_OFFLINE``).
+
+:data:`FAMILIES` maps a family name to its loader: ``diffusers``, ``transformers``, ``timm``,
+``torchvision``. :func:`fingerprint_model` names a model's version without loading weights, for
+stage keys: a directory by content, a hub id by the commit its revision points at.
+:func:`load_model` loads exactly that version (the planned fingerprint pins it) and keeps it in a
+small per-process cache, so stages that run in one worker share a UNet rather than each loading
+its own. :func:`load_component` is the Stable Diffusion shorthand.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+
+from reelflow.core.models.base import ModelFamily, ModelSource, class_key, torch_dtype
+from reelflow.core.models.diffusers_family import DiffusersFamily
+from reelflow.core.models.identity import (
+    cached_snapshot,
+    hub_repo_id,
+    is_local,
+    local_fingerprint,
+    pinned_commit,
+    resolve_revision,
+)
+from reelflow.core.models.identity import fingerprint as _fingerprint
+from reelflow.core.models.timm_family import TimmFamily
+from reelflow.core.models.torchvision_family import TorchvisionFamily
+from reelflow.core.models.transformers_family import TransformersFamily
+from reelflow.schemas.errors import ModelError
+
+__all__ = [
+    "CACHE_SIZE",
+    "FAMILIES",
+    "ModelFamily",
+    "ModelSource",
+    "clear_model_cache",
+    "fingerprint_model",
+    "get_family",
+    "infer_family",
+    "load_component",
+    "load_model",
+    "resolve_revision",
+    "torch_dtype",
+]
+
+CACHE_SIZE = 8
+
+# Checked in this order by infer_family; their layouts do not overlap.
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily())
+}
+
+# Stable Diffusion callers invert and sample with DDIM whatever scheduler a bundle ships.
+_SD_CLASSES: dict[str, type] = {"scheduler": DDIMScheduler}
+
+_CacheKey = tuple[str, str, str | None, str | None, str, str, str | None]
+_cache: OrderedDict[_CacheKey, Any] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def get_family(name: str) -> ModelFamily:
+    """The loader registered under ``name``.
+
+    Raises:
+        ModelError: Unknown family; the message lists the valid ones.
+    """
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ModelError(f"unknown model family {name!r}; valid: {', '.join(FAMILIES)}") from None
+
+
+def infer_family(
+    model_id: str, revision: str | None = None, cache_dir: str | None = None
+) -> str | None:
+    """The family whose layout a model's files have, or None when that cannot be told.
+
+    A directory is read directly; a hub id only from its snapshot in the local hub cache (the hub
+    is never asked). ``model_index.json`` means diffusers; ``config.json`` with ``architectures``
+    transformers, with ``architecture`` and ``pretrained_cfg`` timm, with ``architecture`` and
+    ``"library": "torchvision"`` torchvision.
+    """
+    root = Path(model_id) if is_local(model_id) else cached_snapshot(model_id, revision, cache_dir)
+    if root is None:
+        return None
+    return next((name for name, loader in FAMILIES.items() if loader.recognises(root)), None)
+
+
+def fingerprint_model(
+    model_id: str,
+    revision: str | None = None,
+    *,
+    family: str | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """A short string that changes whenever the model's files change; no weights are loaded.
+
+    A local directory hashes its config files whole and, per weight file (safetensors, bin, pth),
+    its size and the first and last MiB: cheap for multi-GB checkpoints, yet any retrain or
+    re-export changes it. A hub id is named by the commit its revision resolves to, so a moved
+    ``main`` changes the fingerprint (see :func:`resolve_revision`).
+
+    Returns:
+        ``"local:<16 hex>"`` or ``"hub:<org/name>@<40-hex commit>"``.
+
+    Raises:
+        ModelError: ``model_id`` is neither an existing directory nor shaped like a hub id, the
+            directory holds no config or weight files, the revision cannot be resolved, or the
+            family is unknown.
+    """
+    if family is not None:
+        return get_family(family).fingerprint(model_id, revision, cache_dir=cache_dir)
+    return _fingerprint(model_id, revision, cache_dir=cache_dir)
+
+
+def load_model(
+    model_id: str,
+    *,
+    family: str,
+    component: str | None = None,
+    cls: type | str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    fingerprint: str | None = None,
+) -> Any:
+    """Load a model (or one component of it) from the process cache, or into it.
+
+    Models come back in eval mode, without gradients, on ``device`` in ``dtype``. The cache keeps
+    the ``CACHE_SIZE`` most recently used, keyed by family, the model's fingerprint (a local model
+    changed on disk is loaded again), component, class, dtype, device and cache dir. A cached model
+    is shared with every caller that asks for the same key: change one (attention processors,
+    LoRA) only through a copy, or undo the change before returning. Schedulers come back fresh.
+
+    Args:
+        model_id: A local directory or a hub id.
+        family: A key of :data:`FAMILIES`; :func:`infer_family` can tell it from the files.
+        component: A diffusers bundle's subfolder (``"unet"``), or a transformers preprocessor
+            (``"image_processor"``); None for the model itself.
+        cls: Class override, or its name inside the family's libraries; e.g.
+            ``CLIPVisionModelWithProjection`` for transformers (``AutoModel`` by default).
+        revision: Hub branch, tag or commit; ignored for local directories and when
+            ``fingerprint`` pins a hub commit.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; ignored for components without
+            weights.
+        device: A torch device string; ignored for components without weights.
+        cache_dir: Hub cache to read from instead of the default.
+        fingerprint: The model's fingerprint when the run was planned. A hub id then loads that
+            commit, whatever its branch points at now; a local model must still have it.
+
+    Raises:
+        ModelError: Unknown family, component or dtype; a model id that is not a directory or a hub
+            id; a revision that cannot be resolved; a local model changed since ``fingerprint``
+            was taken; or files the library cannot load.
+    """
+    loader = get_family(family)
+    torch_dtype(dtype)
+    override = loader.class_override(cls)
+    source, version = _locate(model_id, revision, cache_dir, fingerprint)
+    key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir)
+    with _cache_lock:
+        # Loading under the lock means two stages asking for one UNet load it once; loads are rare.
+        if key not in _cache:
+            _cache[key] = loader.load(
+                source, component=component, cls=override, dtype=dtype, device=device
+            )
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+        _cache.move_to_end(key)
+        loaded = _cache[key]
+    return loader.handout(loaded)
+
+
+def load_component(
+    model_id: str,
+    component: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    fingerprint: str | None = None,
+) -> Any:
+    """One component of a Stable-Diffusion-style bundle: :func:`load_model` for ``diffusers``.
+
+    ``component`` is a subfolder the bundle's ``model_index.json`` lists (``"vae"``, ``"unet"``,
+    ``"text_encoder"``, ``"tokenizer"``, ``"scheduler"``); the scheduler is always a
+    ``DDIMScheduler`` built from the bundle's scheduler config.
+    """
+    return load_model(
+        model_id,
+        family="diffusers",
+        component=component,
+        cls=_SD_CLASSES.get(component),
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        cache_dir=cache_dir,
+        fingerprint=fingerprint,
+    )
+
+
+def clear_model_cache() -> None:
+    """Drop every cached model (their memory is freed once no caller holds them)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _locate(
+    model_id: str, revision: str | None, cache_dir: str | None, fingerprint: str | None
+) -> tuple[ModelSource, str]:
+    """Where the version to load lives, and its fingerprint (which keys the cache)."""
+    if is_local(model_id):
+        path = Path(model_id)
+        version = local_fingerprint(path)
+        if fingerprint is not None and fingerprint != version:
+            raise ModelError(
+                f"model {model_id!r} changed on disk since the run was planned (fingerprint "
+                f"{fingerprint} then, {version} now); rerun so the stages that use it are recomputed"
+            )
+        return ModelSource(model_id, path=path), version
+    repo = hub_repo_id(model_id)
+    if fingerprint is not None:
+        commit = pinned_commit(model_id, fingerprint)
+    else:
+        commit = resolve_revision(model_id, revision, cache_dir)
+    source = ModelSource(model_id, repo_id=repo, commit=commit, cache_dir=cache_dir)
+    return source, f"hub:{repo}@{commit}"

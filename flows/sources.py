@@ -1,0 +1,105 @@
+"""A run's sources: where each file is, whether it is usable, and the hash of its bytes.
+
+The video is the source ``video`` (the spec's ``input``). Every other source a stage reads comes
+from its ``path`` (the CLI's ``--source NAME=PATH``) or, when it has none, from its ``sidecar``
+pattern beside the video (``{stem}.edit.png``), which is how each clip of a bulk edit gets its own.
+All of them are checked (present, not empty, readable as their kind) before any model loads, and
+hashed into the keys of the stages that read them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from reelflow.core.sources import check_source
+from reelflow.schemas.calls import SourceRef
+from reelflow.schemas.errors import InputVideoError, SourceError
+from reelflow.schemas.pipeline import VIDEO, PipelineSpec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.files import url_to_fs
+from reelflow.storage.keys import content_key
+
+
+def source_urls(spec: PipelineSpec) -> dict[str, str]:
+    """URL of every source a stage reads, the video first; raises when one has no location."""
+    if not spec.input:
+        raise InputVideoError(f"pipeline {spec.name!r} has no input video; pass --input VIDEO or set `input:`")
+    urls = {}
+    for name in spec.used_sources():
+        urls[name] = spec.input if name == VIDEO else _location(spec, name)
+    return urls
+
+
+def _location(spec: PipelineSpec, name: str) -> str:
+    source = spec.sources[name]
+    if source.path:
+        return source.path
+    if source.sidecar:
+        return sidecar_url(spec.input, source.sidecar)
+    raise SourceError(
+        f"pipeline {spec.name!r} reads the {source.kind} source {name!r} but gives no file for it; "
+        f"pass --source {name}=PATH, or set `sources.{name}.path` or a `sidecar` pattern"
+    )
+
+
+def sidecar_url(video: str, pattern: str) -> str:
+    """The sidecar of ``video`` named by ``pattern`` (``{stem}``, ``{name}``), in the video's folder."""
+    scheme, sep, path = video.rpartition("://")
+    name = PurePosixPath(path).name
+    relative = pattern.format(stem=PurePosixPath(name).stem, name=name)
+    return f"{scheme}{sep}{posixpath.join(posixpath.dirname(path), relative)}"
+
+
+def check_sources(spec: PipelineSpec, settings: Settings) -> dict[str, str]:
+    """Every source's URL, after checking each is there, not empty and readable as its kind."""
+    urls = source_urls(spec)
+    kinds = spec.source_kinds
+    for name, url in urls.items():
+        fs, path = _existing(name, kinds[name], url, settings)
+        with fs.open(path, "rb") as handle:
+            check_source(name, kinds[name], handle)
+    return urls
+
+
+def hash_sources(spec: PipelineSpec, urls: dict[str, str], settings: Settings) -> dict[str, SourceRef]:
+    """Each source's content key (sha256 of its size and bytes), size and resolved URL."""
+    return {name: hash_source(url, spec.source_kinds[name], settings, name=name) for name, url in urls.items()}
+
+
+def hash_source(url: str, kind: str, settings: Settings, *, name: str = VIDEO) -> SourceRef:
+    fs, path = _existing(name, kind, url, settings)
+    local = isinstance(fs, LocalFileSystem)
+    return SourceRef(
+        url=path if local else fs.unstrip_protocol(path),
+        key=content_key(fs, path),
+        kind=kind,
+        size=int(fs.size(path)),
+        storage_options={} if local else settings.storage_options,
+    )
+
+
+def _existing(name: str, kind: str, url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = url_to_fs(url, settings.storage_options)
+    error = InputVideoError if name == VIDEO else SourceError
+    what = "input video" if name == VIDEO else f"{kind} source {name!r}"
+    fix = "check the path or URL" if name == VIDEO else f"check the path, or pass --source {name}=PATH"
+    if not fs.isfile(path):
+        raise error(f"{what} {url!r} does not exist; {fix}")
+    if fs.size(path) == 0:
+        raise error(f"{what} {url!r} is empty (0 bytes); re-export or re-download it")
+    return fs, path
+
+
+def source_overrides(sources: Mapping[str, str | None]) -> list[str]:
+    """``--source NAME=PATH`` as spec overrides: the video is ``input``, the others ``sources.NAME.path``."""
+    return [
+        f"input={json.dumps(path)}" if name == VIDEO else f"sources.{name}.path={json.dumps(path)}"
+        for name, path in sources.items()
+        if path is not None
+    ]

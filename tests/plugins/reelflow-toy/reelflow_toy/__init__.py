@@ -1,0 +1,1 @@
+"""A toy method package for reelflow's plugin tests (see pyproject.toml)."""
