@@ -13,8 +13,8 @@ bundle's fingerprint, and every stage key derived from it, is stable across proc
 Beside it, one tiny model per other model family (``reelflow.core.models.FAMILIES``), each written
 the way its library saves a real one and each a pure function of ``seed`` too: a CLIP image encoder
 with projection and its image processor (transformers), a ViT (timm), and RAFT (torchvision, its
-state dict pickled as ``model.pth``, as torchvision publishes checkpoints). ``TINY_BUILDERS`` names
-every builder.
+state dict pickled as ``model.pth``, as torchvision publishes checkpoints). The core method package
+names every builder (``reelflow models tiny --kind``).
 """
 
 from __future__ import annotations
@@ -82,22 +82,12 @@ def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
     Raises:
         ModelError: ``out_dir`` is a file, or a non-empty directory that is not a tiny bundle.
     """
-    out = Path(out_dir)
-    _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and swap in, so a crash never leaves a half bundle that looks whole.
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> None:
         _tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
         _write_tokenizer_files(staging / "tokenizer")
-        (staging / "README.md").write_text(_readme(seed))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    return _write_staged(Path(out_dir), write, _readme(seed))
 
 
 def is_tiny_bundle(path: str | Path) -> bool:
@@ -316,7 +306,7 @@ def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
         crop = {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
         CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size=crop).save_pretrained(staging)
 
-    return _write_staged(Path(out_dir), write, "CLIP image encoder", "build_tiny_clip_vision", seed)
+    return _write_staged(Path(out_dir), write, _builder_readme("CLIP image encoder", "build_tiny_clip_vision", seed))
 
 
 def tiny_timm(seed: int = 0) -> torch.nn.Module:
@@ -338,7 +328,7 @@ def build_tiny_timm(out_dir: str | Path, seed: int = 0) -> Path:
     def write(staging: Path) -> None:
         save_for_hf(tiny_timm(seed), staging, model_args=TIMM_ARGS, safe_serialization=True)
 
-    return _write_staged(Path(out_dir), write, "timm ViT", "build_tiny_timm", seed)
+    return _write_staged(Path(out_dir), write, _builder_readme("timm ViT", "build_tiny_timm", seed))
 
 
 def tiny_raft(seed: int = 0) -> torch.nn.Module:
@@ -360,22 +350,19 @@ def build_tiny_raft(out_dir: str | Path, seed: int = 0) -> Path:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         torch.save(tiny_raft(seed).state_dict(), staging / "model.pth")
 
-    return _write_staged(Path(out_dir), write, "torchvision RAFT", "build_tiny_raft", seed)
+    return _write_staged(Path(out_dir), write, _builder_readme("torchvision RAFT", "build_tiny_raft", seed))
 
 
-def _write_staged(out: Path, write: Callable[[Path], None], what: str, builder: str, seed: int) -> Path:
-    """Run ``write`` on a staging sibling of ``out``, then swap it in, as build_tiny_bundle does."""
+def _write_staged(out: Path, write: Callable[[Path], None], readme: str) -> Path:
+    """Run ``write`` on a staging sibling of ``out``, add ``readme``, then swap it in: a crash never leaves
+    a half-written model that looks whole."""
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir()
     try:
         write(staging)
-        (staging / "README.md").write_text(
-            f"# Tiny random {what} ({MARKER})\n\n"
-            f"Written by `reelflow.core.tiny.{builder}(seed={seed})`. The weights are random. It "
-            "exists so tests run the real loading path without a download.\n"
-        )
+        (staging / "README.md").write_text(readme)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -384,9 +371,9 @@ def _write_staged(out: Path, write: Callable[[Path], None], what: str, builder: 
     return out
 
 
-TINY_BUILDERS: dict[str, Callable[[Path, int], Path]] = {
-    "sd": lambda out, seed: build_tiny_bundle(out, seed=seed),
-    "clip-vision": build_tiny_clip_vision,
-    "timm": build_tiny_timm,
-    "torchvision-raft": build_tiny_raft,
-}
+def _builder_readme(what: str, builder: str, seed: int) -> str:
+    return (
+        f"# Tiny random {what} ({MARKER})\n\n"
+        f"Written by `reelflow.core.tiny.{builder}(seed={seed})`. The weights are random. It "
+        "exists so tests run the real loading path without a download.\n"
+    )

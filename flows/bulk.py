@@ -162,7 +162,7 @@ def bulk_edit(
 def clip_pipeline(pipeline: PipelineSpec, clip: Clip, *, store: str | None, output: str) -> PipelineSpec:
     """The pipeline for one clip: its video, output folder, the sources and overrides its manifest entry gives."""
     spec = apply_run_options(pipeline, input=clip.url, store=store, output=output)
-    given = [*clip.overrides, *source_overrides(dict(clip.sources))]
+    given = [*clip.overrides, *source_overrides(spec, dict(clip.sources))]
     return load_spec(spec.model_dump(mode="json"), given) if given else spec
 
 
@@ -351,7 +351,7 @@ def _same_keys(manifest: RunManifest, spec: PipelineSpec, settings: Settings) ->
                                cache_dir=settings.model_cache_dir)
             if {p.id: p.key for p in planned} == recorded:
                 return True
-    except ModelError:
+    except (ModelError, SpecError):
         return True
     return False
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, field):
             overrides.append(f"{field}={json.dumps(getattr(args, field))}")
     path = spec_path(args.spec)
-    overrides += source_overrides(parse_sources(args.sources, load_spec(path, overrides)))
+    overrides += source_overrides(load_spec(path, overrides), parse_sources(args.sources))
     spec = load_spec(path, overrides)
     manifest = run_spec(spec)
     print_summary(manifest)
@@ -84,7 +84,7 @@ def run_spec(spec: Any) -> Any:
 
 def bulk(args: argparse.Namespace) -> int:
     from reelflow.flows.bulk import BulkReport, bulk_edit
-    from reelflow.flows.edit import supervised_here
+    from reelflow.flows.runners import supervised_here
     from reelflow.schemas.errors import StageFailed
     from reelflow.storage.files import join_url, normalize_url, url_to_fs
 
@@ -251,15 +251,15 @@ def models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_sources(given: list[str], spec: Any) -> dict[str, str]:
-    """``--source NAME=PATH`` values, checked against the sources the pipeline declares."""
+def parse_sources(given: list[str]) -> dict[str, str]:
+    """``--source NAME=PATH`` values by name."""
     sources = {}
     for item in given:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise SpecError(f"--source {item!r} is not of the form NAME=PATH, e.g. edited_frame=frame0.png")
-        if name not in spec.source_kinds:
-            raise SpecError(f"pipeline {spec.name!r} has no source {name!r}; its sources: {', '.join(spec.source_kinds)}")
+        if name in sources:
+            raise SpecError(f"--source {name} is given twice ({sources[name]}, {path}); give each source once")
         sources[name] = path
     return sources
 
@@ -273,7 +273,7 @@ def stages(args: argparse.Namespace) -> int:
     load_methods()
     for (stage, method), cls in sorted(STAGE_TYPES.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         package = DECLARED_IN.get(cls.__module__, cls.__module__)
-        print(f"{stage_tag(stage, method):<28} -> {cls.produces:<26} version {cls.version}  method {package}")
+        print(f"{stage_tag(stage, method):<28} -> {cls.produces:<26} version {cls.version}  package {package}")
         for slot, kinds in cls.slots.items():
             print(f"    input  {slot} <- {'|'.join(kinds)}")
         for slot, kind in cls.reads.items():

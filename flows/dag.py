@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
 
-from reelflow.core.models import fingerprint_model, get_family, infer_family
+from reelflow.core.models import fingerprint_model, get_family, infer_family, is_bundle
 from reelflow.schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall, StoreSpec
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.graph import Node
@@ -61,10 +61,10 @@ def plan_run(
     """Every stage with its key and call, in topological order. Loads no model.
 
     ``sources`` maps each source the stages read (see :meth:`PipelineSpec.used_sources`) to its file;
-    each model is fingerprinted once here (a hub id by the commit its revision resolves to in the hub
-    cache at ``cache_dir``), and the stages load exactly that.
+    each model is fingerprinted once here (a hub id by the commit its revision resolves to), and the
+    stages load exactly that.
     """
-    models = {name: resolve_model(m, default_dtype, cache_dir) for name, m in spec.models.items() if _used(spec, name)}
+    models = resolve_models(spec, default_dtype, cache_dir)
     planned: dict[str, PlannedStage] = {}
     for node in spec.graph.order():
         producers = {slot: planned[src] for slot, src in node.inputs.items()}
@@ -86,13 +86,35 @@ def plan_run(
     return list(planned.values())
 
 
-def resolve_model(model: ModelSpec, default_dtype: str, cache_dir: str | None = None) -> ResolvedModel:
-    """The model's family (stated, or told from its files), dtype and fingerprint; a hub revision becomes
-    the commit it points at now, so a moved branch changes the keys and the stages load what was planned."""
-    family = get_family(model.family or infer_family(model.id, model.revision, cache_dir) or "diffusers").name
+def resolve_models(spec: PipelineSpec, default_dtype: str, cache_dir: str | None = None) -> dict[str, ResolvedModel]:
+    """Every model some stage uses, with its family, dtype and fingerprint settled (see :func:`resolve_model`)."""
+    families: dict[str, set[str]] = {}
+    for node in spec.graph.order():
+        for role, name in node.models.items():
+            families.setdefault(name, set(node.spec.roles[role].families))
+            families[name] &= set(node.spec.roles[role].families)
+    return {name: resolve_model(name, spec.models[name], families[name], default_dtype, cache_dir) for name in families}
+
+
+def resolve_model(
+    name: str, model: ModelSpec, families: set[str], default_dtype: str, cache_dir: str | None = None
+) -> ResolvedModel:
+    """A model's family (stated, told from its files, or the only one its roles accept), dtype and
+    fingerprint; a hub revision becomes the commit it points at now, so a moved branch changes the
+    keys and the stages load what was planned."""
+    family = model.family or infer_family(model.id, model.revision, cache_dir)
+    if family is None:
+        if len(families) != 1:
+            raise SpecError(
+                f"cannot tell the family of model {name!r} ({model.id}) from its files; set `models.{name}.family` "
+                f"({', '.join(sorted(families)) or 'no role accepts one family'})"
+            )
+        family = next(iter(families))
+    family = get_family(family).name
     fingerprint = fingerprint_model(model.id, model.revision, family=family, cache_dir=cache_dir)
     commit = fingerprint.rpartition("@")[2] if fingerprint.startswith("hub:") else None
-    return ResolvedModel(id=model.id, revision=commit, family=family, dtype=model.dtype or default_dtype,
+    bundle = family == "diffusers" and is_bundle(model.id, model.revision, cache_dir)
+    return ResolvedModel(id=model.id, revision=commit, family=family, bundle=bundle, dtype=model.dtype or default_dtype,
                          fingerprint=fingerprint)  # fmt: skip
 
 
@@ -104,10 +126,6 @@ def _fitting(node: Node, role: str, name: str, model: ResolvedModel) -> Resolved
             f"{model.family} model; map the role to another model with `models: {{{role}: ...}}`"
         )
     return model
-
-
-def _used(spec: PipelineSpec, name: str) -> bool:
-    return any(name in node.models.values() for node in spec.graph.order())
 
 
 @dataclass

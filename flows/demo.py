@@ -1,7 +1,8 @@
 """``reelflow demo``: a synthetic clip, tiny models, and a preset wired to both.
 
-Any installed preset runs: every model entry points at the tiny Stable-Diffusion-style bundle,
-every named source gets a synthetic file of its kind, and every stage takes the small sizes its
+Any installed preset runs: every model entry points at the tiny model its roles name (the tiny
+Stable-Diffusion-style bundle by default, or one a method package ships), every named source gets
+a synthetic file of its kind, and every stage takes the small sizes its
 declaration lists under ``demo`` (a few frames at 96x64, a few steps), so a preset runs in seconds
 on a CPU.
 
@@ -15,8 +16,10 @@ import json
 from pathlib import Path
 
 from reelflow.deployments import spec_path
+from reelflow.schemas.errors import SpecError
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.pipeline import PipelineSpec
+from reelflow.schemas.registry import tiny_builders
 from reelflow.schemas.stages import STAGE_TYPES, DecodeVideo, stage_tag
 
 CLIP_SECONDS, WIDTH, HEIGHT = 2.0, 96, 64
@@ -44,22 +47,42 @@ DEMO_DESCRIPTION = _description()
 def prepare_demo(workdir: Path, preset: str = "reconstruct") -> PipelineSpec:
     """Make (once) the clip, the tiny bundle and the sources under ``workdir``; return ``preset`` wired to them."""
     from reelflow.core.synthetic import write_synthetic_clip
-    from reelflow.core.tiny import build_tiny_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
     clip = workdir / "source.mp4"
     if not clip.is_file():
         write_synthetic_clip(clip, width=WIDTH, height=HEIGHT, fps=24, seconds=CLIP_SECONDS)
-    bundle = workdir / "models" / "tiny-sd"
-    if not (bundle / "model_index.json").is_file():
-        build_tiny_bundle(bundle, seed=0)
     spec = load_spec(spec_path(preset))
     given = [f"input={json.dumps(str(clip))}", f"store={json.dumps(str(workdir / 'store'))}",
              f"output={json.dumps(str(workdir / 'output'))}"]  # fmt: skip
-    given += [f"models.{name}.id={json.dumps(str(bundle))}" for name in spec.models]
+    given += [f"models.{name}.id={json.dumps(str(_tiny_model(workdir, kind)))}" for name, kind in tiny_models(spec).items()]
     given += [f"sources.{name}.path={json.dumps(str(_source(workdir, name, s.kind, clip)))}" for name, s in spec.sources.items()]
     given += [f"stages.{stage.id}.params.{k}={json.dumps(v)}" for stage in spec.stages for k, v in type(stage).demo.items()]
     return load_spec(spec_path(preset), given)
+
+
+def tiny_models(spec: PipelineSpec) -> dict[str, str]:
+    """Model name -> the tiny model that stands in for it: the one its roles name (they must agree)."""
+    kinds: dict[str, set[str]] = {}
+    for node in spec.graph.order():
+        for role, name in node.models.items():
+            kinds.setdefault(name, set()).add(node.spec.roles[role].tiny)
+    for name, found in kinds.items():
+        if len(found) > 1:
+            raise SpecError(f"model {name!r} fills roles whose tiny stand-ins differ ({', '.join(sorted(found))}); "
+                            "give each its own model entry")  # fmt: skip
+    return {name: found.pop() for name, found in kinds.items()}
+
+
+def _tiny_model(workdir: Path, kind: str) -> Path:
+    """The tiny model ``kind`` under ``<workdir>/models/``, written once."""
+    path = workdir / "models" / ("tiny-sd" if kind == "sd" else f"tiny-{kind}")
+    if not path.is_dir():
+        builders = tiny_builders()
+        if kind not in builders:
+            raise SpecError(f"no tiny model {kind!r} is installed; installed: {', '.join(sorted(builders))}")
+        builders[kind].tiny_builder(kind)(path, seed=0)
+    return path
 
 
 def _source(workdir: Path, name: str, kind: str, clip: Path) -> Path:

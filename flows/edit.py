@@ -6,21 +6,17 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from prefect import Flow, flow, get_run_logger
-from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.filesystems import RemoteFileSystem, WritableFileSystem
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
 from reelflow.deployments import preset_names, spec_path
-from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_model
-from reelflow.flows.runners import default_task_runner, task_runner
+from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_models
+from reelflow.flows.runners import default_task_runner, supervised, task_runner
 from reelflow.flows.sources import check_sources, hash_sources
 from reelflow.schemas.calls import SourceRef, StoreSpec
 from reelflow.schemas.errors import SpecError, StageFailed
@@ -63,42 +59,6 @@ def _run_name() -> str:
     name = spec_param(params, "name") or params.get("preset") or "edit"
     source = params.get("input") or spec_param(params, "input")
     return f"{name}: {PurePosixPath(str(source)).stem}" if source else str(name)
-
-
-@contextmanager
-def supervised_here() -> Iterator[None]:
-    """Flow runs this block starts outside any other run go without Prefect's flow-run heartbeat.
-
-    Prefect 3.9 joins its heartbeat thread when a run ends, and the thread sleeps in 1 s slices: every
-    run paid up to 1 s at its end (0.98 s of a 1.09 s one-task flow). The heartbeat lets the server
-    tell that a run's process died; here the process that runs the flow is the one that asked for it
-    (``reelflow run``, a script), so whoever started it sees it die. The cost: such a run killed
-    mid-way stays ``Running`` in the UI. Kept: runs inside another run (a worker's run keeps heartbeats
-    for its subflows too) and every run of a process that sets ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``.
-    """
-    if FlowRunContext.get() is not None or "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
-
-
-class SupervisedFlow(Flow):
-    """A flow whose direct calls run under ``supervised_here``. Deployments run it through Prefect's
-    engine (``run_flow``), not through a call, so their runs keep the heartbeat."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with supervised_here():
-            return super().__call__(*args, **kwargs)
-
-    def with_options(self, **options: Any) -> SupervisedFlow:
-        return supervised(super().with_options(**options))  # Prefect's with_options builds a plain Flow
-
-
-def supervised(wrapped: Flow) -> SupervisedFlow:
-    """Decorator, above ``@flow``: the flow's direct calls run under ``supervised_here``."""
-    wrapped.__class__ = SupervisedFlow
-    return wrapped
 
 
 @supervised
@@ -174,8 +134,7 @@ def check_environment(spec: PipelineSpec, settings: Settings, *, models: bool = 
     store.ensure_reachable()
     task_runner(settings)  # REELFLOW_TASK_RUNNER=dask without prefect-dask is refused here
     if models:
-        for model in spec.models.values():
-            resolve_model(model, "float32", settings.model_cache_dir)
+        resolve_models(spec, "float32", settings.model_cache_dir)
         if settings.gpu_limit and any(node.spec.needs_model for node in spec.graph.order()):
             check_concurrency_limit(settings.gpu_limit)
     return store

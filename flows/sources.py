@@ -19,7 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from reelflow.core.sources import check_source
 from reelflow.schemas.calls import SourceRef
-from reelflow.schemas.errors import InputVideoError, SourceError
+from reelflow.schemas.errors import InputVideoError, SourceError, SpecError
 from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import url_to_fs
@@ -27,13 +27,11 @@ from reelflow.storage.keys import content_key
 
 
 def source_urls(spec: PipelineSpec) -> dict[str, str]:
-    """URL of every source a stage reads, the video first; raises when one has no location."""
+    """URL of the video (always: outputs are named after it) and of every other source a stage reads;
+    raises when one has no location."""
     if not spec.input:
         raise InputVideoError(f"pipeline {spec.name!r} has no input video; pass --input VIDEO or set `input:`")
-    urls = {}
-    for name in spec.used_sources():
-        urls[name] = spec.input if name == VIDEO else _location(spec, name)
-    return urls
+    return {VIDEO: spec.input} | {name: _location(spec, name) for name in spec.used_sources() if name != VIDEO}
 
 
 def _location(spec: PipelineSpec, name: str) -> str:
@@ -96,8 +94,14 @@ def _existing(name: str, kind: str, url: str, settings: Settings) -> tuple[fsspe
     return fs, path
 
 
-def source_overrides(sources: Mapping[str, str | None]) -> list[str]:
-    """``--source NAME=PATH`` as spec overrides: the video is ``input``, the others ``sources.NAME.path``."""
+def source_overrides(spec: PipelineSpec, sources: Mapping[str, str | None]) -> list[str]:
+    """Files for named sources as spec overrides (the video is ``input``, the others ``sources.NAME.path``),
+    refusing a name the pipeline does not declare."""
+    unknown = sorted(set(sources) - set(spec.source_kinds))
+    if unknown:
+        raise SpecError(
+            f"pipeline {spec.name!r} has no source {unknown[0]!r}; its sources: {', '.join(spec.source_kinds)}"
+        )
     return [
         f"input={json.dumps(path)}" if name == VIDEO else f"sources.{name}.path={json.dumps(path)}"
         for name, path in sources.items()

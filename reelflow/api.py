@@ -2,8 +2,9 @@
 
     from reelflow.api import run, load_spec, open_artifact, open_dataset
 
-    manifest = run("fatezero-style", input="clip.mp4", sources={"reference": "ref.png"},
+    manifest = run("fatezero-style", input="clip.mp4",
                    overrides=["stages.denoise_latents.params.target_prompt=..."])
+    manifest = run("my-edit.yaml", input="clip.mp4", sources={"edited_frame": "frame0.png"})
     manifest.outputs                         # output video(s) and the run manifest
     group = open_artifact(manifest.stages[2].artifact)         # a read-only zarr.Group
     dataset = open_dataset(manifest.stages[2].artifact)        # the same as an xarray.Dataset
@@ -44,10 +45,10 @@ def run(
     """Run a pipeline on a clip; ``sources`` maps source names to files (``{"reference": "ref.png"}``)."""
     from reelflow.flows.commands import run_spec
 
-    given = [*overrides, *source_overrides({VIDEO: input, **(sources or {})})]
-    given += [f"{name}={json.dumps(value)}" for name, value in (("store", store), ("output", output)) if value]
-    raw = spec.model_dump(mode="json") if isinstance(spec, PipelineSpec) else spec
-    return run_spec(load_spec(raw, given))
+    given = [*overrides, *(f"{name}={json.dumps(value)}" for name, value in (("store", store), ("output", output)) if value)]
+    pipeline = load_spec(spec.model_dump(mode="json") if isinstance(spec, PipelineSpec) else spec, given)
+    files = source_overrides(pipeline, {VIDEO: input, **(sources or {})})
+    return run_spec(load_spec(pipeline.model_dump(mode="json"), files) if files else pipeline)
 
 
 def open_artifact(url_or_key: str, store: str | None = None) -> Any:

@@ -23,6 +23,7 @@ class ResolvedModel(Model):
     id: str
     revision: str | None = Field(default=None, description="For hub ids, the commit the spec's revision resolved to.")
     family: str = Field(default="diffusers", description="Loader family.")
+    bundle: bool = Field(default=False, description="A diffusers bundle, whose roles load as its subfolders.")
     dtype: DType
     fingerprint: str
 

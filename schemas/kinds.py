@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from reelflow.schemas.base import Model
 from reelflow.schemas.errors import RegistryError
@@ -24,8 +24,6 @@ class Attrs(Model):
 
     Extra keys in a group (provenance, timings, what a stage adds for people) are ignored on read.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     @classmethod
     def read(cls, attrs: Mapping[str, Any]) -> Self:

@@ -53,6 +53,15 @@ def load_methods() -> dict[str, Method]:
     """Load every installed method package once (each entry point's module declares its stages)."""
     if METHODS:
         return METHODS
+    try:
+        _load_entry_points()
+    except RegistryError:
+        METHODS.clear()  # never a half-loaded registry: every later call fails the same way
+        raise
+    return METHODS
+
+
+def _load_entry_points() -> None:
     for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name != "core", e.name)):
         try:
             method = entry.load()
@@ -69,7 +78,6 @@ def load_methods() -> dict[str, Method]:
         DECLARED_IN[entry.value.partition(":")[0]] = method.name
     if "core" not in METHODS:
         raise RegistryError("reelflow's own stages are not registered: install the package (pip install -e .)")
-    return METHODS
 
 
 def presets() -> dict[str, Path]:

@@ -66,6 +66,9 @@ class Role(Model):
 
     families: tuple[str, ...] = Field(default=("diffusers",), description="Model families that can fill the role.")
     description: str = Field(default="", description="What the stage uses it for.")
+    tiny: str = Field(
+        default="sd", description="The tiny model (a name `reelflow models tiny --kind` knows) that fills it in the demo."
+    )
 
 
 class Export(Model):
@@ -74,6 +77,12 @@ class Export(Model):
     kind: Literal["file", "metrics"] = Field(description="file: an array's bytes as a file; metrics: the metrics attr.")
     array: str | None = Field(default=None, description="For files: the uint8 array holding the file's bytes.")
     suffix: str | None = Field(default=None, description="For files: the output file's extension, e.g. 'mp4'.")
+
+    @model_validator(mode="after")
+    def _file_needs_array_and_suffix(self) -> Export:
+        if self.kind == "file" and not (self.array and self.suffix):
+            raise ValueError("a file export names the array holding the file's bytes and the file's suffix")
+        return self
 
 
 class StageSpec(Model):

@@ -13,13 +13,14 @@ Commit protocol by capability (``atomic_rename``):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
+from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, LeaseHeld, StoreError
 from reelflow.schemas.refs import ArraySpec, ArtifactRef
 from reelflow.storage.arrays import frame_chunks, storage_dtype
 from reelflow.storage.files import normalize_url
@@ -41,6 +42,7 @@ TEMP_MARK = ".tmp-"
 TRASH_MARK = ".trash-"
 RESUME_MARK = f"{TEMP_MARK}resume"  # the fixed temporary name of a resumable write, found again after a crash
 PARTS_DONE = "parts_done"
+ATTEMPT = "attempt"  # a resumable write's current attempt; a stalled attempt that lost it stops writing
 _COMPRESSOR = zarr.codecs.ZstdCodec(level=3)
 _ARTIFACT_URL = re.compile(r"^(?P<root>.*?)/?artifacts/(?P<stage>[a-z0-9_]+)/[0-9a-f]{2}/(?P<key>[0-9a-f]{64})\.zarr/?$")
 
@@ -61,13 +63,25 @@ class ArtifactInfo:
 class ArtifactWriter:
     """Writes arrays and attrs into a group that is not yet complete."""
 
-    def __init__(self, group: zarr.Group, path: str, *, resumable: bool = False) -> None:
+    def __init__(
+        self, group: zarr.Group, path: str, *, resumable: bool = False, stored_attrs: Callable[[], dict] | None = None
+    ) -> None:
         self.group = group
         self.path = path
         self.resumable = resumable
         done = group.attrs.get(PARTS_DONE, []) if resumable else []
         self.resumed_parts: tuple[str, ...] = tuple(done)  # parts an earlier attempt finished
         self._done = list(done)
+        self._stored_attrs = stored_attrs  # the group's attrs as stored now, to tell whether it is still ours
+        self.attempt = group.attrs.get(ATTEMPT, "")
+
+    def check_attempt(self) -> None:
+        """Refuse to write on when another attempt reopened this partial write (this one stalled past its lease)."""
+        if self._stored_attrs is not None and self._stored_attrs().get(ATTEMPT) != self.attempt:
+            raise LeaseHeld(
+                f"another attempt took over the write of {self.path} (this one stalled past its lease); "
+                "its output is kept and this one's discarded"
+            )
 
     def is_done(self, part: str) -> bool:
         """Whether ``part`` (a step, a window) was written completely by this or an earlier attempt."""
@@ -78,6 +92,7 @@ class ArtifactWriter:
         if not self.resumable:
             raise ValueError("mark_done needs a resumable write (ArtifactStore.write(..., resumable=True))")
         if part not in self._done:
+            self.check_attempt()
             self._done.append(part)
             self.group.attrs.update({PARTS_DONE: list(self._done), "touched_at": time.time()})
 
@@ -238,25 +253,27 @@ class ArtifactStore:
         """Create the artifact's group; on success mark it complete and publish it, on error remove it.
 
         A ``resumable`` write keeps its partial group when it fails or its process dies, and the next
-        write of the same key reopens it: the writer says which parts are done (:meth:`ArtifactWriter.
-        is_done`), the body computes only the others, and the commit records ``resumed_parts``. Readers
-        still never see it before the ``complete`` marker.
+        write of the same key reopens it: the writer says which parts are done
+        (:meth:`ArtifactWriter.is_done`) and which an earlier attempt stored (``resumed_parts``), and the
+        body computes only the others. Readers still never see it before the ``complete`` marker.
         """
         final = self.abspath(self.artifact_path(stage, key))
         target = self._write_target(final, resumable)
         group = self._resumed_group(target, key) if resumable else None
+        attempt = {ATTEMPT: uuid.uuid4().hex} if resumable else {}
         if group is not None:
-            group.attrs.update({**attrs, "complete": False, "resumed_at": time.time()})
+            group.attrs.update({**attrs, **attempt, "complete": False, "resumed_at": time.time()})
         else:
             if not self.atomic_rename and self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
-            started = {**attrs, "complete": False, "started_at": time.time()}
+            started = {**attrs, **attempt, "complete": False, "started_at": time.time()}
             group = zarr.open_group(self._zarr_store(target, read_only=False), mode="w", attributes=started)
-        writer = ArtifactWriter(group, target, resumable=resumable)
+        stored = functools.partial(self._group_attrs, target) if resumable else None
+        writer = ArtifactWriter(group, target, resumable=resumable, stored_attrs=stored)
         try:
             yield writer
-            done = {"complete": True, "completed_at": time.time()}
-            group.attrs.update({**done, "resumed_parts": list(writer.resumed_parts)} if resumable else done)
+            writer.check_attempt()
+            group.attrs.update({"complete": True, "completed_at": time.time()})
         except BaseException:
             if not resumable:
                 self._remove_abs(target)
@@ -271,14 +288,16 @@ class ArtifactStore:
             return f"{final}{RESUME_MARK}"
         return f"{final}{TEMP_MARK}{int(time.time())}-{uuid.uuid4().hex[:8]}"
 
+    def _group_attrs(self, path: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.fs.cat_file(f"{path}/zarr.json")).get("attributes", {}))
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def _resumed_group(self, target: str, key: str) -> zarr.Group | None:
         """The partial group an earlier attempt at ``key`` left, if there is one to continue."""
-        try:
-            meta = json.loads(self.fs.cat_file(f"{target}/zarr.json"))
-        except (FileNotFoundError, ValueError):
-            return None
-        attrs = meta.get("attributes", {})
-        if attrs.get("complete") or attrs.get("provenance", {}).get("key", key) != key:
+        attrs = self._group_attrs(target)
+        if not attrs or attrs.get("complete") or attrs.get("provenance", {}).get("key", key) != key:
             return None
         return zarr.open_group(self._zarr_store(target, read_only=False), mode="r+")
 

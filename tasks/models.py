@@ -44,7 +44,7 @@ def load_role(model: ResolvedModel | None, role: str, component: str | None, set
             f"this stage needs a model as its {role} but its call names none; "
             "plan calls with flows.dag.plan_run, which resolves each stage's roles from the spec's `models`"
         )
-    if model.family == "diffusers" and component is None:
+    if model.bundle and component is None:
         component = role  # a bundle's subfolder is named like the role (unet, vae, text_encoder)
     return load_model(
         model.id,

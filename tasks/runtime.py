@@ -106,8 +106,8 @@ def run_stage(call: StageCall, body: Body, *, resumable: bool = False) -> Artifa
 
     A ``resumable`` body writes its output in parts (steps, windows) and marks each done with
     ``ctx.writer.mark_done``; a crashed attempt's parts are kept, and the next attempt at the same key
-    skips the parts marked done (``ctx.writer.is_done``). The artifact still commits atomically and
-    lists the resumed parts in its ``resumed_parts`` attr.
+    skips the parts marked done (``ctx.writer.is_done``). The artifact still commits atomically, its
+    provenance listing the parts an earlier attempt stored (``resumed_parts``).
     """
     store = open_store(call.store)
     if store.is_complete(call.stage_type, call.key):
@@ -159,14 +159,17 @@ def _compute(
     resumable: bool,
 ) -> None:
     started = time.time()
-    attrs = {"provenance": provenance(call, store, settings)}
-    with store.write(call.stage_type, call.key, attrs, resumable=resumable) as writer:
+    attrs_in = {"provenance": provenance(call, store, settings)}
+    with store.write(call.stage_type, call.key, attrs_in, resumable=resumable) as writer:
         progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage.tag})")
         ctx = StageContext(call, store, writer, progress, settings)
         attrs = _kind_attrs(call, body(ctx))
         progress.finish()
         lease.check()
-        writer.update_attrs({**ctx.extras, **attrs.model_dump(mode="json"), "seconds": round(time.time() - started, 4)})
+        done = {**ctx.extras, **attrs.model_dump(mode="json"), "seconds": round(time.time() - started, 4)}
+        if resumable:  # which parts an earlier, interrupted attempt stored
+            done["provenance"] = {**attrs_in["provenance"], "resumed_parts": list(writer.resumed_parts)}
+        writer.update_attrs(done)
 
 
 def _kind_attrs(call: StageCall, returned: Attrs | None) -> Attrs:

@@ -81,7 +81,7 @@ def load_implementations() -> None:
 
 
 def check_registries(declared: Mapping[tuple[str, str | None], type], implemented: Mapping[tuple[str, str | None], object]) -> None:
-    """Refuse a declaration without an implementation (and the reverse), naming the missing half."""
+    """Refuse a declaration without an implementation, naming it (the reverse is refused by ``stage_task``)."""
     missing = [key for key in declared if key not in implemented]
     if missing:
         named = ", ".join(f"{stage_tag(*key)} (declared in {declared[key].__module__})" for key in missing)
@@ -89,7 +89,3 @@ def check_registries(declared: Mapping[tuple[str, str | None], type], implemente
             f"no implementation for {named}: none of its method's `implementations` modules registers it; "
             "add a task body decorated with @stage_task(stage, method)"
         )
-    orphans = [key for key in implemented if key not in declared]
-    if orphans:
-        raise RegistryError(f"implementations without a declaration: {', '.join(stage_tag(*k) for k in orphans)}; "
-                            "declare them in their method's declarations module")  # fmt: skip

@@ -98,6 +98,15 @@ def infer_family(
     return next((name for name, loader in FAMILIES.items() if loader.recognises(root)), None)
 
 
+def is_bundle(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> bool:
+    """Whether a model is a diffusers bundle of components (a ``model_index.json``), not one model.
+
+    Known only from local files: a hub id not in the local hub cache is taken for a bundle, the common case.
+    """
+    root = Path(model_id) if is_local(model_id) else cached_snapshot(model_id, revision, cache_dir)
+    return root is None or (root / "model_index.json").is_file()
+
+
 def fingerprint_model(
     model_id: str,
     revision: str | None = None,

@@ -105,8 +105,9 @@ def _weight_digest(path: Path) -> bytes:
 def resolve_revision(model_id: str, revision: str | None, cache_dir: str | None = None) -> str:
     """The 40-hex commit that a hub revision (branch, tag or commit; None is ``main``) points at.
 
-    A commit is returned as is. Otherwise the hub cache's ``refs/<revision>`` answers, and failing
-    that the hub itself, unless huggingface_hub is in offline mode.
+    A commit is returned as is. Otherwise the hub answers, so a moved branch is seen at once; offline
+    (huggingface_hub's offline mode), or when the hub cannot be reached, the hub cache's
+    ``refs/<revision>`` does.
 
     Raises:
         ModelError: ``model_id`` is not a hub id, or the revision cannot be resolved; the message
@@ -116,13 +117,19 @@ def resolve_revision(model_id: str, revision: str | None, cache_dir: str | None 
     rev = _check_revision(model_id, revision or "main")
     if COMMIT.match(rev):
         return rev
+    unreachable: ModelError | None = None
+    if not hf_constants.is_offline_mode():
+        try:
+            return _ask_hub(model_id, repo, rev)
+        except ModelError as exc:  # no network: the cache may still know the revision
+            unreachable = exc
     try:
         return _cached_commit(repo, rev, cache_dir)
     except FileNotFoundError as missing:
-        if hf_constants.is_offline_mode():
-            reason = f"it is not in the hub cache {_cache_root(cache_dir)} and HF_HUB_OFFLINE is set"
-            raise ModelError(_unresolved(model_id, rev, reason)) from missing
-    return _ask_hub(model_id, repo, rev)
+        if unreachable is not None:
+            raise unreachable  # noqa: B904  (its cause is the hub's error, which says more than the cache miss)
+        reason = f"it is not in the hub cache {_cache_root(cache_dir)} and HF_HUB_OFFLINE is set"
+        raise ModelError(_unresolved(model_id, rev, reason)) from missing
 
 
 def cached_snapshot(model_id: str, revision: str | None, cache_dir: str | None) -> Path | None:

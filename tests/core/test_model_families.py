@@ -28,6 +28,7 @@ from reelflow.core.models import (
     resolve_revision,
 )
 from reelflow.schemas.errors import ModelError
+from reelflow.schemas.registry import tiny_builders
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -80,12 +81,16 @@ CASES = [
 IDS = [case.builder for case in CASES]
 
 
+# The tiny models reelflow's own method package ships (``reelflow models tiny --kind NAME``).
+BUILDERS = {name: method.tiny_builder(name) for name, method in tiny_builders().items() if method.name == "core"}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], Path]:
     root = tmp_path_factory.mktemp("families")
     return {
-        (name, seed): build(root / f"{name}-{seed}", seed)
-        for name, build in tiny.TINY_BUILDERS.items()
+        (name, seed): build(root / f"{name}-{seed}", seed=seed)
+        for name, build in BUILDERS.items()
         for seed in (0, 1)
     }
 
@@ -147,7 +152,7 @@ def test_each_family_loads_its_tiny_model_as_saved(case: Case, built: dict) -> N
 def test_builders_are_pure_functions_of_the_seed(
     case: Case, built: dict, tmp_path: Path
 ) -> None:
-    again = tiny.TINY_BUILDERS[case.builder](tmp_path / "again", 0)
+    again = BUILDERS[case.builder](tmp_path / "again", seed=0)
 
     assert fingerprint_model(str(again)) == fingerprint_model(str(built[case.builder, 0]))
     assert fingerprint_model(str(again)) != fingerprint_model(str(built[case.builder, 1]))
@@ -232,6 +237,25 @@ def test_online_the_hub_answers_what_the_cache_lacks(
 
     assert resolve_revision("hf-hub:org/remote", None, str(tmp_path)) == SHA_B
     assert asked == [("org/remote", "main")]
+
+
+def test_online_the_hub_answers_before_the_cache_and_the_cache_answers_when_it_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_dir = tmp_path / "models--org--moved"
+    move_ref(repo_dir, "main", SHA_A)
+    down = [False]
+
+    def model_info(self: HfApi, repo_id: str, *, revision: str, **kwargs: Any) -> SimpleNamespace:
+        if down[0]:
+            raise OSError("Name or service not known")
+        return SimpleNamespace(sha=SHA_B)  # upstream main moved on since the cache was filled
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    assert resolve_revision("org/moved", "main", str(tmp_path)) == SHA_B
+    down[0] = True
+    assert resolve_revision("org/moved", "main", str(tmp_path)) == SHA_A
 
 
 def test_a_failed_hub_answer_is_a_model_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

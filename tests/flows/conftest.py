@@ -21,6 +21,19 @@ TINY_OVERRIDES = (
 )
 
 
+# FateZero on the tiny bundle in seconds: 3 frames at 64x64, 4 DDIM steps, cross-frame attention everywhere.
+FATEZERO_TINY = (
+    "stages.decode_video.params.num_frames=3",
+    "stages.decode_video.params.width=64",
+    "stages.decode_video.params.height=64",
+    "stages.decode_video.params.multiple=8",
+    "stages.invert_latents.params.num_steps=4",
+    "stages.invert_latents.params.min_channels=0",
+    "stages.invert_latents.params.source_prompt=a cat walking on a street",
+    "stages.encode_video.params.preset=ultrafast",
+)
+
+
 @pytest.fixture(autouse=True)
 def _harness(prefect_harness: str) -> str:
     return prefect_harness

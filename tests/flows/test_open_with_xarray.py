@@ -6,24 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import xarray
 
 from reelflow.deployments import spec_path
 from reelflow.flows.edit import edit_video
 from reelflow.schemas.loading import load_spec
 from reelflow.storage.store import ArtifactStore
+from tests.flows.conftest import FATEZERO_TINY
 
-xarray = pytest.importorskip("xarray")
 pytestmark = pytest.mark.flow
 
 FATEZERO = (
-    "stages.decode_video.params.num_frames=3",
-    "stages.decode_video.params.width=64",
-    "stages.decode_video.params.height=64",
-    "stages.decode_video.params.multiple=8",
-    "stages.invert_latents.params.num_steps=4",
-    "stages.invert_latents.params.min_channels=0",
-    "stages.invert_latents.params.source_prompt=a cat walking on a street",
-    "stages.encode_video.params.preset=ultrafast",
+    *FATEZERO_TINY,
     # A plain edit and a local one, so the store also holds a blend mask and word heat maps.
     "stages.denoise_latents.each=[{target_prompt: a painting of a cat walking on a street, reweight: {}},"
     " {target_prompt: a dog walking on a street, blend_words: [[cat], [dog]], reweight: {}}]",

@@ -56,7 +56,7 @@ def test_its_stages_are_listed_with_slots_kinds_and_sources(env: dict) -> None:
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line and not line.startswith(" ")}
     assert "tint_frames" in lines and "invert_latents:toy" in lines and "invert_latents:fatezero" in lines
-    assert "method toy" in lines["tint_frames"]
+    assert "package toy" in lines["tint_frames"]
     assert "frames <- video_frames|frames" in done.stdout and "reference: image" in done.stdout
     assert "-> inversion/toy" in lines["invert_latents:toy"]
 
@@ -74,7 +74,7 @@ def test_its_preset_runs_end_to_end_with_a_named_source(env: dict, clip: Path, t
     tinted = ArtifactStore(str(store)).open("tint_frames", next(s["key"] for s in manifest["stages"] if s["name"] == "tint_frames"))
     frames = tinted["frames"][:]
     assert frames.shape == (10, 64, 64, 3) and frames[..., 0].mean() > frames[..., 2].mean() + 40, "tinted red"
-    assert tinted.attrs["windows"]["count"] == 3 and tinted.attrs["resumed_parts"] == []
+    assert tinted.attrs["windows"]["count"] == 3 and tinted.attrs["provenance"]["resumed_parts"] == []
     assert tinted.attrs["provenance"]["inputs"]["source:reference"]["kind"] == "image"
 
     # The source's bytes are in the key: another reference recomputes the tint, not the decode.
@@ -166,7 +166,7 @@ def test_a_windowed_stage_killed_mid_clip_computes_only_the_missing_windows(
     manifest = json.loads((tmp_path / "out" / "clip.toy-tint.manifest.json").read_text())
     key = next(s["key"] for s in manifest["stages"] if s["name"] == "tint_frames")
     resumed = ArtifactStore(str(tmp_path / "store")).open("tint_frames", key)
-    assert resumed.attrs["resumed_parts"] == ["window-0", "window-1"]
+    assert resumed.attrs["provenance"]["resumed_parts"] == ["window-0", "window-1"]
     assert resumed.attrs["windows"]["computed"] == [2, 3]
     assert "window_tails" not in resumed
 
@@ -219,3 +219,10 @@ def test_a_library_manifest_gives_each_clip_its_sources_and_overrides(env: dict,
     edit = json.loads((tmp_path / "out" / "a.toy-tint.manifest.json").read_text())
     assert edit["sources"]["reference"]["url"] == str(library / "refs" / "warm.png")
     assert next(s for s in edit["spec"]["stages"] if s["stage"] == "tint_frames")["params"]["strength"] == 0.25
+
+
+def test_the_demo_runs_its_preset_with_a_synthetic_reference_image(env: dict, tmp_path: Path) -> None:
+    done = reelflow(env, "demo", "--workdir", str(tmp_path / "demo"), "--preset", "toy-tint")
+    assert done.returncode == 0, done.stderr
+    assert "toy-tint: completed" in done.stdout and (tmp_path / "demo" / "sources" / "reference.png").is_file()
+    assert (tmp_path / "demo" / "output" / "source.toy-tint.mp4").is_file()

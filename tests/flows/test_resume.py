@@ -43,17 +43,18 @@ edit_video(PipelineSpec.model_validate_json(pathlib.Path(sys.argv[1]).read_text(
 """
 
 
-def kill_mid_decode(spec, tmp_path: Path, api_url: str) -> None:
+def kill_when_hanging(script: str, spec, tmp_path: Path, api_url: str, where: str) -> None:
+    """Run ``spec`` in a child running ``script``, which writes a marker and hangs at ``where``; SIGKILL it there."""
     spec_file, marker, log = tmp_path / "spec.json", tmp_path / "hanging", tmp_path / "child.log"
     spec_file.write_text(spec.model_dump_json())
     env = {**os.environ, "PREFECT_API_URL": api_url}
     with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec_file), str(marker)], env=env, stdout=out, stderr=out)
+        child = subprocess.Popen([sys.executable, "-c", script, str(spec_file), str(marker)], env=env, stdout=out, stderr=out)
         deadline = time.monotonic() + 240
         while not marker.exists():
             if child.poll() is not None or time.monotonic() > deadline:
                 child.kill()
-                pytest.fail(f"the child never reached decode_latents:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"the child never reached {where}:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -63,7 +64,7 @@ def test_sigkill_mid_stage_then_rerun_recomputes_only_from_that_stage(
     make_spec, prefect_harness: str, tmp_path: Path
 ) -> None:
     spec = make_spec()
-    kill_mid_decode(spec, tmp_path, prefect_harness)
+    kill_when_hanging(CHILD, spec, tmp_path, prefect_harness, "decode_latents")
 
     store = ArtifactStore(spec.store)
     complete = {i.stage for i in store.list() if i.complete}
@@ -90,7 +91,8 @@ def test_sigkill_mid_stage_then_rerun_recomputes_only_from_that_stage(
     np.testing.assert_array_equal(resumed, fresh)
 
 
-# The FateZero inversion in a child that hangs once step 2 of 6 is stored (steps 0-2 record no maps).
+# The FateZero inversion in a child that hangs once step 2 of 6 is stored with its attention maps
+# (it waits a second before step 2's callback, so the background writer has stored the maps of 0-2).
 INVERT_CHILD = """
 import pathlib, sys, time
 import torch
@@ -101,6 +103,8 @@ real = fz.fatezero_invert
 
 def invert_then_hang(*args, on_step, **kwargs):
     def step_then_hang(k, t, z):
+        if k == 2:
+            time.sleep(1.0)
         on_step(k, t, z)
         if k == 2:
             pathlib.Path(sys.argv[2]).write_text("three steps stored")
@@ -126,31 +130,18 @@ def test_an_inversion_killed_mid_way_resumes_from_its_last_stored_step(
             "stages.decode_video.params.num_frames=3", "stages.decode_video.params.width=64",
             "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
             "stages.invert_latents.params.num_steps=6", "stages.invert_latents.params.min_channels=0",
-            "stages.invert_latents.params.record_fraction=0.5", "stages.invert_latents.params.source_prompt=a cat",
-            "stages.denoise_latents.each=[{}]", "stages.denoise_latents.params={target_prompt: a dog, "
-            "cross_replace_steps: 0.5, self_replace_steps: 0.5}", "stages.encode_video.params.preset=ultrafast",
+            "stages.invert_latents.params.source_prompt=a cat", "stages.denoise_latents.each=[{}]",
+            "stages.denoise_latents.params={target_prompt: a dog, reweight: {}}", "stages.encode_video.params.preset=ultrafast",
         ])  # fmt: skip
 
     killed = spec("store")
-    spec_file, marker, log = tmp_path / "spec.json", tmp_path / "hanging", tmp_path / "child.log"
-    spec_file.write_text(killed.model_dump_json())
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
-    with log.open("w") as out:
-        child = subprocess.Popen([sys.executable, "-c", INVERT_CHILD, str(spec_file), str(marker)], env=env, stdout=out, stderr=out)
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            if child.poll() is not None or time.monotonic() > deadline:
-                child.kill()
-                pytest.fail(f"the child never reached inversion step 2:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+    kill_when_hanging(INVERT_CHILD, killed, tmp_path, prefect_harness, "inversion step 2")
 
     resumed = edit_video(killed)
     key = next(r.key for r in resumed.stages if r.name == "invert_latents")
     assert {r.name: r.status for r in resumed.stages}["invert_latents"] == "computed"
     inversion = ArtifactStore(resumed.store).open("invert_latents", key)
-    assert inversion.attrs["resumed_parts"] == ["step-0", "step-1", "step-2"]
+    assert inversion.attrs["provenance"]["resumed_parts"] == ["step-0", "step-1", "step-2"]
     assert inversion.attrs["attention_store"]["resumed_from_step"] == 3
 
     clean = edit_video(spec("clean"))

@@ -17,19 +17,10 @@ from reelflow.schemas.calls import StoreSpec
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.store import ArtifactStore
+from tests.flows.conftest import FATEZERO_TINY
 
 pytestmark = pytest.mark.flow
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fatezero_tiny_cpu.npz"
-TINY = (
-    "stages.decode_video.params.num_frames=3",
-    "stages.decode_video.params.width=64",
-    "stages.decode_video.params.height=64",
-    "stages.decode_video.params.multiple=8",
-    "stages.invert_latents.params.num_steps=4",
-    "stages.invert_latents.params.min_channels=0",
-    "stages.invert_latents.params.source_prompt=a cat walking on a street",
-    "stages.encode_video.params.preset=ultrafast",
-)
 # The two edits the golden latents were recorded with (tests/golden, before the seam existed).
 EDITS = (
     "stages.denoise_latents.each=[{target_prompt: a painting of a cat walking on a street, reweight: {painting: 10}},"
@@ -40,7 +31,7 @@ EDITS = (
 
 def fatezero(bundle: Path, clip: Path, tmp_path: Path, *overrides: str):
     paths = (f"models.sd.id={bundle}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}")
-    return load_spec(spec_path("fatezero-style"), [*paths, *TINY, *overrides])
+    return load_spec(spec_path("fatezero-style"), [*paths, *FATEZERO_TINY, *overrides])
 
 
 def keys(spec) -> dict[str, str]:
@@ -107,3 +98,19 @@ def test_a_named_sources_bytes_enter_the_keys_of_the_stages_that_read_it(
     clip_moved = tmp_path / "moved.mp4"
     shutil.copy(clip, clip_moved)
     assert keys(spec.model_copy(update={"input": str(clip_moved)})) == before, "the video is not read by any stage here"
+
+
+def test_a_pipeline_that_reads_another_video_than_its_input_runs_and_is_named_after_the_input(
+    tiny_bundle: Path, clip: Path, tmp_path: Path
+) -> None:
+    alternate = tmp_path / "alternate.mp4"
+    shutil.copy(clip, alternate)
+    spec = load_spec(spec_path("reconstruct"), [
+        f"models.sd.id={tiny_bundle}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}",
+        f"sources.alt={{kind: video, path: {alternate}}}", "stages.decode_video.sources={video: alt}",
+        "stages.decode_video.params.num_frames=3", "stages.decode_video.params.width=64",
+        "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
+        "stages.encode_video.params.preset=ultrafast"])  # fmt: skip
+    manifest = edit_video(spec)
+    assert manifest.status == "completed" and Path(manifest.outputs["encode_video"]).name == "clip.reconstruct.mp4"
+    assert manifest.sources["alt"].url == str(alternate)

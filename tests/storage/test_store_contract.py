@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, StoreError
+from reelflow.schemas.errors import ArtifactIncomplete, ArtifactNotFound, LeaseHeld, StoreError
 from reelflow.storage.gc import collect_garbage
 from reelflow.storage.leases import Leases
-from reelflow.storage.store import ArtifactStore, ArtifactWriter, locate_artifact_url
+from reelflow.storage.store import PARTS_DONE, ArtifactStore, locate_artifact_url
 
 KEY_A = "a1" * 32
 KEY_B = "b2" * 32
@@ -223,20 +223,36 @@ class StoreContract:
         assert computed == [2, 3]
         group = store.open("encode_latents", KEY_A)
         np.testing.assert_array_equal(group["latents"][:], data)
-        assert group.attrs["resumed_parts"] == ["part-0", "part-1"]
+        assert group.attrs[PARTS_DONE] == ["part-0", "part-1", "part-2", "part-3"]
         assert store.temporaries() == []
 
     def test_a_plain_write_after_a_resumable_failure_starts_over(self, store: ArtifactStore) -> None:
         with pytest.raises(RuntimeError):
             with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
+                writer.create_array("stale", shape=(2,), dtype="float32", dims=("x",))
                 writer.mark_done("part-0")
                 raise RuntimeError("killed")
-        with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as writer:
-            assert writer.resumed_parts == ("part-0",)
-        with store.write("encode_latents", KEY_B, {"provenance": {"key": KEY_B}}, resumable=True) as writer:
-            assert writer.resumed_parts == ()
+        with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}) as writer:
+            assert writer.resumed_parts == () and not writer.resumable
+            assert "stale" not in writer.group
             with pytest.raises(ValueError, match="resumable"):
-                ArtifactWriter(writer.group, writer.path).mark_done("x")
+                writer.mark_done("x")
+        group = store.open("encode_latents", KEY_A)
+        assert "stale" not in group and PARTS_DONE not in group.attrs
+
+    def test_a_stalled_attempt_stops_writing_once_another_reopened_its_partial(self, store: ArtifactStore) -> None:
+        stalled = store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True)
+        first = stalled.__enter__()
+        first.mark_done("part-0")
+        with store.write("encode_latents", KEY_A, {"provenance": {"key": KEY_A}}, resumable=True) as second:
+            assert second.resumed_parts == ("part-0",)
+            second.mark_done("part-1")
+            with pytest.raises(LeaseHeld, match="another attempt took over"):
+                first.mark_done("part-2")
+        assert store.open("encode_latents", KEY_A).attrs[PARTS_DONE] == ["part-0", "part-1"]
+        with pytest.raises(LeaseHeld):
+            stalled.__exit__(None, None, None)  # its commit is refused too
+        assert store.is_complete("encode_latents", KEY_A)
 
     def test_gc_keeps_a_recently_touched_partial_and_sweeps_a_stale_one(self, store: ArtifactStore) -> None:
         with pytest.raises(RuntimeError):

@@ -159,3 +159,22 @@ def test_a_stage_waits_for_another_runs_lease(clip: Path, tiny_bundle: Path, sto
     ref = TASKS[("decode_video", None)].fn(call=call)
     thread.join()
     assert ref.run_id == "other", "the waiting run must return the other run's artifact, not compute its own"
+
+
+def test_a_role_filled_by_a_standalone_model_loads_that_model(clip: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    """A VAE published on its own (no model_index.json) fills the vae role of a bundle's pipeline."""
+    import shutil
+
+    standalone = shutil.copytree(tiny_bundle / "vae", tmp_path / "vae-alone")
+    roles = (f"models.vae={{id: {standalone}}}", "stages.encode_latents.models={vae: vae}",
+             "stages.decode_latents.models={vae: vae}")  # fmt: skip
+    alone = plan(clip, tiny_bundle, str(tmp_path / "alone"), *roles)
+    assert alone["encode_latents"].call.models["vae"].bundle is False
+    assert plan(clip, tiny_bundle, str(tmp_path / "bundle"))["encode_latents"].call.models["vae"].bundle is True
+    refs = run_all({k: alone[k] for k in ("decode_video", "encode_latents")})
+    bundled = plan(clip, tiny_bundle, str(tmp_path / "bundle"))
+    reference = run_all({k: bundled[k] for k in ("decode_video", "encode_latents")})
+    latents = ArtifactStore(str(tmp_path / "alone")).open("encode_latents", refs["encode_latents"].key)["latents"][:]
+    expected = ArtifactStore(str(tmp_path / "bundle")).open("encode_latents", reference["encode_latents"].key)["latents"][:]
+    np.testing.assert_array_equal(latents, expected)
+    assert refs["encode_latents"].key != reference["encode_latents"].key, "another model, another key"
