@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bulk_throughput.py
 	$(BIN)/python benchmarks/resume_saving.py
 	$(BIN)/python benchmarks/windowed_memory.py
+	$(BIN)/python benchmarks/fused_replay.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

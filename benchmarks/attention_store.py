@@ -140,7 +140,7 @@ def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float
 
 
 PEAK = """
-import resource, sys, json
+import sys, json
 sys.path.insert(0, {repo!r})
 import benchmarks.attention_store as b
 from pathlib import Path
@@ -148,7 +148,8 @@ work = Path(sys.argv[1]); steps = int(sys.argv[2])
 stages = b.planned_stages(b.make_spec(work, {frames}, {size}, steps, 1, store=f"peak-{{steps}}"), work)
 for name in ("decode_video", "encode_latents", "invert_latents"):
     b.run(stages[name])
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+# VmHWM, not ru_maxrss: ru_maxrss survives fork and exec, so a child of a large parent starts at its size.
+print(json.dumps(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024))
 """
 
 

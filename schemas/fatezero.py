@@ -27,7 +27,12 @@ TEXT_ENCODER = Role(families=("diffusers",), description="the CLIP text encoder 
 class AttentionLayer(Model):
     is_cross: bool
     query_len: int
-    shape: tuple[int, ...] = Field(description="(F, heads, queries, keys) of one step's map.")
+    shape: tuple[int, ...] = Field(description="(F, heads, queries, keys) of a map, or (F, heads, queries, channels).")
+    stored: Literal["maps", "tokens"] = Field(
+        description="maps: the probabilities (cross-attention); tokens: queries and key-frame keys (self-attention)."
+    )
+    key_frames: list[int] | None = Field(default=None, description="Tokens: the frames whose keys are stored.")
+    frame_indices: list[list[int]] | None = Field(default=None, description="Tokens: the key frames of every frame.")
 
 
 class DdimAttentionInversion(Attrs):
@@ -65,7 +70,10 @@ class InvertLatentsParams(Model):
         default=640, ge=0, description="Self-attention layers with fewer channels stay per-frame (least_sc_channel)."
     )
     max_query_len: PositiveInt = Field(
-        default=1024, description="Record maps only of layers whose query length (h*w) is at most this."
+        default=1024,
+        description="Record only layers whose query length (h*w) is at most this: 1024 is the reference's choice "
+        "(32x32 and below at 512 px); 4096 records the 64x64 layers too (self-attention is stored as queries and "
+        "keys, so its bytes grow with the tokens, not their square).",
     )
     record_fraction: Fraction = Field(
         default=1.0,
@@ -87,9 +95,11 @@ class InvertLatentsParams(Model):
 
 @register_stage
 class InvertLatents(StageSpec):
-    """Invert latents to noise with DDIM, streaming the latents and attention maps of every step to the store."""
+    """Invert latents to noise with DDIM, streaming the latents and what each step's attention needs for
+    replay to the store: cross-attention maps, self-attention queries and key-frame keys."""
 
-    version: ClassVar[str] = "1"
+    # 2: self-attention stored as queries and keys, not maps (an inversion of version 1 is never read).
+    version: ClassVar[str] = "2"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",)}
     produces: ClassVar[str] = "inversion/ddim-attention"
     roles: ClassVar[dict[str, Role]] = {"unet": UNET, "text_encoder": TEXT_ENCODER}
@@ -152,7 +162,8 @@ class FateZeroParams(Model):
 class DenoiseLatents(StageSpec):
     """Denoise from the inverted latents with the target prompt, fusing the stored attention (FateZero)."""
 
-    version: ClassVar[str] = "1"
+    # 2: self-attention fused through scaled_dot_product_attention from stored queries and keys.
+    version: ClassVar[str] = "2"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {"inversion": ("inversion/ddim-attention",)}
     produces: ClassVar[str] = "latents"
     roles: ClassVar[dict[str, Role]] = {"unet": UNET, "text_encoder": TEXT_ENCODER}

@@ -17,6 +17,7 @@ from reelflow.core.editing.fatezero import (
     FusionController,
     FusionPlan,
     RecordingController,
+    SelfTokens,
     fusion_plan,
     recorded_steps,
     word_heatmaps,
@@ -29,7 +30,7 @@ from reelflow.schemas.calls import StageCall
 from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.storage.attention import AttentionReader, AttentionWriter
+from reelflow.storage.attention import AttentionReader, AttentionWriter, StoredTokens
 from reelflow.tasks.artifacts import artifact_key, contact_sheet, publish_markdown
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -75,8 +76,8 @@ def _invert(ctx: StageContext) -> DdimAttentionInversion:
     start = next((k for k in range(steps) if not ctx.writer.is_done(f"step-{k}")), steps)
     latents[0] = z0.numpy()
     maps = AttentionWriter(ctx.writer, steps)
-    recorder = RecordingController(p.max_query_len, set(cross_steps), lambda k, layer, cross, probs: maps.write(
-        k, layer, cross, probs.to(torch.float16).cpu().numpy()), self_steps=set(self_steps))
+    recorder = RecordingController(p.max_query_len, set(cross_steps), lambda k, layer, cross, recorded: maps.write(
+        k, layer, cross, _to_store(recorded)), self_steps=set(self_steps))
     ctx.progress.start(steps - start)
     on_step, started = _StepStream(latents, maps, ctx), time.perf_counter()
     try:
@@ -95,6 +96,14 @@ def _invert(ctx: StageContext) -> DdimAttentionInversion:
         recorded_self_steps=self_steps, frame_keys=list(p.frame_keys), min_channels=p.min_channels,
         layers=maps.layers,
     )  # fmt: skip
+
+
+def _to_store(recorded: torch.Tensor | SelfTokens) -> torch.Tensor | StoredTokens:
+    """A layer's record on the host for the attention writer, which casts it to float16 in its own thread."""
+    if isinstance(recorded, SelfTokens):
+        return StoredTokens(recorded.query.detach().cpu(), recorded.key.detach().cpu(), recorded.key_frames.tolist(),
+                            recorded.indices.tolist())  # fmt: skip
+    return recorded.detach().cpu()
 
 
 class _StepStream:
@@ -221,7 +230,17 @@ def _fusion_controller(
     steps = {True: attrs.recorded_cross_steps, False: attrs.recorded_self_steps}
     recorded = {name: steps[is_cross] for name, (is_cross, _) in layers.items()}
     reader = AttentionReader(inversion, recorded, plan.source_steps(), transform=to_tensor)
-    return FusionController(plan, reader, layers), reader
+
+    def source(step: int) -> dict[str, torch.Tensor | SelfTokens]:
+        return {name: _from_store(stored) for name, stored in reader(step).items()}
+
+    return FusionController(plan, source, layers), reader
+
+
+def _from_store(stored: torch.Tensor | StoredTokens) -> torch.Tensor | SelfTokens:
+    if isinstance(stored, StoredTokens):
+        return SelfTokens(stored.query, stored.key, torch.tensor(stored.key_frames), torch.tensor(stored.frame_indices))
+    return stored
 
 
 def _inversion_latent(inversion: zarr.Group) -> Callable[[int], torch.Tensor]:

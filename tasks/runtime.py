@@ -24,9 +24,10 @@ import fsspec
 import numpy as np
 import zarr
 from prefect.context import TaskRunContext
+from pydantic import ValidationError
 
 from reelflow.schemas.calls import StageCall, StoreSpec
-from reelflow.schemas.errors import LeaseHeld
+from reelflow.schemas.errors import ArtifactIncomplete, LeaseHeld
 from reelflow.schemas.kinds import Attrs, kind_attrs
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.settings import Settings
@@ -68,7 +69,15 @@ class StageContext:
     def attrs(self, slot: str) -> Attrs:
         """What the producer of ``slot`` left for this stage: its kind's attrs model."""
         ref = self.call.inputs[slot]
-        return kind_attrs(ref.kind).read(self.store.read_attrs(self.store.artifact_path(ref.stage, ref.key)))
+        path = self.store.artifact_path(ref.stage, ref.key)
+        try:
+            return kind_attrs(ref.kind).read(self.store.read_attrs(path))
+        except ValidationError as exc:
+            raise ArtifactIncomplete(
+                f"the {ref.kind} artifact {self.store.url_of(path)!r} does not hold what this version of "
+                f"{self.call.stage.tag} reads ({exc.error_count()} problems, first: {exc.errors()[0]['loc']}); "
+                "it was written by another version of its stage: remove it and rerun"
+            ) from None
 
     def model(self, role: str, component: str | None = None, **options: Any) -> Any:
         """The model filling ``role`` (a component of it, e.g. its ``tokenizer``), loaded on this worker's device."""

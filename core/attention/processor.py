@@ -10,7 +10,10 @@ its released zero-shot configs use ``(mid,)`` alone. Both are a ``frame_keys`` v
 
 ``FrameAttnProcessor`` does that for ``attn1`` and, for any layer an ``AttentionController`` asks
 for, computes the softmax probabilities explicitly and lets the controller read or replace them
-before they weigh the values (FateZero's attention store and fusion, Prompt-to-Prompt's edits).
+before they weigh the values (Prompt-to-Prompt's edits, FateZero's cross-attention). A controller
+with an ``attend`` method (a ``TokenController``) instead takes self-attention over from its tokens
+(``SelfAttention``): FateZero records queries and keys and replays fusion through
+``F.scaled_dot_product_attention``, so no ``Nq x Nk`` self-attention map is ever materialised.
 Everywhere else it calls ``F.scaled_dot_product_attention`` and never materialises probabilities.
 With no frame keys and no controller it computes exactly what diffusers' ``AttnProcessor2_0`` does.
 
@@ -22,6 +25,7 @@ self-attention, ``Nq`` for per-frame self-attention, the text length for cross-a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -73,6 +77,41 @@ class AttentionController(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SelfAttention:
+    """One self-attention call's tokens after the projections, the head split and the norms.
+
+    ``query``, ``key`` and ``value`` are ``(B*F, h, Nq, d)``, per frame: the keys and values are not
+    yet gathered from the key frames, so a controller can keep the keys of the key frames alone.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    indices: torch.Tensor | None  # (F, K) key frames of every frame; None: each frame attends to itself
+    scale: float
+    num_frames: int
+
+    def gathered(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` of every frame's key frames, concatenated: ``(B*F, h, K*Nq, d)``."""
+        return tokens if self.indices is None else gather_heads(tokens, self.indices)
+
+    def attend(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The plain attention output of the batch rows ``rows``: ``(rows, h, Nq, d)``, never a probability map."""
+        key, value = self.gathered(self.key)[rows], self.gathered(self.value)[rows]
+        return F.scaled_dot_product_attention(self.query[rows], key, value, dropout_p=0.0, scale=self.scale)
+
+
+class TokenController(Protocol):
+    """A controller that takes over self-attention from its tokens instead of from probabilities."""
+
+    def wants(self, layer: str, is_cross: bool, query_len: int) -> bool: ...
+
+    def attend(self, call: SelfAttention, *, layer: str) -> torch.Tensor:
+        """The attention output ``(B*F, h, Nq, d)`` of ``call`` (``call.attend()`` leaves it as it is)."""
+        ...
+
+
 def check_frame_keys(frame_keys: tuple[FrameKey, ...]) -> tuple[FrameKey, ...]:
     """Return ``frame_keys`` as a tuple, or raise ``ValueError`` naming the valid keys."""
     frame_keys = tuple(frame_keys)
@@ -100,22 +139,23 @@ def frame_indices(
     return torch.stack(columns, dim=1)
 
 
-def gather_frames(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def gather_heads(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Concatenate each frame's key-frame tokens along the token axis, within each batch element.
 
     Args:
-        tokens: ``(B*F, N, C)``, frames contiguous per batch element.
+        tokens: ``(B*F, h, N, d)``, frames contiguous per batch element.
         indices: ``(F, K)`` from ``frame_indices``.
 
     Returns:
-        ``(B*F, K*N, C)``; row ``b*F + i`` is ``[tokens[b*F + j] for j in indices[i]]`` concatenated.
+        ``(B*F, h, K*N, d)``; row ``b*F + i`` is ``[tokens[b*F + j] for j in indices[i]]`` concatenated
+        along the tokens.
     """
-    batch, length, channels = tokens.shape
+    batch, heads, length, dim = tokens.shape
     num_frames, num_keys = indices.shape
     if batch % num_frames:
         raise ValueError(f"batch of {batch} is not a whole number of {num_frames}-frame clips")
-    per_clip = tokens.view(batch // num_frames, num_frames, length, channels)
-    return per_clip[:, indices.to(tokens.device)].reshape(batch, num_keys * length, channels)
+    per_clip = tokens.view(batch // num_frames, num_frames, heads, length, dim)[:, indices.to(tokens.device)]
+    return per_clip.permute(0, 1, 3, 2, 4, 5).reshape(batch, heads, num_keys * length, dim)
 
 
 class FrameAttnProcessor:
@@ -180,13 +220,14 @@ class FrameAttnProcessor:
         else:
             context = encoder_hidden_states
         key, value = attn.to_k(context), attn.to_v(context)
+        indices = None
         if self.frame_keys and not is_cross:
             if attention_mask is not None:
                 raise NotImplementedError("attention masks are not supported with cross-frame self-attention")
             indices = frame_indices(self.frame_keys, self._frames(), device=key.device)
-            key, value = gather_frames(key, indices), gather_frames(value, indices)
 
-        # 3. Heads: (B*F, N, h*d) -> (B*F, h, N, d).
+        # 3. Heads: (B*F, N, h*d) -> (B*F, h, N, d). Key frames are gathered after the head split, so a
+        # token controller sees each frame's own keys, and each frame is projected once however many use it.
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -195,21 +236,31 @@ class FrameAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if attention_mask is not None:
-            # (B*F*h, 1 or Nq, Nk), the layout get_attention_scores takes.
-            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
 
-        # 4. Attention: explicit probabilities only where the controller asks.
-        if self.controller is not None and self.controller.wants(self.layer, is_cross, query.shape[2]):
-            hidden_states = self._controlled_attention(attn, query, key, value, attention_mask, is_cross)
-        else:
+        # 4. Attention: a token controller takes self-attention over from its tokens; explicit
+        # probabilities only where a controller asks for them.
+        wanted = self.controller is not None and self.controller.wants(self.layer, is_cross, query.shape[2])
+        if wanted and not is_cross and hasattr(self.controller, "attend"):
             if attention_mask is not None:
-                attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-            # attn.scale equals SDPA's default d^-0.5 wherever diffusers picks AttnProcessor2_0
-            # (scale_qk); passing it keeps this path equal to the explicit one.
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-            )
+                raise NotImplementedError("attention masks are not supported with a token controller")
+            call = SelfAttention(query, key, value, indices, attn.scale, self._frames())
+            hidden_states = self.controller.attend(call, layer=self.layer)
+        else:
+            if indices is not None:
+                key, value = gather_heads(key, indices), gather_heads(value, indices)
+            if attention_mask is not None:
+                # (B*F*h, 1 or Nq, Nk), the layout get_attention_scores takes.
+                attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            if wanted:
+                hidden_states = self._controlled_attention(attn, query, key, value, attention_mask, is_cross)
+            else:
+                if attention_mask is not None:
+                    attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+                # attn.scale equals SDPA's default d^-0.5 wherever diffusers picks AttnProcessor2_0
+                # (scale_qk); passing it keeps this path equal to the explicit one.
+                hidden_states = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+                )
 
         # 5. Output projection and layout, as AttnProcessor2_0.
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)

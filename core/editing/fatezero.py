@@ -1,16 +1,21 @@
 """FateZero's attention controllers (Qi et al. 2023, §3.1-3.2): record during inversion, fuse
 during editing.
 
-The recorder hands every wanted probability map of an inversion step to a sink, so the caller can
-stream it to storage instead of holding all steps in memory. The fusion controller receives, at
-edit step i, the maps recorded at inversion step T-1-i (the same timestep, methods.md 1.6) and, on
-the conditional half of the classifier-free-guidance batch only:
+The recorder hands what an inversion step's attention needs to be replayed to a sink, so the caller
+can stream it to storage instead of holding all steps in memory: the probability maps of
+cross-attention layers (``Nq x 77``, small, needed per token), and for self-attention layers the
+queries of every frame and the keys of the key frames (:class:`SelfTokens`), never the ``Nq x Nk``
+maps (FateZero's reference stores those: ~741 MiB per step at SD 1.5 shapes, methods.md 1.4). The
+fusion controller receives, at edit step i, what was recorded at inversion step T-1-i (the same
+timestep, methods.md 1.6) and, on the conditional half of the classifier-free-guidance batch only:
 
 - cross-attention, inside the cross window: Prompt-to-Prompt refine or replace of the stored
   source maps into the edit's, then reweighting of chosen target words (methods.md 1.7);
-- self-attention, inside the self window: the stored source maps, or with blend words
-  M * S_edit + (1 - M) * S_source where M thresholds the source cross-attention of the blend words
-  (methods.md 1.8).
+- self-attention, inside the self window: the source attention applied to the edit's values,
+  ``P_src V_edit = sdpa(Q_src, K_src, V_edit)``, or with blend words, by linearity,
+  ``M * sdpa(Q_edit, K_edit, V_edit) + (1 - M) * sdpa(Q_src, K_src, V_edit)``, which is
+  ``(M P_edit + (1 - M) P_src) V_edit`` where M thresholds the source cross-attention of the blend
+  words (methods.md 1.8).
 
 The plan the fusion controller follows (windows, token maps, thresholds) is built from an edit's
 prompts and options by :func:`fusion_plan`, and :func:`word_heatmaps` reads back the source maps the
@@ -27,7 +32,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
+
+from reelflow.core.attention.processor import SelfAttention
 
 from reelflow.core.editing.prompt_to_prompt import (
     apply_cross_fusion,
@@ -39,18 +47,55 @@ from reelflow.core.editing.prompt_to_prompt import (
     word_token_indices,
 )
 
-MapSink = Callable[[int, str, bool, torch.Tensor], None]
-"""``sink(step, layer, is_cross, probs (F, H, Nq, Nk))``."""
-MapSource = Callable[[int], Mapping[str, torch.Tensor]]
-"""``source(inversion_step) -> {layer: probs (F, H, Nq, Nk)}`` of the recorded layers."""
+@dataclass(frozen=True)
+class SelfTokens:
+    """What a self-attention layer needs to be replayed: every frame's queries, the key frames' keys.
+
+    ``query`` is ``(F, H, Nq, d)``, ``key`` ``(U, H, Nq, d)`` for the ``U`` frames in ``key_frames``,
+    and ``indices`` ``(F, K)`` lists the key frames of every frame (frame numbers), as the cross-frame
+    processor gathered them.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    key_frames: torch.Tensor
+    indices: torch.Tensor
+
+    @classmethod
+    def of(cls, call: SelfAttention) -> SelfTokens:
+        """The conditional clip's tokens of a self-attention call (the last ``F`` rows)."""
+        frames = call.num_frames
+        indices = torch.arange(frames)[:, None] if call.indices is None else call.indices.cpu()
+        key_frames = torch.unique(indices)
+        return cls(call.query[-frames:], call.key[-frames:][key_frames.to(call.key.device)], key_frames, indices)
+
+    def gathered_key(self) -> torch.Tensor:
+        """Every frame's key-frame keys, concatenated as the processor does: ``(F, H, K*Nq, d)``."""
+        position = torch.searchsorted(self.key_frames, self.indices)  # frame number -> row of ``key``
+        frames, keys = position.shape
+        heads, length, dim = self.key.shape[1:]
+        gathered = self.key[position.to(self.key.device)]  # (F, K, H, Nq, d)
+        return gathered.permute(0, 2, 1, 3, 4).reshape(frames, heads, keys * length, dim)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> SelfTokens:
+        move = lambda t: t.to(device=device, non_blocking=True).to(dtype)  # noqa: E731
+        return SelfTokens(move(self.query), move(self.key), self.key_frames, self.indices)
+
+
+Recorded = torch.Tensor | SelfTokens
+"""A cross-attention layer's maps ``(F, H, Nq, Nk)``, or a self-attention layer's tokens."""
+MapSink = Callable[[int, str, bool, Recorded], None]
+"""``sink(step, layer, is_cross, recorded)``."""
+MapSource = Callable[[int], Mapping[str, Recorded]]
+"""``source(inversion_step) -> {layer: recorded}`` of the recorded layers."""
 
 
 @dataclass
 class RecordingController:
-    """Hands the maps of layers with ``Nq <= max_query_len`` at the recorded steps to ``sink``.
+    """Hands what layers with ``Nq <= max_query_len`` need for replay at the recorded steps to ``sink``:
+    the maps of cross-attention, the queries and key-frame keys of self-attention.
 
-    Cross- and self-attention have their own step sets: an edit fuses them over different windows,
-    and self-attention maps are most of the bytes.
+    Cross- and self-attention have their own step sets: an edit fuses them over different windows.
     """
 
     max_query_len: int
@@ -66,6 +111,10 @@ class RecordingController:
     def __call__(self, probs: torch.Tensor, *, layer: str, is_cross: bool, num_frames: int) -> torch.Tensor:
         self.sink(self.step, layer, is_cross, probs[-num_frames:])
         return probs
+
+    def attend(self, call: SelfAttention, *, layer: str) -> torch.Tensor:
+        self.sink(self.step, layer, False, SelfTokens.of(call))
+        return call.attend()
 
 
 def recorded_steps(num_steps: int, fraction: float) -> list[int]:
@@ -129,7 +178,7 @@ class FusionController:
     first_mask: torch.Tensor | None = None  # (F, r, r) at the blend resolution, for the UI
     first_maps: list[torch.Tensor] = field(default_factory=list)  # the source cross maps it came from
     target_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # edit cross maps summed over steps
-    _maps: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    _maps: Mapping[str, Recorded] = field(default_factory=dict)
 
     def begin_step(self, step: int) -> None:
         """Load the maps of the inversion step with this edit step's timestep, if the step uses any."""
@@ -188,8 +237,10 @@ class FusionController:
             self.target_maps[layer] = edit.detach().float() + (summed if summed is not None else 0)
         if not self._fusing(layer, is_cross):
             return probs
+        if not is_cross:
+            raise TypeError(f"{layer}: self-attention is fused from its stored tokens, through attend(), not from maps")
         source = self._maps[layer].to(device=probs.device, non_blocking=True).to(probs.dtype)
-        fused = self._fuse_cross(source, edit) if is_cross else self._fuse_self(source, edit)
+        fused = self._fuse_cross(source, edit)
         return torch.cat([probs[:-num_frames], fused]) if probs.shape[0] > num_frames else fused
 
     def _fuse_cross(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
@@ -198,11 +249,20 @@ class FusionController:
             source, edit, mapper=p.mapper, alphas=p.alphas, replace=p.replace, equalizer=p.equalizer
         )
 
-    def _fuse_self(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-        if self.plan.blend_tokens is None:
-            return source
-        mask = self._mask(edit.shape[2]).to(device=edit.device, dtype=edit.dtype)
-        return mask * edit + (1 - mask) * source
+    def attend(self, call: SelfAttention, *, layer: str) -> torch.Tensor:
+        """Self-attention with the source's attention on the edit's values, never forming a map (see above)."""
+        if not self._fusing(layer, False):
+            return call.attend()
+        frames = call.num_frames
+        stored = self._maps[layer].to(call.value.device, call.value.dtype)
+        value = call.gathered(call.value)[-frames:]
+        fused = F.scaled_dot_product_attention(stored.query, stored.gathered_key(), value, dropout_p=0.0, scale=call.scale)
+        if self.plan.blend_tokens is not None:
+            mask = self._mask(call.query.shape[2]).to(device=fused.device, dtype=fused.dtype)
+            fused = mask * call.attend(slice(-frames, None)) + (1 - mask) * fused
+        if call.query.shape[0] == frames:
+            return fused
+        return torch.cat([call.attend(slice(0, -frames)), fused])
 
     def _mask(self, query_len: int) -> torch.Tensor:
         """``(F, 1, query_len, 1)``: 1 where the source blend words attend (the edited object)."""

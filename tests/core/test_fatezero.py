@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from reelflow.core.attention.processor import install_frame_processors, restore_default_processors, set_num_frames
-from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, recorded_steps
+from reelflow.core.attention.processor import (
+    SelfAttention,
+    install_frame_processors,
+    restore_default_processors,
+    set_num_frames,
+)
+from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, SelfTokens, recorded_steps
 from reelflow.core.editing.prompt_to_prompt import equalizer, refine_mapper, word_token_indices
 from reelflow.core.inversion.ddim import inversion_timesteps
 from reelflow.core.models import load_component
@@ -41,9 +47,10 @@ def run_unet(parts: dict, latents: torch.Tensor, controller, prompt: str = PROMP
 def record(parts: dict, latents: torch.Tensor, max_query_len: int = 4096) -> tuple[dict, dict]:
     maps, layers = {}, {}
 
-    def sink(step: int, layer: str, is_cross: bool, probs: torch.Tensor) -> None:
-        maps[layer] = probs.clone()
-        layers[layer] = (is_cross, probs.shape[2])
+    def sink(step: int, layer: str, is_cross: bool, recorded) -> None:
+        maps[layer] = recorded if isinstance(recorded, SelfTokens) else recorded.clone()
+        query_len = (recorded.query if isinstance(recorded, SelfTokens) else recorded).shape[2]
+        layers[layer] = (is_cross, query_len)
 
     run_unet(parts, latents, RecordingController(max_query_len, {0}, sink))
     return maps, layers
@@ -85,11 +92,14 @@ def test_recorder_keeps_only_short_queries_and_one_map_per_attention_layer(parts
     short, layers = record(parts, z, max_query_len=16)
     assert short and all(q <= 16 for _, q in layers.values())
     assert set(short) < set(all_maps)
-    for name, probs in all_maps.items():
-        is_cross = name.endswith("attn2")
-        assert probs.shape[0] == FRAMES
-        assert probs.shape[-1] == (77 if is_cross else probs.shape[2]), "('mid',): one key frame per query frame"
-        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    for name, recorded in all_maps.items():
+        if name.endswith("attn2"):
+            assert recorded.shape[0] == FRAMES and recorded.shape[-1] == 77
+            torch.testing.assert_close(recorded.sum(-1), torch.ones_like(recorded.sum(-1)))
+        else:  # self-attention: every frame's queries, and the keys of the one key frame ('mid',) only
+            assert isinstance(recorded, SelfTokens) and recorded.query.shape[0] == FRAMES
+            assert recorded.key.shape[0] == 1 and recorded.key_frames.tolist() == [(FRAMES - 1) // 2]
+            assert recorded.key.shape[1:] == recorded.query.shape[1:]
 
 
 @pytest.mark.parametrize("steps", [5, 50])
@@ -125,15 +135,22 @@ def test_recorded_steps_cover_the_replace_windows(fraction: float, expected: lis
     assert recorded_steps(5, fraction) == expected
 
 
+def tokens_call(rows: int, generator: torch.Generator, indices: torch.Tensor | None = None) -> SelfAttention:
+    q, k, v = (torch.randn(rows, 2, 16, 8, generator=generator) for _ in range(3))
+    return SelfAttention(q, k, v, indices, 8**-0.5, FRAMES)
+
+
 def test_fusion_touches_only_the_conditional_half_of_a_guidance_batch() -> None:
-    source = torch.rand(FRAMES, 2, 16, 16).softmax(-1)
-    probs = torch.rand(2 * FRAMES, 2, 16, 16).softmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    stored = SelfTokens.of(tokens_call(FRAMES, generator))
+    call = tokens_call(2 * FRAMES, generator)
     window = torch.ones(1, dtype=torch.bool)
-    fusion = FusionController(FusionPlan(1, window, window), source=lambda k: {"l": source}, layers={"l": (False, 16)})
+    fusion = FusionController(FusionPlan(1, window, window), source=lambda k: {"l": stored}, layers={"l": (False, 16)})
     fusion.begin_step(0)
-    out = fusion(probs, layer="l", is_cross=False, num_frames=FRAMES)
-    torch.testing.assert_close(out[:FRAMES], probs[:FRAMES], rtol=0, atol=0)
-    torch.testing.assert_close(out[FRAMES:], source, rtol=0, atol=0)
+    out = fusion.attend(call, layer="l")
+    torch.testing.assert_close(out[:FRAMES], call.attend()[:FRAMES], rtol=0, atol=1e-6)
+    source_probs = (stored.query @ stored.key.transpose(-1, -2) * call.scale).softmax(-1)
+    torch.testing.assert_close(out[FRAMES:], source_probs @ call.value[FRAMES:], rtol=0, atol=1e-5)
 
 
 def test_self_attention_blend_keeps_the_edit_inside_the_mask_and_the_source_outside(parts: dict) -> None:
@@ -141,18 +158,20 @@ def test_self_attention_blend_keeps_the_edit_inside_the_mask_and_the_source_outs
     cat = 2  # "a cat ...": BOS, a, cat
     cross = torch.zeros(FRAMES, 2, 16, 77)
     cross[:, :, :8, cat] = 1.0  # the word attends to the top half of a 4x4 map
-    source, edit = torch.full((FRAMES, 2, 16, 16), 0.25), torch.full((FRAMES, 2, 16, 16), 0.75)
+    generator = torch.Generator().manual_seed(1)
+    stored, call = SelfTokens.of(tokens_call(FRAMES, generator)), tokens_call(FRAMES, generator)
     window = torch.ones(1, dtype=torch.bool)
     plan = FusionPlan(1, window, window, blend_tokens=[cat], blend_threshold=0.3, blend_resolution=4)
-    maps = {"self": source, "cross": cross}
+    maps = {"self": stored, "cross": cross}
     fusion = FusionController(plan, source=lambda k: maps, layers={"self": (False, 16), "cross": (True, 16)})
     fusion.begin_step(0)
-    out = fusion(edit, layer="self", is_cross=False, num_frames=FRAMES)
+    out = fusion.attend(call, layer="self")
     mask = fusion.first_mask.reshape(FRAMES, 16)
     assert mask[:, :8].all(), "the word's region (dilated by the 3x3 max-pool) is edited"
     assert not mask[:, -4:].any(), "rows beyond the dilation keep the source"
-    expected = torch.where(mask[:, None, :, None].bool(), edit, source)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    source = F.scaled_dot_product_attention(stored.query, stored.gathered_key(), call.value, scale=call.scale)
+    expected = torch.where(mask[:, None, :, None].bool(), call.attend(), source)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     assert tokenizer.decode([tokenizer("a cat").input_ids[cat]]).strip() == "cat"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reelflow.deployments import spec_path
@@ -78,9 +79,16 @@ def test_the_attention_store_holds_one_chunk_per_recorded_step_and_layer(fatezer
     layers = inversion.attrs["layers"]
     assert sum(name.endswith("attn1") for name in layers) == sum(name.endswith("attn2") for name in layers) > 0
     for name, info in layers.items():
-        array = inversion[f"attention/{name}"]
-        assert array.dtype == "float16" and array.shape == (STEPS, *info["shape"])
-        assert array.chunks == (1, *info["shape"])
+        if info["is_cross"]:  # maps (F, H, Nq, 77)
+            array = inversion[f"attention/{name}"]
+            assert info["stored"] == "maps" and array.shape == (STEPS, *info["shape"]) and info["shape"][-1] == 77
+        else:  # the queries of every frame and the keys of the key frame ('mid',): never the Nq x Nk maps
+            array, keys = inversion[f"queries/{name}"], inversion[f"keys/{name}"]
+            frames, heads, query_len, channels = info["shape"]
+            assert info["stored"] == "tokens" and info["key_frames"] == [1] and info["frame_indices"] == [[1]] * 3
+            assert keys.shape == (STEPS, 1, heads, query_len, channels) and keys.nchunks_initialized == 1
+            assert f"attention/{name}" not in inversion
+        assert array.dtype == "float16" and array.chunks == (1, *info["shape"])
         assert array.nchunks_initialized == (2 if info["is_cross"] else 1)
         assert info["query_len"] <= 1024
     report = inversion.attrs["attention_store"]
@@ -97,3 +105,40 @@ def test_edit_windows_beyond_the_recorded_steps_are_refused_before_running(fatez
     base = ("stages.denoise_latents.params.cross_replace_steps=0.2", "stages.denoise_latents.params.self_replace_steps=0.2")
     with pytest.raises(GraphError, match="'denoise_latents_0': its windows need cross-attention maps for 0.6"):
         fatezero_spec("stages.invert_latents.params.record_fraction=0.5", *base, blend)
+
+
+def test_an_inversion_stored_by_the_previous_version_is_never_read_as_this_one(
+    fatezero_spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 stored self-attention maps; version 2 stores queries and keys. Their keys differ, and an
+    artifact whose attrs lack what version 2 reads is refused by name, not misread."""
+    from reelflow.flows.dag import plan_run
+    from reelflow.flows.sources import hash_sources, source_urls
+    from reelflow.schemas.calls import StoreSpec
+    from reelflow.schemas.errors import ArtifactIncomplete
+    from reelflow.schemas.fatezero import InvertLatents
+    from reelflow.schemas.settings import Settings
+    from reelflow.tasks import task_for
+
+    spec = fatezero_spec("stages.denoise_latents.each=[{}]")
+
+    def planned():
+        sources = hash_sources(spec, source_urls(spec), Settings())
+        return {p.id: p for p in plan_run(spec, sources=sources, store=StoreSpec(url=spec.store), run_id="r", default_dtype="float32")}
+
+    current = planned()
+    monkeypatch.setattr(InvertLatents, "version", "1")
+    assert planned()["invert_latents"].key != current["invert_latents"].key
+    monkeypatch.undo()
+
+    store = ArtifactStore(spec.store)
+    old_layers = {"up.attn1": {"is_cross": False, "query_len": 64, "shape": [3, 4, 64, 64]}}  # version 1: maps, no `stored`
+    attrs = {"source_prompt": "a cat", "num_steps": STEPS, "timesteps": [1, 251, 501, 751], "recorded_steps": [3],
+             "recorded_cross_steps": [3], "recorded_self_steps": [3], "frame_keys": ["mid"], "min_channels": 0,
+             "layers": old_layers}  # fmt: skip
+    with store.write("invert_latents", current["invert_latents"].key, {"provenance": {}}) as writer:
+        writer.write_array("latents", np.zeros((STEPS + 1, 3, 4, 8, 8), np.float32), dims=("level", "frame", "c", "y", "x"))
+        writer.update_attrs(attrs)
+    edit = current["denoise_latents_0"].call
+    with pytest.raises(ArtifactIncomplete, match="written by another version of its stage: remove it and rerun"):
+        task_for(edit.stage).fn(call=edit)

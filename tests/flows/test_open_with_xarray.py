@@ -49,7 +49,7 @@ def test_every_reconstruct_artifact_opens_as_a_dataset(make_spec) -> None:
     assert dims["decode_latents"]["frames"] == ("frame", "y", "x", "rgb")
 
 
-def test_every_fatezero_artifact_and_the_attention_group_open_as_datasets(
+def test_every_fatezero_artifact_and_its_attention_groups_open_as_datasets(
     tiny_bundle: Path, clip: Path, tmp_path: Path
 ) -> None:
     paths = (f"models.sd.id={tiny_bundle}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path}/out")
@@ -63,9 +63,10 @@ def test_every_fatezero_artifact_and_the_attention_group_open_as_datasets(
     assert any("blend_mask" in arrays and "word_heatmaps" in arrays for arrays in opened["denoise_latents"])
 
     rel = next(i.path for i in store.list("invert_latents"))
-    layers = assert_opens_with_its_dims(store, rel, group="attention")
-    assert len(layers) > 1 and len({dims for dims in layers.values()}) > 1, "layers of different sizes"
-    attention = open_dataset(store, rel, group="attention")
-    for name, dims in layers.items():
-        assert dims[:2] == ("step", "frame")
-        assert attention[name].shape[2:] == tuple(int(d.rsplit("_", 1)[1]) for d in dims[2:]), "names carry sizes"
+    for group, first in (("attention", "frame"), ("queries", "frame"), ("keys", "key_frame_1")):
+        layers = assert_opens_with_its_dims(store, rel, group=group)
+        assert len(layers) > 1 and len({dims for dims in layers.values()}) > 1, "layers of different sizes"
+        dataset = open_dataset(store, rel, group=group)
+        for name, dims in layers.items():
+            assert dims[:2] == ("step", first)
+            assert dataset[name].shape[2:] == tuple(int(d.rsplit("_", 1)[1]) for d in dims[2:]), "names carry sizes"

@@ -44,14 +44,18 @@ def keys(spec) -> dict[str, str]:
 def test_fatezero_edits_equal_the_golden_latents_recorded_before_the_seam(
     tiny_bundle: Path, clip: Path, tmp_path: Path
 ) -> None:
+    """The golden latents came from the maps path (self-attention as stored probabilities). Since
+    self-attention is replayed from queries and keys through scaled_dot_product_attention, the edits
+    agree with them to float16 storage rounding (the algebra is checked exactly, in float64, in
+    tests/core/test_fatezero_tokens.py), and the float32 inversion to 1e-5."""
     manifest = edit_video(fatezero(tiny_bundle, clip, tmp_path, EDITS))
     store, golden = ArtifactStore(manifest.store), np.load(GOLDEN)
     stages = {r.name: r for r in manifest.stages}
     for name in ("denoise_latents_0", "denoise_latents_1"):
-        edited = store.open("denoise_latents", stages[name].key)["latents"][:]
-        np.testing.assert_array_equal(edited, golden[name], err_msg=name)
+        edited = store.open("denoise_latents", stages[name].key)["latents"][:].astype(np.float32)
+        np.testing.assert_allclose(edited, golden[name].astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=name)
     inverted = store.open("invert_latents", stages["invert_latents"].key)["latents"][-1]
-    np.testing.assert_array_equal(inverted, golden["inversion_zT"])
+    np.testing.assert_allclose(inverted, golden["inversion_zT"], rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

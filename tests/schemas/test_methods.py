@@ -61,12 +61,16 @@ def test_the_inversion_kind_carries_its_attrs_model() -> None:
     assert kind.attrs is DdimAttentionInversion and issubclass(kind.attrs, Attrs)
     attrs = {"source_prompt": "a cat", "num_steps": 2, "timesteps": [1, 501], "recorded_steps": [1],
              "recorded_cross_steps": [1], "recorded_self_steps": [1], "frame_keys": ["mid"], "min_channels": 0,
-             "layers": {"up.attn1": {"is_cross": False, "query_len": 64, "shape": [2, 4, 64, 64]}},
+             "layers": {"up.attn1": {"is_cross": False, "query_len": 64, "shape": [2, 4, 64, 8], "stored": "tokens",
+                                     "key_frames": [0], "frame_indices": [[0], [0]]}},
              "provenance": {"ignored": True}, "seconds": 1.0}  # fmt: skip
     read = DdimAttentionInversion.read(attrs)
     assert read.layers["up.attn1"].query_len == 64 and read.frame_keys == ["mid"]
     with pytest.raises(ValueError):
         DdimAttentionInversion.read({**attrs, "num_steps": "many"})
+    version_1 = {"up.attn1": {"is_cross": False, "query_len": 64, "shape": [2, 4, 64, 64]}}  # maps, no `stored`
+    with pytest.raises(ValueError, match="stored"):
+        DdimAttentionInversion.read({**attrs, "layers": version_1})
 
 
 def test_roles_default_to_the_only_model_and_can_be_mapped_one_by_one() -> None:

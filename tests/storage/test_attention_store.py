@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reelflow.storage.attention import AttentionReader, AttentionWriter
+from reelflow.storage.attention import AttentionReader, AttentionWriter, StoredTokens
 from reelflow.storage.store import ArtifactStore
 
 KEY = "c3" * 32
@@ -25,7 +25,7 @@ def write_steps(store: ArtifactStore, steps: list[int]) -> None:
             attention.write(step, "layer.attn1", False, maps(step))
             attention.write(step, "layer.attn2", True, maps(step + 10)[..., :7])
         attention.close()
-        assert attention.layers["layer.attn2"] == {"is_cross": True, "query_len": 16, "shape": [3, 2, 16, 7]}
+        assert attention.layers["layer.attn2"] == {"is_cross": True, "query_len": 16, "shape": [3, 2, 16, 7], "stored": "maps"}
         assert attention.raw_bytes == len(steps) * (3 * 2 * 16 * 16 + 3 * 2 * 16 * 7) * 4
 
 
@@ -88,3 +88,27 @@ def test_abort_stops_the_writer_thread(tmp_path: Path) -> None:
         attention.write(0, "layer.attn1", False, maps(0))
         attention.abort()
         assert not attention._thread.is_alive()
+
+
+def test_self_attention_tokens_round_trip_with_their_key_frames(tmp_path: Path) -> None:
+    """Queries of every frame and keys of the key frames only, each one chunk per step; never a map."""
+    store = ArtifactStore(str(tmp_path))
+    rng = np.random.default_rng(0)
+    tokens = {step: StoredTokens(rng.standard_normal((3, 2, 16, 8)), rng.standard_normal((2, 2, 16, 8)), [0, 1],
+                                 [[0, 1], [1, 1], [2, 1]]) for step in (3, 4)}  # fmt: skip
+    with store.write("invert_latents", KEY, {}) as writer:
+        attention = AttentionWriter(writer, num_steps=5)
+        for step, recorded in tokens.items():
+            attention.write(step, "layer.attn1", False, recorded)
+        attention.close()
+    group = store.open("invert_latents", KEY)
+    assert "attention" not in group
+    queries, keys = group["queries/layer.attn1"], group["keys/layer.attn1"]
+    assert queries.shape == (5, 3, 2, 16, 8) and keys.shape == (5, 2, 2, 16, 8) and queries.nchunks_initialized == 2
+    assert tuple(keys.metadata.dimension_names) == ("step", "key_frame_2", "head_2", "token_16", "channel_8")
+    assert queries.attrs["stored"] == "tokens" and queries.attrs["frame_indices"] == [[0, 1], [1, 1], [2, 1]]
+    with AttentionReader(group, {"layer.attn1": [3, 4]}, order=[4, 3]) as reader:
+        got = reader(4)["layer.attn1"]
+    assert isinstance(got, StoredTokens) and got.key_frames == [0, 1]
+    np.testing.assert_allclose(got.query, tokens[4].query, atol=2e-3)
+    np.testing.assert_allclose(got.key, tokens[4].key, atol=2e-3)
