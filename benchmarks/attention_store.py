@@ -1,8 +1,9 @@
 """FateZero's attention store: size, write speed, edit speed from the store vs from RAM, memory.
 
-All measured side by side in one run on the tiny bundle (CPU), with real maps from its UNet:
+All measured side by side in one run on the tiny bundle (CPU), with real records from its UNet
+(cross-attention maps, self-attention queries and key-frame keys):
 
-1. bytes per recorded step on disk (float16, Blosc-LZ4 bit-shuffled) vs the same maps as raw float32;
+1. bytes per recorded step on disk (float16, Blosc-LZ4 bit-shuffled) vs the same records as raw float32;
 2. write throughput of the store vs ``np.save`` of the same float32 bytes;
 3. denoising time with maps read from the store (with prefetch) vs the same maps held in RAM
    (FateZero's disk mode is ~10x slower than its RAM mode);
@@ -81,13 +82,14 @@ def store_vs_numpy(work: Path, stages: dict) -> dict:
     report = dict(inversion.attrs["attention_store"])
     steps = len(inversion.attrs["recorded_steps"])
     steps_of = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
-    maps = {name: np.asarray(inversion[f"attention/{name}"][steps_of[info["is_cross"]]], np.float32)
-            for name, info in inversion.attrs["layers"].items()}  # fmt: skip
+    maps = {f"{group}/{name}": np.asarray(inversion[f"{group}/{name}"][steps_of[info["is_cross"]]], np.float32)
+            for name, info in inversion.attrs["layers"].items()
+            for group in (("attention",) if info["stored"] == "maps" else ("queries", "keys"))}  # fmt: skip
     target = work / "npsave"
     target.mkdir(exist_ok=True)
     started = time.perf_counter()
     for name, array in maps.items():
-        np.save(target / f"{name}.npy", array)
+        np.save(target / f"{name.replace('/', '.')}.npy", array)
     numpy_seconds = time.perf_counter() - started
     raw = sum(a.nbytes for a in maps.values())
     return {
@@ -103,20 +105,17 @@ def edit_from_store_vs_ram(stages: dict, repeats: int = 3) -> tuple[float, float
     """Best-of-``repeats`` time of the first edit with maps streamed from the store, and with every
     map already in RAM (loaded before the clock starts), alternating the two."""
     import reelflow.tasks.fatezero as fz
+    from reelflow.storage.attention import AttentionReader
     from reelflow.storage.store import ArtifactStore
 
     edit = stages["denoise_latents_0"]
     store = ArtifactStore(edit.call.store.url)
     inversion = store.open("invert_latents", stages["invert_latents"].key)
     steps_of = {True: inversion.attrs["recorded_cross_steps"], False: inversion.attrs["recorded_self_steps"]}
-    preloaded = {
-        step: {
-            name: torch.from_numpy(np.asarray(inversion[f"attention/{name}"][step]))
-            for name, info in inversion.attrs["layers"].items()
-            if step in steps_of[info["is_cross"]]
-        }
-        for step in inversion.attrs["recorded_steps"]
-    }
+    recorded = {name: steps_of[info["is_cross"]] for name, info in inversion.attrs["layers"].items()}
+    steps = inversion.attrs["recorded_steps"]
+    with AttentionReader(inversion, recorded, steps, transform=torch.from_numpy) as reader:
+        preloaded = {step: {name: fz._from_store(r) for name, r in reader(step).items()} for step in steps}
     original = fz._fusion_controller
 
     def in_ram(inversion, attrs, plan, device):

@@ -8,7 +8,11 @@ Printed side by side, on the CPU:
    'mid'): self-attention maps vs queries and key-frame keys, raw and as stored (float16, Blosc-LZ4);
 2. on the tiny bundle: inversion time with recording vs without; edit time replaying from the
    store vs the reference's maps held in RAM;
-3. peak memory of a tiny edit at 1x and 4x tokens per frame, each in a fresh process.
+3. peak memory of a tiny inversion and edit at 1x and 4x tokens per frame, Q/K vs maps, each in a
+   fresh process.
+
+The maps path (``MapsRecorder``, ``MapsFusion``) is the tests' reference, imported from
+tests/core/test_fatezero_tokens.py: reelflow itself no longer has one.
 
 Run: ``.venv/bin/python benchmarks/fused_replay.py [--skip-sd15]``.
 """
@@ -155,15 +159,46 @@ def tiny_times(work: Path, frames: int, size: int, steps: int, repeats: int = 3,
         finally:
             restore_default_processors(unet)
 
-    from_store, from_ram = [], []
+    recorded = {n: list(every) for n in layers}
+    with AttentionReader(group, recorded, plan.source_steps(), transform=torch.from_numpy) as reader:
+        in_ram = {k: {n: _from_store(r) for n, r in reader(k).items()} for k in plan.source_steps()}
+    from_store, tokens_ram, maps_ram = [], [], []
     for _ in range(repeats):
-        with AttentionReader(group, {n: list(every) for n in layers}, plan.source_steps(), transform=torch.from_numpy) as reader:
+        with AttentionReader(group, recorded, plan.source_steps(), transform=torch.from_numpy) as reader:
             source_fn = lambda k: {n: _from_store(r) for n, r in reader(k).items()}  # noqa: E731
             from_store.append(edit_with(FusionController(plan, source_fn, query_len)))
+        tokens_ram.append(edit_with(FusionController(plan, in_ram.__getitem__, query_len)))
         if reference:
-            from_ram.append(edit_with(MapsFusion(FusionController(plan, maps.maps.__getitem__, query_len))))
+            maps_ram.append(edit_with(MapsFusion(FusionController(plan, maps.maps.__getitem__, query_len))))
     return {"invert_plain": plain, "invert_recording": min(recording_times), "edit_store": min(from_store),
-            "edit_maps_ram": min(from_ram) if from_ram else float("nan")}  # fmt: skip
+            "edit_tokens_ram": min(tokens_ram), "edit_maps_ram": min(maps_ram) if maps_ram else float("nan")}  # fmt: skip
+
+
+def maps_path(work: Path, frames: int, size: int, steps: int) -> None:
+    """The reference's design on the tiny bundle: every map recorded in RAM, then the edit fused from them."""
+    from reelflow.core.text import encode_prompts
+
+    parts = tiny_parts(work)
+    unet, tokenizer, text_encoder, scheduler = (parts[k] for k in ("unet", "tokenizer", "text_encoder", "scheduler"))
+    z0 = torch.randn(frames, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    maps = MapsRecorder(set(range(steps)))
+    install_frame_processors(unet, frame_keys=("mid",), min_channels=0, controller=maps)
+    try:
+        z_t = fatezero_invert(unet, z0, encode_prompts(tokenizer, text_encoder, ["a cat walking on a street"]),
+                              scheduler, steps, maps)  # fmt: skip
+    finally:
+        restore_default_processors(unet)
+    plan, _ = fusion_plan(tokenizer, "a cat walking on a street", "a dog walking on a street", steps,
+                          latent_shape=tuple(z0.shape[-2:]), cross_replace_steps=0.8, self_replace_steps=0.8,
+                          replace=True)  # fmt: skip
+    layers = {n: (r.shape[-1] == 77, r.shape[2]) for n, r in maps.maps[steps - 1].items()}
+    fusion = MapsFusion(FusionController(plan, maps.maps.__getitem__, layers))
+    install_frame_processors(unet, frame_keys=("mid",), min_channels=0, controller=fusion)
+    try:
+        fatezero_edit(unet, z_t, encode_prompts(tokenizer, text_encoder, ["", "a dog walking on a street"]), scheduler,
+                      steps, fusion, 7.5)  # fmt: skip
+    finally:
+        restore_default_processors(unet)
 
 
 class _Silent:
@@ -177,17 +212,20 @@ from pathlib import Path
 import benchmarks.fused_replay as b
 import torch
 torch.set_num_threads(1)
-work = Path(sys.argv[1]); size = int(sys.argv[2])
-b.tiny_times(work, 4, size, 4, repeats=1, reference=False)
+work, size, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if mode == "tokens":
+    b.tiny_times(work, 4, size, 4, repeats=1, reference=False)
+else:
+    b.maps_path(work, 4, size, 4)
 # VmHWM, not ru_maxrss: ru_maxrss survives fork and exec, so a child of a large parent starts at its size.
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps(int(hwm.split()[1]) / 1024))
 """
 
 
-def edit_peak_mib(work: Path, size: int) -> float:
-    done = subprocess.run([sys.executable, "-c", PEAK.format(repo=str(REPO)), str(work / f"peak-{size}"), str(size)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+def edit_peak_mib(work: Path, size: int, mode: str) -> float:
+    argv = [sys.executable, "-c", PEAK.format(repo=str(REPO)), str(work / f"peak-{mode}-{size}"), str(size), mode]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -203,7 +241,8 @@ def main() -> None:
     sizes = None if args.skip_sd15 else sd15_bytes(work, args.frames)
     torch.set_num_threads(1)
     times = tiny_times(work, args.frames, args.size, args.steps)
-    peaks = {tokens: edit_peak_mib(work, size) for tokens, size in ((1, args.size // 2), (4, args.size))}
+    peaks = {(mode, tokens): edit_peak_mib(work, size, mode)
+             for mode in ("tokens", "maps") for tokens, size in ((1, args.size // 2), (4, args.size))}  # fmt: skip
 
     if sizes:
         mib = 2**20
@@ -216,11 +255,14 @@ def main() -> None:
     print(f"tiny bundle, {args.frames} frames at {args.size} px, {args.steps} steps, CPU, 1 thread:")
     print(f"  inversion recording Q/K to the store {times['invert_recording']:.3f} s vs not recording "
           f"{times['invert_plain']:.3f} s: {times['invert_recording'] / times['invert_plain']:.2f}x")  # fmt: skip
-    print(f"  edit replaying Q/K from the store {times['edit_store']:.3f} s vs maps in RAM {times['edit_maps_ram']:.3f} s: "
-          f"{times['edit_store'] / times['edit_maps_ram']:.2f}x")  # fmt: skip
-    print(f"  peak RSS of invert + edit, 4 frames, 4 steps: {args.size // 2} px (1x tokens) {peaks[1]:.0f} MiB, "
-          f"{args.size} px (4x tokens) {peaks[4]:.0f} MiB ({peaks[4] / peaks[1]:.2f}x)")  # fmt: skip
-    print(json.dumps({"sd15": sizes, "tiny": times, "peaks_mib": peaks}))
+    print(f"  edit replaying Q/K from the store {times['edit_store']:.3f} s, from RAM {times['edit_tokens_ram']:.3f} s, "
+          f"vs the maps in RAM {times['edit_maps_ram']:.3f} s: {times['edit_store'] / times['edit_maps_ram']:.2f}x "
+          f"and {times['edit_tokens_ram'] / times['edit_maps_ram']:.2f}x")  # fmt: skip
+    for mode in ("tokens", "maps"):
+        one, four = peaks[(mode, 1)], peaks[(mode, 4)]
+        print(f"  peak RSS of invert + edit ({mode}), 4 frames, 4 steps: {args.size // 2} px (1x tokens) {one:.0f} MiB, "
+              f"{args.size} px (4x tokens) {four:.0f} MiB ({four / one:.2f}x)")  # fmt: skip
+    print(json.dumps({"sd15": sizes, "tiny": times, "peaks_mib": {f"{m}-{t}x": v for (m, t), v in peaks.items()}}))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ class ArtifactIncomplete(ArtifactNotFound):
     """An artifact exists but has no ``complete`` marker: it was never finished, so it is not read."""
 
 
+class ArtifactMismatch(ReelflowError, ValueError):
+    """An artifact's attrs do not hold what the reading stage expects (another version of its stage wrote it)."""
+
+
 class LeaseHeld(ReelflowError, TimeoutError):
     """Another live run holds the lease on an artifact and did not release it in time."""
 

@@ -34,6 +34,17 @@ class AttentionLayer(Model):
     key_frames: list[int] | None = Field(default=None, description="Tokens: the frames whose keys are stored.")
     frame_indices: list[list[int]] | None = Field(default=None, description="Tokens: the key frames of every frame.")
 
+    @model_validator(mode="after")
+    def _check(self) -> AttentionLayer:
+        if self.stored == "maps" and not self.is_cross:
+            raise ValueError("self-attention layers are stored as tokens (queries and keys), not maps")
+        if self.stored == "tokens":
+            if self.is_cross or self.key_frames is None or self.frame_indices is None:
+                raise ValueError("a tokens layer is a self-attention layer with key_frames and frame_indices")
+            if self.key_frames != sorted({frame for row in self.frame_indices for frame in row}):
+                raise ValueError("key_frames must be the sorted frames that frame_indices name")
+        return self
+
 
 class DdimAttentionInversion(Attrs):
     """What FateZero's inversion leaves for its edits: the schedule, the recorded steps and layers."""

@@ -30,7 +30,7 @@ from reelflow.schemas.calls import StageCall
 from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.storage.attention import AttentionReader, AttentionWriter, StoredTokens
+from reelflow.storage.attention import ATTENTION, KEYS, QUERIES, AttentionReader, AttentionWriter, StoredTokens
 from reelflow.tasks.artifacts import artifact_key, contact_sheet, publish_markdown
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -55,10 +55,11 @@ def frame_attention(unet: Any, *, frame_keys: tuple, min_channels: int, controll
 
 @stage_task("invert_latents", "fatezero")
 def invert_latents(call: StageCall) -> ArtifactRef:
-    """DDIM inversion: latents of every step ``(T+1, F, 4, h, w)`` and ``attention/{layer}`` maps.
+    """DDIM inversion: latents of every step ``(T+1, F, 4, h, w)``, cross-attention maps ``attention/{layer}``,
+    self-attention queries ``queries/{layer}`` and key-frame keys ``keys/{layer}`` (see reelflow.storage.attention).
 
-    Resumable: each step is marked done once its latents and maps are stored, and an attempt after a
-    crash continues from the last stored step.
+    Resumable: each step is marked done once its latents and attention records are stored, and an attempt
+    after a crash continues from the last stored step.
     """
     return run_stage(call, _invert, resumable=True)
 
@@ -101,9 +102,16 @@ def _invert(ctx: StageContext) -> DdimAttentionInversion:
 def _to_store(recorded: torch.Tensor | SelfTokens) -> torch.Tensor | StoredTokens:
     """A layer's record on the host for the attention writer, which casts it to float16 in its own thread."""
     if isinstance(recorded, SelfTokens):
-        return StoredTokens(recorded.query.detach().cpu(), recorded.key.detach().cpu(), recorded.key_frames.tolist(),
-                            recorded.indices.tolist())  # fmt: skip
-    return recorded.detach().cpu()
+        return StoredTokens(_host(recorded.query), _host(recorded.key), recorded.key_frames.tolist(), recorded.indices.tolist())
+    return _host(recorded)
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU, as is; from a GPU, cast to float16 first (half the copy); bfloat16, which numpy lacks, too."""
+    tensor = tensor.detach()
+    if tensor.is_cuda or tensor.dtype == torch.bfloat16:
+        tensor = tensor.to(torch.float16)
+    return tensor.cpu()
 
 
 class _StepStream:
@@ -130,7 +138,8 @@ def _record_store(
     *, resumed_from: int,
 ) -> None:  # fmt: skip
     """The attention store's sizes and timings, in the attrs and the UI."""
-    stored = sum(ctx.store.size(f"{_rel(ctx)}/attention/{name}") for name in maps.layers) if maps.layers else 0
+    groups = [group for group in (ATTENTION, QUERIES, KEYS) if group in ctx.writer.group]
+    stored = sum(ctx.store.size(f"{_rel(ctx)}/{group}") for group in groups)
     _publish_inversion(ctx, maps, stored, cross_steps, self_steps, seconds)
     ctx.record(attention_store={"raw_float32_bytes": maps.raw_bytes, "stored_bytes": stored,
                                 "write_seconds": round(maps.write_seconds, 4), "inversion_seconds": round(seconds, 4),

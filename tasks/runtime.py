@@ -27,7 +27,7 @@ from prefect.context import TaskRunContext
 from pydantic import ValidationError
 
 from reelflow.schemas.calls import StageCall, StoreSpec
-from reelflow.schemas.errors import ArtifactIncomplete, LeaseHeld
+from reelflow.schemas.errors import ArtifactMismatch, LeaseHeld
 from reelflow.schemas.kinds import Attrs, kind_attrs
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.settings import Settings
@@ -73,10 +73,10 @@ class StageContext:
         try:
             return kind_attrs(ref.kind).read(self.store.read_attrs(path))
         except ValidationError as exc:
-            raise ArtifactIncomplete(
-                f"the {ref.kind} artifact {self.store.url_of(path)!r} does not hold what this version of "
-                f"{self.call.stage.tag} reads ({exc.error_count()} problems, first: {exc.errors()[0]['loc']}); "
-                "it was written by another version of its stage: remove it and rerun"
+            raise ArtifactMismatch(
+                f"the {ref.kind} artifact {self.store.url_of(path)!r} does not hold what {self.call.stage.tag} reads "
+                f"({exc.error_count()} problems, first at {'.'.join(map(str, exc.errors()[0]['loc']))}); if another "
+                "version of its stage wrote it, remove it and rerun"
             ) from None
 
     def model(self, role: str, component: str | None = None, **options: Any) -> Any:

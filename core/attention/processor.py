@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +93,17 @@ class SelfAttention:
     num_frames: int
 
     def gathered(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` of every frame's key frames, concatenated: ``(B*F, h, K*Nq, d)``."""
+        """``tokens`` (whole clips) of every frame's key frames, concatenated: ``(rows, h, K*Nq, d)``."""
         return tokens if self.indices is None else gather_heads(tokens, self.indices)
 
     def attend(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The plain attention output of the batch rows ``rows``: ``(rows, h, Nq, d)``, never a probability map."""
-        key, value = self.gathered(self.key)[rows], self.gathered(self.value)[rows]
+        """The plain attention output of the batch rows ``rows`` (whole clips, e.g. ``slice(-F, None)`` for
+        the conditional one): ``(rows, h, Nq, d)``, never a probability map."""
+        key, value = self.gathered(self.key[rows]), self.gathered(self.value[rows])
         return F.scaled_dot_product_attention(self.query[rows], key, value, dropout_p=0.0, scale=self.scale)
 
 
+@runtime_checkable
 class TokenController(Protocol):
     """A controller that takes over self-attention from its tokens instead of from probabilities."""
 
@@ -165,7 +167,8 @@ class FrameAttnProcessor:
         layer: Module name of the ``Attention`` it is set on (passed to the controller).
         frame_keys: Key frames for self-attention (see ``FrameKey``); empty means per-frame attention.
             Ignored for cross-attention.
-        controller: Sees the probabilities of the calls for which ``controller.wants(...)`` is true.
+        controller: Sees the probabilities of the calls for which ``controller.wants(...)`` is true; a
+            ``TokenController`` takes those self-attention calls over from their tokens instead.
 
     Attributes:
         num_frames: ``F``; set with ``set_num_frames`` before each UNet call. Needed whenever frames
@@ -240,7 +243,7 @@ class FrameAttnProcessor:
         # 4. Attention: a token controller takes self-attention over from its tokens; explicit
         # probabilities only where a controller asks for them.
         wanted = self.controller is not None and self.controller.wants(self.layer, is_cross, query.shape[2])
-        if wanted and not is_cross and hasattr(self.controller, "attend"):
+        if wanted and not is_cross and isinstance(self.controller, TokenController):
             if attention_mask is not None:
                 raise NotImplementedError("attention masks are not supported with a token controller")
             call = SelfAttention(query, key, value, indices, attn.scale, self._frames())

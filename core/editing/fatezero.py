@@ -5,7 +5,8 @@ The recorder hands what an inversion step's attention needs to be replayed to a 
 can stream it to storage instead of holding all steps in memory: the probability maps of
 cross-attention layers (``Nq x 77``, small, needed per token), and for self-attention layers the
 queries of every frame and the keys of the key frames (:class:`SelfTokens`), never the ``Nq x Nk``
-maps (FateZero's reference stores those: ~741 MiB per step at SD 1.5 shapes, methods.md 1.4). The
+maps (FateZero's reference stores those: ~680 MiB per step at SD 1.5 shapes, 741 MiB with the cross
+maps, methods.md 1.4). The
 fusion controller receives, at edit step i, what was recorded at inversion step T-1-i (the same
 timestep, methods.md 1.6) and, on the conditional half of the classifier-free-guidance batch only:
 
@@ -255,7 +256,7 @@ class FusionController:
             return call.attend()
         frames = call.num_frames
         stored = self._maps[layer].to(call.value.device, call.value.dtype)
-        value = call.gathered(call.value)[-frames:]
+        value = call.gathered(call.value[-frames:])
         fused = F.scaled_dot_product_attention(stored.query, stored.gathered_key(), value, dropout_p=0.0, scale=call.scale)
         if self.plan.blend_tokens is not None:
             mask = self._mask(call.query.shape[2]).to(device=fused.device, dtype=fused.dtype)

@@ -113,6 +113,13 @@ def parts(tiny_bundle: Path) -> dict:
     return {name: load_component(str(tiny_bundle), name) for name in ("unet", "tokenizer", "text_encoder", "scheduler")}
 
 
+def mixed_mask(query_len: int) -> torch.Tensor:
+    """A fixed random blend mask ``(3, 1, query_len, 1)`` with both values."""
+    mask = (torch.rand(3, 1, query_len, 1, generator=torch.Generator().manual_seed(query_len)) > 0.5).double()
+    assert 0 < mask.mean() < 1
+    return mask
+
+
 def query_lengths(recorded: dict) -> dict[str, tuple[bool, int]]:
     return {name: (isinstance(r, torch.Tensor), (r if isinstance(r, torch.Tensor) else r.query).shape[2])
             for name, r in recorded.items()}  # fmt: skip
@@ -145,8 +152,11 @@ def test_the_tiny_fatezero_edit_from_tokens_matches_the_maps_path(parts: dict, b
                           self_replace_steps=0.8, replace=True, **kwargs)  # fmt: skip
     layers = query_lengths(recorded[0])
     edited = {}
-    for name, controller in (("tokens", FusionController(plan, recorded.__getitem__, layers)),
-                             ("maps", MapsFusion(FusionController(plan, maps.maps.__getitem__, layers)))):  # fmt: skip
+    tokens_fusion = FusionController(plan, recorded.__getitem__, layers)
+    maps_fusion = FusionController(plan, maps.maps.__getitem__, layers)
+    if blend:  # a mask of both values at every resolution (the tiny model's random maps would give all ones)
+        tokens_fusion._mask = maps_fusion._mask = mixed_mask
+    for name, controller in (("tokens", tokens_fusion), ("maps", MapsFusion(maps_fusion))):
         install_frame_processors(unet, frame_keys=("self", "mid"), min_channels=0, controller=controller)
         try:
             edited[name] = fatezero_edit(unet, inverted["maps"], edit, scheduler, steps, controller, 7.5)
@@ -159,13 +169,18 @@ def test_no_self_attention_map_is_formed_while_inverting_or_editing(parts: dict,
     """The only way the processor forms probabilities is Attention.get_attention_scores: only cross layers call it."""
     unet, tokenizer, text_encoder, scheduler = parts["unet"], parts["tokenizer"], parts["text_encoder"], parts["scheduler"]
     key_lengths: list[int] = []
-    real = Attention.get_attention_scores
+    real, real_softmax = Attention.get_attention_scores, torch.Tensor.softmax
 
     def spy(self, query, key, attention_mask=None):
         key_lengths.append(key.shape[1])
         return real(self, query, key, attention_mask)
 
+    def softmax_spy(self, *args, **kwargs):
+        key_lengths.append(self.shape[-1])
+        return real_softmax(self, *args, **kwargs)
+
     monkeypatch.setattr(Attention, "get_attention_scores", spy)
+    monkeypatch.setattr(torch.Tensor, "softmax", softmax_spy)
     steps, prompt = 2, "a cat walking on a street"
     z0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     recorded: dict[int, dict] = {}
@@ -184,5 +199,5 @@ def test_no_self_attention_map_is_formed_while_inverting_or_editing(parts: dict,
                       steps, fusion, 7.5)  # fmt: skip
     finally:
         restore_default_processors(unet)
-    assert key_lengths and set(key_lengths) == {77}, "probabilities were formed for cross-attention only"
+    assert key_lengths and set(key_lengths) == {77}, "probabilities (and softmaxes) were formed for cross-attention only"
     assert any(isinstance(r, SelfTokens) for r in recorded[0].values())

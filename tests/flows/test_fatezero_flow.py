@@ -115,7 +115,7 @@ def test_an_inversion_stored_by_the_previous_version_is_never_read_as_this_one(
     from reelflow.flows.dag import plan_run
     from reelflow.flows.sources import hash_sources, source_urls
     from reelflow.schemas.calls import StoreSpec
-    from reelflow.schemas.errors import ArtifactIncomplete
+    from reelflow.schemas.errors import ArtifactMismatch
     from reelflow.schemas.fatezero import InvertLatents
     from reelflow.schemas.settings import Settings
     from reelflow.tasks import task_for
@@ -140,5 +140,5 @@ def test_an_inversion_stored_by_the_previous_version_is_never_read_as_this_one(
         writer.write_array("latents", np.zeros((STEPS + 1, 3, 4, 8, 8), np.float32), dims=("level", "frame", "c", "y", "x"))
         writer.update_attrs(attrs)
     edit = current["denoise_latents_0"].call
-    with pytest.raises(ArtifactIncomplete, match="written by another version of its stage: remove it and rerun"):
+    with pytest.raises(ArtifactMismatch, match="first at layers.up.attn1.stored.*remove it and rerun"):
         task_for(edit.stage).fn(call=edit)

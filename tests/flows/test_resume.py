@@ -147,7 +147,8 @@ def test_an_inversion_killed_mid_way_resumes_from_its_last_stored_step(
     clean = edit_video(spec("clean"))
     fresh = ArtifactStore(clean.store).open("invert_latents", key)
     np.testing.assert_array_equal(inversion["latents"][:], fresh["latents"][:])
-    assert sorted(inversion["attention"].array_keys()) == sorted(fresh["attention"].array_keys())
-    for name in fresh["attention"].array_keys():
-        np.testing.assert_array_equal(inversion["attention"][name][:], fresh["attention"][name][:], err_msg=name)
+    for group in ("attention", "queries", "keys"):  # cross maps, self-attention queries and key-frame keys
+        assert sorted(inversion[group].array_keys()) == sorted(fresh[group].array_keys()) != []
+        for name in fresh[group].array_keys():
+            np.testing.assert_array_equal(inversion[group][name][:], fresh[group][name][:], err_msg=f"{group}/{name}")
     assert inversion.attrs["layers"] == fresh.attrs["layers"]

@@ -112,3 +112,19 @@ def test_self_attention_tokens_round_trip_with_their_key_frames(tmp_path: Path) 
     assert isinstance(got, StoredTokens) and got.key_frames == [0, 1]
     np.testing.assert_allclose(got.query, tokens[4].query, atol=2e-3)
     np.testing.assert_allclose(got.key, tokens[4].key, atol=2e-3)
+
+
+def test_records_of_a_bfloat16_model_are_stored_as_float16(tmp_path: Path) -> None:
+    import torch
+
+    from reelflow.tasks.fatezero import _to_store
+
+    store = ArtifactStore(str(tmp_path))
+    maps16 = torch.rand(3, 2, 16, 7).to(torch.bfloat16)
+    with store.write("invert_latents", KEY, {}) as writer:
+        attention = AttentionWriter(writer, num_steps=1)
+        attention.write(0, "layer.attn2", True, _to_store(maps16))
+        attention.close()
+    stored = store.open("invert_latents", KEY)["attention/layer.attn2"][0]
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored, maps16.float().numpy(), atol=1e-2)
