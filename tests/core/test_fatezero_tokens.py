@@ -18,6 +18,7 @@ from reelflow.core.attention.processor import (
     frame_indices,
     install_frame_processors,
     restore_default_processors,
+    set_num_frames,
 )
 from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, SelfTokens, fusion_plan
 from reelflow.core.editing.fatezero_edit import fatezero_edit, fatezero_invert
@@ -201,3 +202,33 @@ def test_no_self_attention_map_is_formed_while_inverting_or_editing(parts: dict,
         restore_default_processors(unet)
     assert key_lengths and set(key_lengths) == {77}, "probabilities (and softmaxes) were formed for cross-attention only"
     assert any(isinstance(r, SelfTokens) for r in recorded[0].values())
+
+
+def test_recording_and_replaying_tokens_leave_diffusers_stock_attention_unchanged(parts: dict) -> None:
+    """With per-frame attention, a pass that records tokens, and one that replays them into the same latents,
+    equal diffusers' own UNet with its stock AttnProcessor2_0 (ours vs theirs on the same inputs)."""
+    unet, tokenizer, text_encoder = parts["unet"], parts["tokenizer"], parts["text_encoder"]
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    text = encode_prompts(tokenizer, text_encoder, ["a cat walking on a street"]).expand(3, -1, -1)
+    restore_default_processors(unet)
+    with torch.no_grad():
+        stock = unet(z, 500, encoder_hidden_states=text).sample
+    recorded: dict[str, object] = {}
+
+    def run(controller) -> torch.Tensor:
+        install_frame_processors(unet, frame_keys=(), min_channels=0, controller=controller)
+        try:
+            set_num_frames(unet, 3)
+            with torch.no_grad():
+                return unet(z, 500, encoder_hidden_states=text).sample
+        finally:
+            restore_default_processors(unet)
+
+    outputs = [run(RecordingController(10**6, {0}, lambda k, layer, c, r: recorded.__setitem__(layer, r)))]
+    self_only = FusionPlan(1, torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
+    replay = FusionController(self_only, {0: recorded}.__getitem__, query_lengths(recorded))
+    replay.begin_step(0)
+    outputs.append(run(replay))
+    assert any(isinstance(r, SelfTokens) for r in recorded.values())
+    for output in outputs:
+        torch.testing.assert_close(output, stock, rtol=0, atol=1e-5)
