@@ -15,6 +15,12 @@ the way its library saves a real one and each a pure function of ``seed`` too: a
 with projection and its image processor (transformers), a ViT (timm), and RAFT (torchvision, its
 state dict pickled as ``model.pth``, as torchvision publishes checkpoints). The core method package
 names every builder (``reelflow models tiny --kind``).
+
+``build_tiny_svd(dir)`` writes a tiny random Stable Video Diffusion (image-to-video) bundle the same
+way: a spatio-temporal UNet over 8 input channels (noisy latents beside the conditioning frame's
+latents) with a native frame count of 4, the video VAE whose decoder mixes frames, a CLIP image
+encoder whose projection is the UNet's cross-attention width, its image processor, and Euler with
+SVD's published scheduler config.
 """
 
 from __future__ import annotations
@@ -28,7 +34,16 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableVideoDiffusionPipeline,
+    UNet2DConditionModel,
+    UNetSpatioTemporalConditionModel,
+)
 from tokenizers import pre_tokenizers
 from torchvision.models.optical_flow import raft_small
 from transformers import (
@@ -279,6 +294,10 @@ RAFT_ARCHITECTURE = "raft_small"
 
 def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
     """The CLIP image encoder :func:`build_tiny_clip_vision` writes, in memory (eval mode)."""
+    return _seeded(seed, 0, lambda: _tiny_clip_vision_model(projection_dim=16)).eval()
+
+
+def _tiny_clip_vision_model(*, projection_dim: int) -> CLIPVisionModelWithProjection:
     config = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,
@@ -286,9 +305,14 @@ def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
         num_attention_heads=4,
         image_size=CLIP_IMAGE_SIZE,
         patch_size=8,
-        projection_dim=16,
+        projection_dim=projection_dim,
     )
-    return _seeded(seed, 0, lambda: CLIPVisionModelWithProjection(config)).eval()
+    return CLIPVisionModelWithProjection(config)
+
+
+def _tiny_clip_processor() -> CLIPImageProcessor:
+    crop = {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
+    return CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size=crop)
 
 
 def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
@@ -303,8 +327,7 @@ def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0) -> Path:
 
     def write(staging: Path) -> None:
         tiny_clip_vision(seed).save_pretrained(staging)
-        crop = {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
-        CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size=crop).save_pretrained(staging)
+        _tiny_clip_processor().save_pretrained(staging)
 
     return _write_staged(Path(out_dir), write, _builder_readme("CLIP image encoder", "build_tiny_clip_vision", seed))
 
@@ -351,6 +374,99 @@ def build_tiny_raft(out_dir: str | Path, seed: int = 0) -> Path:
         torch.save(tiny_raft(seed).state_dict(), staging / "model.pth")
 
     return _write_staged(Path(out_dir), write, _builder_readme("torchvision RAFT", "build_tiny_raft", seed))
+
+
+SVD_FRAMES = 4
+"""The tiny SVD UNet's native frame count (``unet.config.num_frames``; 14 or 25 in the real models)."""
+
+# stabilityai/stable-video-diffusion-img2vid(-xt) scheduler/scheduler_config.json, verbatim. The last
+# three keys are not Euler parameters; diffusers keeps them in the config, as it does for the real one.
+SVD_SCHEDULER_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "prediction_type": "v_prediction",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": True,
+    "sigma_min": 0.002,
+    "sigma_max": 700.0,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+}
+
+
+def build_tiny_svd(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Video Diffusion bundle into ``out_dir`` and return its path.
+
+    The layout is ``StableVideoDiffusionPipeline.save_pretrained``'s: ``model_index.json``, ``unet/``,
+    ``vae/``, ``image_encoder/``, ``feature_extractor/``, ``scheduler/``, safetensors weights.
+
+    Raises:
+        ModelError: ``out_dir`` is a file, or a non-empty directory that is not a tiny model.
+    """
+
+    def write(staging: Path) -> None:
+        tiny_svd_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("Stable Video Diffusion bundle", "build_tiny_svd", seed))
+
+
+def tiny_svd_pipeline(seed: int = 0) -> StableVideoDiffusionPipeline:
+    """The pipeline :func:`build_tiny_svd` writes, in memory."""
+    return StableVideoDiffusionPipeline(
+        vae=_seeded(seed, 0, _tiny_svd_vae),
+        image_encoder=_seeded(seed, 1, lambda: _tiny_clip_vision_model(projection_dim=32)),
+        unet=_seeded(seed, 2, _tiny_svd_unet),
+        scheduler=svd_scheduler(),
+        feature_extractor=_tiny_clip_processor(),
+    )
+
+
+def _tiny_svd_vae() -> AutoencoderKLTemporalDecoder:
+    # Four blocks give SVD's downscale of 8; the temporal decoder's group norms fix 32 groups, so
+    # 32 channels per block is the narrowest it builds with.
+    return AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def _tiny_svd_unet() -> UNetSpatioTemporalConditionModel:
+    # SVD's layout shrunk to two levels: 8 input channels (noisy latents, conditioning-frame latents),
+    # spatial and temporal attention at the first level and in the mid block, heads of 16 channels
+    # at every level (SVD's are 64), and added time ids (fps, motion bucket, noise augmentation) of
+    # 3 x 32 features.
+    return UNetSpatioTemporalConditionModel(
+        sample_size=32,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=3 * 32,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        num_attention_heads=(2, 4),
+        num_frames=SVD_FRAMES,
+    )
+
+
+def svd_scheduler() -> EulerDiscreteScheduler:
+    """Euler with Stable Video Diffusion's published scheduler config (:data:`SVD_SCHEDULER_CONFIG`)."""
+    return EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
 
 
 def _write_staged(out: Path, write: Callable[[Path], None], readme: str) -> Path:

@@ -7,7 +7,10 @@ stores or feeds to a UNet is already scaled: ``z = (E(x) - shift) * scale``.
 
 Frames are processed in chunks so that peak memory is bounded by ``chunk_size`` however long the
 clip, and each chunk is handed to ``on_chunk`` as soon as it is ready, so a caller can stream it to
-storage and report progress. Frames are independent here, so the chunking changes no value.
+storage and report progress. An image VAE (``AutoencoderKL``) treats frames independently, so the
+chunking changes no value. Stable Video Diffusion's ``AutoencoderKLTemporalDecoder`` encodes frame by
+frame too, but its decoder mixes neighbouring frames (temporal convolutions and blends), so a decoded
+chunk is one clip of ``chunk length`` frames and the chunk size changes the decoded values.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 OnChunk = Callable[[int, int, torch.Tensor], None]
 """``on_chunk(start, stop, chunk)``: frames ``start:stop`` are done and ``chunk`` holds them."""
 
+VideoVAE = AutoencoderKL | AutoencoderKLTemporalDecoder
+
 
 def encode_frames(
-    vae: AutoencoderKL,
+    vae: VideoVAE,
     frames: torch.Tensor,
     *,
     chunk_size: int,
@@ -33,7 +38,8 @@ def encode_frames(
     """Encode frames to scaled latents.
 
     Args:
-        vae: An ``AutoencoderKL``; inputs are cast to its dtype and device.
+        vae: An ``AutoencoderKL`` or ``AutoencoderKLTemporalDecoder`` (whose encoder is per
+            frame); inputs are cast to its dtype and device.
         frames: ``(F, 3, H, W)`` in ``[-1, 1]``; ``H`` and ``W`` multiples of the VAE's
             downscale (8).
         chunk_size: Frames per VAE call.
@@ -62,7 +68,7 @@ def encode_frames(
 
 
 def decode_latents(
-    vae: AutoencoderKL,
+    vae: VideoVAE,
     latents: torch.Tensor,
     *,
     chunk_size: int,
@@ -70,10 +76,17 @@ def decode_latents(
 ) -> torch.Tensor:
     """Decode scaled latents to frames; the inverse of :func:`encode_frames` up to the VAE's loss.
 
+    A temporal decoder (``AutoencoderKLTemporalDecoder``) decodes each chunk as one clip, with
+    ``num_frames`` the chunk's length, as ``StableVideoDiffusionPipeline.decode_latents`` does with
+    ``decode_chunk_size``. Frames in one chunk then see each other, so for a temporal decoder the
+    chunk size changes the decoded values (and a chunk of 1 decodes every frame alone); for an image
+    VAE it changes none.
+
     Args:
-        vae: An ``AutoencoderKL``; latents are cast to its dtype and device.
+        vae: An ``AutoencoderKL`` or ``AutoencoderKLTemporalDecoder``; latents are cast to its dtype
+            and device.
         latents: ``(F, 4, h, w)``, scaled as :func:`encode_frames` returns them.
-        chunk_size: Frames per VAE call.
+        chunk_size: Frames per VAE call; for a temporal decoder, also frames per decoded clip.
         on_chunk: Called with ``(start, stop, frames[start:stop])`` after each chunk.
 
     Returns:
@@ -82,20 +95,22 @@ def decode_latents(
     channels = vae.config.latent_channels
     _check_batch(latents, channels=channels, chunk_size=chunk_size, name="latents")
     scale, shift = _latent_scale(vae)
+    temporal = isinstance(vae, AutoencoderKLTemporalDecoder)
 
     def decode(chunk: torch.Tensor) -> torch.Tensor:
         z = chunk.to(device=vae.device, dtype=vae.dtype) / scale + shift
-        return vae.decode(z).sample.clamp(-1.0, 1.0)
+        clip = {"num_frames": chunk.shape[0]} if temporal else {}
+        return vae.decode(z, **clip).sample.clamp(-1.0, 1.0)
 
     return _chunked(decode, latents, chunk_size, on_chunk)
 
 
-def downscale_factor(vae: AutoencoderKL) -> int:
+def downscale_factor(vae: VideoVAE) -> int:
     """Pixels per latent along each side: one halving per encoder block after the first."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
+def _latent_scale(vae: VideoVAE) -> tuple[float, float]:
     shift = getattr(vae.config, "shift_factor", None)
     return float(vae.config.scaling_factor), float(shift) if shift is not None else 0.0
 

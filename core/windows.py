@@ -2,7 +2,10 @@
 
 A :class:`WindowPlan` cuts ``F`` frames into windows of ``length`` frames that overlap their
 neighbours by ``overlap`` frames; the last window is shorter when the clip does not divide evenly
-(it always has more than ``overlap`` frames of its own). An ``anchor`` frame, when set, is prepended to every
+(it always has more than ``overlap`` frames of its own), or, with ``last="full"``, as long as the
+others and moved back to end at the clip's end, overlapping its neighbour more (for models that
+need a fixed frame count, such as an image-to-video model; with an overlap above one frame it stops
+short of the window two before it, so it can stay shorter). An ``anchor`` frame, when set, is prepended to every
 window that does not already contain it, so every window sees one shared frame (the edited first
 frame of Videoshop, the key frame of cross-frame attention) and stays consistent with the others;
 its output is taken from the window that owns it.
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 Stitch = Literal["blend", "cut"]
+Last = Literal["short", "full"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class WindowPlan:
     overlap: int = 0
     anchor: int | None = None
     stitch: Stitch = "blend"
+    last: Last = "short"
 
     def __post_init__(self) -> None:
         if self.length < 1 or not 0 <= 2 * self.overlap <= self.length:
@@ -68,6 +73,10 @@ class WindowPlan:
         step = self.length - self.overlap
         starts = list(range(0, max(num_frames - self.overlap, 1), step))
         spans = [(start, min(start + self.length, num_frames)) for start in starts]
+        if self.last == "full" and len(spans) > 1:
+            # Never back into the window two before: stitching keeps one earlier window's tail at a time.
+            floor = spans[-3][1] if len(spans) > 2 else 0
+            spans[-1] = (max(num_frames - self.length, floor, 0), num_frames)
         windows = []
         for index, (start, stop) in enumerate(spans):
             head = spans[index - 1][1] - start if index else 0

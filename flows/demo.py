@@ -12,6 +12,7 @@ in ``reelflow demo --help`` without loading them.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -56,21 +57,25 @@ def prepare_demo(workdir: Path, preset: str = "reconstruct") -> PipelineSpec:
     given = [f"input={json.dumps(str(clip))}", f"store={json.dumps(str(workdir / 'store'))}",
              f"output={json.dumps(str(workdir / 'output'))}"]  # fmt: skip
     given += [f"models.{name}.id={json.dumps(str(_tiny_model(workdir, kind)))}" for name, kind in tiny_models(spec).items()]
-    given += [f"sources.{name}.path={json.dumps(str(_source(workdir, name, s.kind, clip)))}" for name, s in spec.sources.items()]
+    makers = demo_source_makers(spec)
+    given += [f"sources.{name}.path={json.dumps(str(_source(workdir, name, s.kind, clip, makers.get(name))))}"
+              for name, s in spec.sources.items()]  # fmt: skip
     given += [f"stages.{stage.id}.params.{k}={json.dumps(v)}" for stage in spec.stages for k, v in type(stage).demo.items()]
     return load_spec(spec_path(preset), given)
 
 
 def tiny_models(spec: PipelineSpec) -> dict[str, str]:
-    """Model name -> the tiny model that stands in for it: the one its roles name (they must agree)."""
+    """Model name -> the tiny model that stands in for it: the model's own ``tiny``, or the one its roles
+    name (they must agree)."""
     kinds: dict[str, set[str]] = {}
     for node in spec.graph.order():
         for role, name in node.models.items():
-            kinds.setdefault(name, set()).add(node.spec.roles[role].tiny)
+            stated = spec.models[name].tiny
+            kinds.setdefault(name, set()).add(stated or node.spec.roles[role].tiny)
     for name, found in kinds.items():
         if len(found) > 1:
             raise SpecError(f"model {name!r} fills roles whose tiny stand-ins differ ({', '.join(sorted(found))}); "
-                            "give each its own model entry")  # fmt: skip
+                            f"set `models.{name}.tiny` or give each role its own model entry")  # fmt: skip
     return {name: found.pop() for name, found in kinds.items()}
 
 
@@ -85,15 +90,31 @@ def _tiny_model(workdir: Path, kind: str) -> Path:
     return path
 
 
-def _source(workdir: Path, name: str, kind: str, clip: Path) -> Path:
-    """A synthetic file for a named source: a gradient image, a centred mask, or the clip (video, audio)."""
+def demo_source_makers(spec: PipelineSpec) -> dict[str, str]:
+    """Source name -> the ``module:function`` a stage reading it declares for the demo (``demo_sources``)."""
+    makers: dict[str, str] = {}
+    for node in spec.graph.order():
+        for slot, name in node.sources.items():
+            maker = type(node.spec).demo_sources.get(slot)
+            if maker is not None:
+                makers.setdefault(name, maker)
+    return makers
+
+
+def _source(workdir: Path, name: str, kind: str, clip: Path, maker: str | None = None) -> Path:
+    """A file for a named source: what a stage's demo maker writes from the clip (an edited first frame),
+    else a synthetic one: a gradient image, a centred mask, or the clip (video, audio)."""
     if kind in ("video", "audio"):
         return clip
     import numpy as np
     from PIL import Image
 
     path = workdir / "sources" / f"{name}.png"
-    if not path.is_file():
+    if not path.is_file() and maker is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        module, _, function = maker.partition(":")
+        getattr(importlib.import_module(module), function)(clip, path)
+    elif not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
         if kind == "mask":

@@ -30,6 +30,7 @@ from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
 from reelflow.tasks.artifacts import markdown_table, publish_markdown, publish_table
+from reelflow.tasks.preflight import preflight
 from reelflow.tasks.models import resolve_device, resolve_dtype
 
 
@@ -158,7 +159,8 @@ def check_concurrency_limit(name: str) -> None:
 
 
 def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
-    """Check the inputs, hash the sources and plan every stage key; nothing heavy runs here."""
+    """Check the inputs, hash the sources, plan every stage key and run the stages' preflight checks
+    (a method refusing its input says so here, before any model loads); nothing heavy runs here."""
     store, urls = check_inputs(spec, settings)
     sources = hash_sources(spec, urls, settings)
     run_id = str(flow_run.id or uuid.uuid4())
@@ -166,6 +168,7 @@ def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
     store_spec = StoreSpec(url=store.url, storage_options=settings.storage_options)
     planned = plan_run(spec, sources=sources, store=store_spec, run_id=run_id, default_dtype=dtype,
                        cache_dir=settings.model_cache_dir)  # fmt: skip
+    preflight(planned, settings)
     return PreparedRun(spec, settings, store, sources, run_id, planned)
 
 

@@ -25,8 +25,14 @@ A method package declares its stages in a module that imports only the declarati
     def invert_latents(call):
         return run_stage(call, _invert, resumable=True)
 
-Declaration names are imported eagerly; implementation names (``stage_task``, ``run_stage``,
-``StageContext``, ``run_windows``, ...) on first use, so a declarations module stays light.
+    @stage_check("invert_latents", "mine")  # optional: refuse bad input before any model loads
+    def check_invert(ctx):
+        frames = ctx.input("latents")
+        if frames is not None and frames.count < 14:
+            raise ValueError(f"clip has {frames.count} frames but the model needs 14")
+
+Declaration names are imported eagerly; implementation names (``stage_task``, ``stage_check``,
+``run_stage``, ``StageContext``, ``run_windows``, ...) on first use, so a declarations module stays light.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ _LAZY = {
     "stage_task": "reelflow.tasks.stage",
     "run_stage": "reelflow.tasks.runtime",
     "StageContext": "reelflow.tasks.runtime",
+    "stage_check": "reelflow.tasks.preflight",
+    "PreflightContext": "reelflow.tasks.preflight",
+    "FramesPreview": "reelflow.tasks.preflight",
+    "SourceInfo": "reelflow.tasks.preflight",
     "run_windows": "reelflow.tasks.windows",
     "read_window": "reelflow.tasks.windows",
     "read_image": "reelflow.core.sources",

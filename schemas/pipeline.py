@@ -61,6 +61,11 @@ class ModelSpec(Model):
         default=None,
         description="Loader family (diffusers, transformers, timm, torchvision); None: inferred from the model's files.",
     )
+    tiny: str | None = Field(
+        default=None,
+        description="The tiny model `reelflow demo` puts in its place (a name `reelflow models tiny --kind` knows); "
+        "None: the one its roles name.",
+    )
 
 
 class SourceSpec(Model):

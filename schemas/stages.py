@@ -12,7 +12,9 @@ declaration the DAG engine reads:
 - ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
 - ``exports``: what it adds to the run's outputs (a video file, the metrics table);
 - ``same_model_slots``: inputs whose producer must use the same models (an edit and its inversion);
-- ``demo``: params ``reelflow demo`` sets so the stage runs in seconds on a CPU with tiny models.
+- ``demo``: params ``reelflow demo`` sets so the stage runs in seconds on a CPU with tiny models;
+- ``demo_sources``: source slot -> ``module:function`` that writes the demo's file for it from the
+  demo clip (``fn(clip, out)``), where a generic synthetic file would not do (an edited first frame).
 
 The runnable task for each (stage, method) is registered under the same key in reelflow.tasks;
 nothing here holds weights or imports torch.
@@ -96,6 +98,7 @@ class StageSpec(Model):
     exports: ClassVar[tuple[Export, ...]] = ()
     same_model_slots: ClassVar[tuple[str, ...]] = ()
     demo: ClassVar[dict[str, Any]] = {}
+    demo_sources: ClassVar[dict[str, str]] = {}
 
     stage: str
     method: str | None = Field(default=None, description="Which implementation of the stage, when it has several.")

@@ -53,6 +53,19 @@ def contact_sheet(frames: np.ndarray, rows: Sequence[np.ndarray] = ()) -> bytes:
     return buffer.getvalue()
 
 
+def bar_chart(values: np.ndarray, *, height: int = 96, bar: int = 6) -> bytes:
+    """PNG of one bar per value (non-negative), scaled so the largest fills ``height``; a line marks the mean."""
+    values = np.nan_to_num(np.asarray(values, np.float32).clip(min=0.0))
+    top = float(values.max()) or 1.0
+    canvas = np.full((height, len(values) * (bar + 1) + 1, 3), 255, np.uint8)
+    for i, value in enumerate(values):
+        canvas[height - max(1, round(value / top * (height - 1))) :, 1 + i * (bar + 1) : 1 + i * (bar + 1) + bar] = (200, 60, 40)
+    canvas[height - 1 - round(float(values.mean()) / top * (height - 1))] = (40, 40, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _strip(frames: np.ndarray) -> np.ndarray:
     if frames.ndim == 3:
         frames = _heat(frames.astype(np.float32))

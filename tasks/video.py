@@ -8,11 +8,23 @@ from fractions import Fraction
 import numpy as np
 import zarr
 
-from reelflow.core.frames import plan_resize, resize_frames
-from reelflow.core.video import AudioTrack, FrameSelection, decode_audio, decode_frames, encode_mp4, probe_video, select_frames
+from reelflow.core.frames import ResizePlan, plan_resize, resize_frames
+from reelflow.core.video import (
+    AudioTrack,
+    FrameSelection,
+    SelectedFrames,
+    VideoInfo,
+    decode_audio,
+    decode_frames,
+    encode_mp4,
+    probe_video,
+    select_frames,
+)
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.kinds import EncodedVideo, Resize, SourceVideo, VideoFrames
 from reelflow.schemas.refs import ArtifactRef
+from reelflow.schemas.stages import DecodeVideoParams
+from reelflow.tasks.preflight import FramesPreview, PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
@@ -30,10 +42,9 @@ def _decode(ctx: StageContext) -> VideoFrames:
     p = ctx.call.stage.params
     with ctx.open_source("video") as handle:
         info = probe_video(handle)
-        span = select_frames(info, FrameSelection(start=p.start, num_frames=p.num_frames, stride=p.stride, fps=p.fps))
+        span, plan = _plan_decode(info, p)
         frames = decode_frames(handle, span.indices)
         audio = decode_audio(handle, span.start, span.end)
-    plan = plan_resize(info.width, info.height, width=p.width, height=p.height, fit=p.fit, multiple=p.multiple)
     ctx.writer.write_array("frames", resize_frames(frames, plan), dims=("frame", "y", "x", "rgb"))
     ctx.writer.write_array("frame_index", np.asarray(span.indices, dtype=np.int64), dims=("frame",))
     if audio is not None:
@@ -56,6 +67,24 @@ def _decode(ctx: StageContext) -> VideoFrames:
         ),
         resize=Resize(scaled=(plan.scaled_w, plan.scaled_h), output=(plan.out_w, plan.out_h), fit=p.fit),
     )
+
+
+def _plan_decode(info: VideoInfo, p: DecodeVideoParams) -> tuple[SelectedFrames, ResizePlan]:
+    """Which source frames decode_video takes and how it sizes them: one path for the body and its check."""
+    span = select_frames(info, FrameSelection(start=p.start, num_frames=p.num_frames, stride=p.stride, fps=p.fps))
+    plan = plan_resize(info.width, info.height, width=p.width, height=p.height, fit=p.fit, multiple=p.multiple)
+    return span, plan
+
+
+@stage_check("decode_video")
+def check_decode_video(ctx: PreflightContext) -> FramesPreview:
+    """The frames decode_video will write, from the source's headers alone."""
+    p, source = ctx.spec.params, ctx.source("video")
+    span, plan = _plan_decode(source.video, p)
+    ctx.logger.info("%s: %d of %d frames, %dx%d -> %dx%d (%s)", ctx.stage_id, len(span.indices), source.num_frames,
+                    source.width, source.height, plan.out_w, plan.out_h, p.fit)  # fmt: skip
+    return FramesPreview(count=len(span.indices), height=plan.out_h, width=plan.out_w,
+                         source_width=source.width, source_height=source.height, fit=p.fit)  # fmt: skip
 
 
 @stage_task("encode_video")

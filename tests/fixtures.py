@@ -30,6 +30,14 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_svd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Stable Video Diffusion bundle (4 frames per window)."""
+    from reelflow.core.tiny import build_tiny_svd
+
+    return build_tiny_svd(tmp_path_factory.mktemp("models") / "tiny-svd", seed=0)
+
+
+@pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 96x64, 24 fps, 1 s synthetic clip with motion and a sound track."""
     from reelflow.core.synthetic import write_synthetic_clip

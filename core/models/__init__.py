@@ -50,6 +50,7 @@ __all__ = [
     "infer_family",
     "load_component",
     "load_model",
+    "read_model_json",
     "resolve_revision",
     "torch_dtype",
 ]
@@ -220,6 +221,27 @@ def load_component(
         cache_dir=cache_dir,
         fingerprint=fingerprint,
     )
+
+
+def read_model_json(
+    model_id: str,
+    path: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    fingerprint: str | None = None,
+) -> dict[str, Any] | None:
+    """The JSON file at ``path`` inside a model (``"unet/config.json"``), read without loading weights.
+
+    The version is found as :func:`load_model` finds it, so ``fingerprint`` pins a hub commit and a
+    local model must still have it. Returns None when the model has no such file.
+
+    Raises:
+        ModelError: As :func:`load_model` for the model's location; the file is not a JSON object.
+        OSError: A hub file that is neither cached nor downloadable.
+    """
+    source, _ = _locate(model_id, revision, cache_dir, fingerprint)
+    return source.read_json(path)
 
 
 def clear_model_cache() -> None:

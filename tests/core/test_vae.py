@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
-from reelflow.core.tiny import build_tiny_bundle
-from reelflow.core.vae import decode_latents, encode_frames
+from reelflow.core.tiny import build_tiny_bundle, build_tiny_svd
+from reelflow.core.vae import decode_latents, downscale_factor, encode_frames
 
 F, H, W = 5, 64, 64
 
@@ -170,3 +170,71 @@ def test_encode_rejects_bad_input(
 def test_decode_rejects_latents_with_the_wrong_channel_count(vae: AutoencoderKL) -> None:
     with pytest.raises(ValueError, match=r"\(F>0, 4, H, W\)"):
         decode_latents(vae, torch.zeros(2, 3, 8, 8), chunk_size=1)
+
+
+# Stable Video Diffusion's VAE: an image encoder, and a decoder that mixes the frames of a clip.
+
+
+@pytest.fixture(scope="module")
+def svd_vae(tmp_path_factory: pytest.TempPathFactory) -> AutoencoderKLTemporalDecoder:
+    bundle = build_tiny_svd(tmp_path_factory.mktemp("tiny") / "svd", seed=0)
+    return AutoencoderKLTemporalDecoder.from_pretrained(bundle, subfolder="vae").eval()
+
+
+@pytest.fixture(scope="module")
+def svd_frames() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 64, 96, generator=generator) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def svd_latents(svd_vae: AutoencoderKLTemporalDecoder, svd_frames: torch.Tensor) -> torch.Tensor:
+    return encode_frames(svd_vae, svd_frames, chunk_size=4)
+
+
+def direct_decode(vae: AutoencoderKLTemporalDecoder, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(latents / 0.18215, num_frames=num_frames).sample.clamp(-1, 1)
+
+
+def test_temporal_vae_encodes_frame_by_frame_to_the_scaled_mode(
+    svd_vae: AutoencoderKLTemporalDecoder, svd_frames: torch.Tensor, svd_latents: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        mode = svd_vae.encode(svd_frames).latent_dist.mode()
+
+    assert downscale_factor(svd_vae) == 8
+    assert svd_latents.shape == (4, 4, 8, 12)
+    torch.testing.assert_close(svd_latents, mode * 0.18215, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(encode_frames(svd_vae, svd_frames, chunk_size=1), svd_latents, atol=1e-5, rtol=0)
+
+
+def test_temporal_decoding_of_one_chunk_is_one_clip(
+    svd_vae: AutoencoderKLTemporalDecoder, svd_latents: torch.Tensor
+) -> None:
+    decoded = decode_latents(svd_vae, svd_latents, chunk_size=4)
+
+    assert decoded.shape == (4, 3, 64, 96)
+    torch.testing.assert_close(decoded, direct_decode(svd_vae, svd_latents, 4), atol=1e-5, rtol=0)
+
+
+def test_temporal_decoding_in_pairs_decodes_each_pair_as_a_clip(
+    svd_vae: AutoencoderKLTemporalDecoder, svd_latents: torch.Tensor
+) -> None:
+    pairs = torch.cat([direct_decode(svd_vae, svd_latents[i : i + 2], 2) for i in (0, 2)])
+
+    decoded = decode_latents(svd_vae, svd_latents, chunk_size=2)
+
+    torch.testing.assert_close(decoded, pairs, atol=1e-5, rtol=0)
+
+
+def test_temporal_decoding_depends_on_the_chunk_size(
+    svd_vae: AutoencoderKLTemporalDecoder, svd_latents: torch.Tensor
+) -> None:
+    # The identities above could not fail if frames were decoded alone (num_frames=1) every time.
+    whole = decode_latents(svd_vae, svd_latents, chunk_size=4)
+    alone = direct_decode(svd_vae, svd_latents, 1)
+
+    assert not torch.allclose(decode_latents(svd_vae, svd_latents, chunk_size=2), whole, atol=1e-3)
+    assert not torch.allclose(alone, whole, atol=1e-3)
+    torch.testing.assert_close(decode_latents(svd_vae, svd_latents, chunk_size=1), alone, atol=1e-5, rtol=0)

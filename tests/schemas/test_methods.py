@@ -26,17 +26,23 @@ def test_stages_are_keyed_by_stage_and_method() -> None:
     assert spec.graph.nodes["invert_latents"].spec.tag == "invert_latents:fatezero"
 
 
-def test_a_stage_with_one_implementation_needs_no_method_tag() -> None:
+def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_several_does() -> None:
+    raw = load_spec(spec_path("videoshop")).model_dump(mode="json", exclude_unset=True)
+    for stage in raw["stages"]:
+        if stage["stage"] == "embed_content":
+            stage.pop("method")
+    assert load_spec(raw).graph.nodes["embed_content"].spec.method == "image"
     raw = fatezero_raw()
     for stage in raw["stages"]:
         stage.pop("method", None)
-    assert load_spec(raw).graph.nodes["invert_latents"].spec.method == "fatezero"
+    with pytest.raises(GraphError, match=r"stage 'invert_latents' has several methods \('fatezero', 'videoshop'\); set `method:`"):
+        load_spec(raw)
 
 
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero'"]),
+        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero', 'videoshop'"]),
         ("stages.decode_video.method=fast", ["stage 'decode_video' has no method 'fast'", "leave `method` out"]),
         ("stages.invert_latents.stage=invert_latent", ["'invert_latent' is not a stage", "'invert_latents'"]),
     ],

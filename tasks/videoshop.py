@@ -1,0 +1,419 @@
+"""embed_content (image), invert_latents and denoise_latents (Videoshop): an edited first frame
+propagated through a clip of any length with Stable Video Diffusion, one window of the model's frame
+count at a time.
+
+The inversion stores every step of every window (``steps``, level 0 the normalised latents) and
+resumes from the last stored step; the edit stores every window as a part, conditions each window
+on the previous one's output at the frame they share, and resumes at the first missing window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from diffusers import EulerDiscreteScheduler
+
+from reelflow.core.editing.videoshop import (
+    ImageCondition,
+    SvdDenoiser,
+    added_time_ids,
+    boundary_jumps,
+    channel_stats,
+    condition_on_image,
+    guidance_ramp,
+    inversion_latents,
+    match_colour,
+    normalise_latents,
+    rescale_latents,
+)
+from reelflow.core.frames import from_model_range, plan_resize, resize_frames
+from reelflow.core.inversion.edm import EdmSchedule, InversionState, generate, inverse_init_sigma, invert, inversion_steps
+from reelflow.core.sources import read_image
+from reelflow.core.vae import decode_latents
+from reelflow.core.windows import Window, WindowPlan
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.errors import ArtifactMismatch
+from reelflow.schemas.kinds import Resize, VideoFrames
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.schemas.videoshop import EdmInversion, ImageContent, VideoshopInvertParams, VideoshopParams, WindowInfo
+from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table, publish_markdown
+from reelflow.tasks.preflight import FramesPreview, PreflightContext, stage_check
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
+from reelflow.tasks.windows import run_windows
+
+LATENT_DIMS = ("latent_channel", "y", "x")
+STEP_DIMS = ("window", "level", "window_frame", *LATENT_DIMS)  # level k: after k inversion steps (0: clean)
+logger = logging.getLogger(__name__)
+
+
+# embed_content (image) -----------------------------------------------------------------------
+
+
+@stage_task("embed_content", "image")
+def embed_content(call: StageCall) -> ArtifactRef:
+    """The image resized like the video ``image (H, W, 3)``, its CLIP embedding ``image_embeds (1, D)``, its
+    noise-augmented VAE mode ``conditioning_latents (C, h, w)`` and its scaled clean latents ``latents``."""
+    return run_stage(call, _embed)
+
+
+def _embed(ctx: StageContext) -> ImageContent:
+    p, video = ctx.call.stage.params, ctx.attrs("frames")
+    with ctx.open_source("image") as handle:
+        given = read_image("image", handle)
+    image, plan = resize_like(given, video)
+    condition = condition_on_image(image, image_encoder=ctx.model("image_encoder"), vae=ctx.model("vae"),
+                                   processor=ctx.model("image_encoder", "feature_extractor"),
+                                   noise_aug_strength=p.noise_aug_strength, generator=_generator(ctx.call.seed, -1))  # fmt: skip
+    ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
+    ctx.writer.write_array("image_embeds", condition.embeds.numpy(), dims=("image", "embedding"))
+    ctx.writer.write_array("conditioning_latents", condition.latents.numpy(), dims=LATENT_DIMS, dtype=np.float32)
+    ctx.writer.write_array("latents", condition.clean.numpy(), dims=LATENT_DIMS, dtype=np.float32)
+    source = np.asarray(ctx.input("frames")["frames"][0])
+    picture = ctx.picture("first-frames", contact_sheet(np.stack([source, image])))
+    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", f"### `{ctx.call.stage_id}`: the source's first frame "
+                     f"and the edited one\n\n{picture}", description="edited first frame")  # fmt: skip
+    return ImageContent(image_size=(given.shape[1], given.shape[0]), size=(image.shape[1], image.shape[0]),
+                        resize=Resize(scaled=(plan.scaled_w, plan.scaled_h), output=(plan.out_w, plan.out_h),
+                                      fit=video.resize.fit),
+                        embedding_dim=int(condition.embeds.shape[-1]), noise_aug_strength=p.noise_aug_strength)  # fmt: skip
+
+
+def resize_like(image: np.ndarray, video: VideoFrames) -> tuple[np.ndarray, Any]:
+    """``image`` (uint8 ``(H, W, 3)``) resized to the video's frames by the video's policy (scale, then crop or pad)."""
+    width, height = video.resize.output
+    plan = plan_resize(image.shape[1], image.shape[0], width=width, height=height, fit=video.resize.fit, multiple=1)
+    return resize_frames(image[None], plan)[0], plan
+
+
+@stage_check("embed_content", "image")
+def _check_image(ctx: PreflightContext) -> FramesPreview | None:
+    """States in the log how an edited frame of another size or aspect than the video is resized."""
+    image, frames = ctx.source("image"), ctx.input("frames")
+    if frames is None or image.width is None or image.height is None:
+        return frames
+    video = (frames.source_width, frames.source_height)
+    if (image.width, image.height) != video:
+        said = (f"{ctx.stage_id}: the image is {image.width}x{image.height} and the video {video[0]}x{video[1]}; it is "
+                f"resized like the video's frames ({frames.fit} to {frames.width}x{frames.height})")  # fmt: skip
+        if abs(math.log((image.width / image.height) / (video[0] / video[1]))) > 0.01:
+            ctx.logger.warning("%s, but its aspect ratio differs, so the %s cuts it unlike the frames: edit a frame "
+                               "exported at the video's own size", said, frames.fit)  # fmt: skip
+        else:
+            ctx.logger.info("%s", said)
+    return frames
+
+
+# invert_latents (videoshop) ------------------------------------------------------------------
+
+
+@stage_task("invert_latents", "videoshop")
+def invert_latents(call: StageCall) -> ArtifactRef:
+    """Every step of every window's inversion ``steps (W, S+1, L, C, h, w)``, the normalisation statistics and,
+    when checked, each frame's reconstruction error ``reconstruction_error (W, L)``. Resumable by step."""
+    return run_stage(call, _invert, resumable=True)
+
+
+@dataclass
+class _Svd:
+    """The Stable Video Diffusion components one stage uses."""
+
+    unet: Any
+    vae: Any
+    image_encoder: Any
+    processor: Any
+    scheduler: Any
+
+
+def _svd(ctx: StageContext) -> _Svd:
+    return _Svd(ctx.model("unet"), ctx.model("vae"), ctx.model("image_encoder"),
+                ctx.model("image_encoder", "feature_extractor"), ctx.model("unet", "scheduler", cls="EulerDiscreteScheduler"))  # fmt: skip
+
+
+def _invert(ctx: StageContext) -> EdmInversion:
+    p: VideoshopInvertParams = ctx.call.stage.params
+    latents, frames = ctx.input("latents")["latents"], ctx.input("frames")["frames"]
+    svd = _svd(ctx)
+    schedule = EdmSchedule.from_scheduler(svd.scheduler, p.num_steps)
+    scale = _start_scale(schedule, svd.scheduler.config, p)
+    plan = window_plan(_window_length(p, svd.unet.config), p.overlap)
+    if latents.shape[0] < plan.length:
+        raise ValueError(f"the clip has {latents.shape[0]} frames but the model works on {plan.length} at a time; "
+                         "give a longer clip or a smaller params.window")  # fmt: skip
+    windows, count = plan.windows(latents.shape[0]), inversion_steps(schedule, p.strength)
+    store = _InversionStore.create(ctx, len(windows), count, plan.length, latents.shape[1:], p)
+    ctx.progress.start(len(windows) * count)
+    for window in windows:
+        if not ctx.writer.is_done(f"window-{window.index}"):
+            _invert_window(ctx, svd, schedule, store, window, latents, frames, scale)
+            ctx.writer.mark_done(f"window-{window.index}")
+    errors = store.publish(ctx, windows) if p.check_reconstruction else None
+    ctx.record(reconstruction=errors)
+    return EdmInversion(num_steps=p.num_steps, strength=p.strength, sigmas=schedule.visited(p.strength), threshold=p.threshold,
+                        naive=p.naive, normalisation=p.normalisation, fps=p.fps, motion_bucket_id=p.motion_bucket_id,
+                        windows=WindowInfo(length=plan.length, overlap=plan.overlap,
+                                           spans=[(w.start, w.stop) for w in windows]))  # fmt: skip
+
+
+def _invert_window(
+    ctx: StageContext, svd: _Svd, schedule: EdmSchedule, store: _InversionStore, window: Window, latents: zarr.Array,
+    frames: zarr.Array, scale: float,
+) -> None:  # fmt: skip
+    """Invert one window from its last stored step, conditioned on the window's source first frame."""
+    p: VideoshopInvertParams = ctx.call.stage.params
+    x0, mean, std = normalise_latents(torch.from_numpy(np.asarray(latents[window.start : window.stop], np.float32)), p.normalisation)
+    x0 = x0 * scale
+    generator = _generator(ctx.call.seed, window.index)
+    noise = torch.randn(x0.shape, generator=generator)
+    condition = condition_on_image(np.asarray(frames[window.start]), image_encoder=svd.image_encoder, vae=svd.vae,
+                                   processor=svd.processor, noise_aug_strength=p.noise_aug_strength, generator=generator)  # fmt: skip
+    model = SvdDenoiser(svd.unet, condition, added_time_ids(p.fps, p.motion_bucket_id, p.noise_aug_strength),
+                        concat=inversion_latents(condition.latents, svd.vae.config.scaling_factor))  # fmt: skip
+    store.begin(window.index, x0, mean, std)
+    done = next((k for k in range(store.count) if not ctx.writer.is_done(f"window-{window.index}-step-{k}")), store.count)
+    resume = InversionState(done, torch.from_numpy(np.asarray(store.steps[window.index, done]))) if done else None
+    ctx.progress.advance(done)
+
+    def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
+        store.steps[window.index, i + 1] = x.numpy()
+        ctx.writer.mark_done(f"window-{window.index}-step-{i}")
+        ctx.progress.advance()
+
+    x = invert(model, x0, schedule, strength=p.strength, noise=noise, threshold=p.threshold, naive=p.naive,
+               resume=resume, on_step=on_step)  # fmt: skip
+    if p.check_reconstruction:
+        back = generate(model, x, schedule, strength=p.strength)
+        store.errors[window.index] = (back - x0).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+
+
+@dataclass
+class _InversionStore:
+    """The inversion's arrays: every step of every window, the normalisation, the reconstruction errors."""
+
+    steps: zarr.Array
+    mean: zarr.Array
+    std: zarr.Array
+    errors: zarr.Array | None
+    count: int
+
+    @classmethod
+    def create(cls, ctx: StageContext, windows: int, count: int, length: int, latent: tuple[int, ...],
+               p: VideoshopInvertParams) -> _InversionStore:  # fmt: skip
+        channels = latent[0]
+        stats = (windows, *((length, 1) if p.normalisation == "per_frame" else (1, channels)), 1, 1)
+        create = ctx.writer.create_array
+        return cls(
+            create("steps", shape=(windows, count + 1, length, *latent), dtype=np.float32, dims=STEP_DIMS,
+                   chunks=(1, 1, length, *latent)),
+            create("norm_mean", shape=stats, dtype=np.float32, dims=("window", "window_frame", *LATENT_DIMS)),
+            create("norm_std", shape=stats, dtype=np.float32, dims=("window", "window_frame", *LATENT_DIMS)),
+            create("reconstruction_error", shape=(windows, length), dtype=np.float32, dims=("window", "window_frame"))
+            if p.check_reconstruction else None,
+            count,
+        )  # fmt: skip
+
+    def begin(self, index: int, x0: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.steps[index, 0] = x0.numpy()
+        self.mean[index] = mean.expand(self.mean.shape[1:]).numpy()
+        self.std[index] = std.expand(self.std.shape[1:]).numpy()
+
+    def publish(self, ctx: StageContext, windows: list[Window]) -> dict[str, Any]:
+        """Each frame's reconstruction error (from the window that owns it first) as a picture; returns a summary."""
+        per_window = np.asarray(self.errors[:])
+        per_frame = np.zeros(windows[-1].stop, np.float32)
+        for window in reversed(windows):
+            per_frame[window.start : window.stop] = per_window[window.index, : window.stop - window.start]
+        chart = ctx.picture("reconstruction-error", bar_chart(per_frame))
+        publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", (
+            f"### `{ctx.call.stage_id}`: reconstruction error per frame\n\nRMS latent error of each frame regenerated "
+            f"from its inversion with the source conditioning (mean {per_frame.mean():.4f}, largest "
+            f"{per_frame.max():.4f} at frame {int(per_frame.argmax())}).\n\n{chart}"), description="Videoshop inversion")  # fmt: skip
+        return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
+
+
+def window_plan(length: int, overlap: int) -> WindowPlan:
+    """Windows of the model's frame count; the last one moved back to end at the clip's end."""
+    return WindowPlan(length, overlap, last="full")
+
+
+def _window_length(p: VideoshopInvertParams, unet_config: Any) -> int:
+    length = p.window or _get(unet_config, "num_frames")
+    if not length:
+        raise ValueError("the UNet's config names no num_frames; set params.window to the frames it was trained on")
+    return int(length)
+
+
+def _get(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def _start_scale(schedule: EdmSchedule, scheduler_config: Any, p: VideoshopInvertParams) -> float:
+    """What the clean latents are scaled by before inverting (the reference's inverse ``init_noise_sigma``);
+    refuses a schedule that would start from zeros or take no step."""
+    spacing = _get(scheduler_config, "timestep_spacing")
+    scale = inverse_init_sigma(schedule, spacing)
+    if scale == 0.0:
+        raise ValueError(
+            f"the scheduler config's timestep_spacing {spacing!r} gives the inverse pass an init_noise_sigma of 0, so "
+            "the inversion would start from all-zero latents; use timestep_spacing 'leading' (Stable Video "
+            "Diffusion's published scheduler_config.json) in the model's scheduler/scheduler_config.json"
+        )
+    if inversion_steps(schedule, p.strength) == 0:
+        raise ValueError(f"strength {p.strength} of {p.num_steps} steps inverts no step (int({p.num_steps} * "
+                         f"{p.strength}) = 0); raise strength or num_steps")  # fmt: skip
+    return scale
+
+
+@stage_check("invert_latents", "videoshop")
+def _check_invert(ctx: PreflightContext) -> FramesPreview | None:
+    """Refuses, before any model loads, a scheduler that zeroes the start, and a clip shorter than a window."""
+    p: VideoshopInvertParams = ctx.spec.params
+    config = ctx.model_config("unet", "scheduler", "scheduler_config.json")
+    if config is not None:
+        schedule = EdmSchedule.from_scheduler(EulerDiscreteScheduler.from_config(config), p.num_steps)
+        _start_scale(schedule, config, p)
+    length = p.window or (ctx.model_config("unet") or {}).get("num_frames")
+    frames = ctx.input("frames")
+    if length is not None and frames is not None:
+        if frames.count < length:
+            raise ValueError(
+                f"the clip gives {frames.count} frames but the model works on {length} at a time (its num_frames, or "
+                f"params.window); take at least {length} frames (decode_video.params.num_frames) or a longer clip"
+            )
+        if 2 * p.overlap > length:
+            raise ValueError(f"overlap {p.overlap} is more than half the window of {length} frames; lower params.overlap")
+    return frames
+
+
+# denoise_latents (videoshop) -----------------------------------------------------------------
+
+
+@stage_task("denoise_latents", "videoshop")
+def denoise_latents(call: StageCall) -> ArtifactRef:
+    """Edited frames ``frames (F, H, W, 3)``, each window's latents, the frame each window was conditioned on,
+    each window's colour map and each frame's colour statistics. Resumable by window."""
+    return run_stage(call, _denoise, resumable=True)
+
+
+def _denoise(ctx: StageContext) -> None:
+    p: VideoshopParams = ctx.call.stage.params
+    inversion, attrs = ctx.input("inversion"), ctx.attrs("inversion")
+    content, content_attrs = ctx.input("content"), ctx.attrs("content")
+    svd = _svd(ctx)
+    steps = inversion["steps"]
+    plan, windows = _windows_of(ctx, attrs)
+    image = np.asarray(content["image"])
+    first = ImageCondition(torch.from_numpy(np.asarray(content["image_embeds"])),
+                           torch.from_numpy(np.asarray(content["conditioning_latents"])),
+                           torch.from_numpy(np.asarray(content["latents"])))  # fmt: skip
+    out = _EditStore.create(ctx, windows, image.shape, steps.shape[2:])
+    edit = _WindowEdit(ctx, svd, EdmSchedule.from_scheduler(svd.scheduler, attrs.num_steps), attrs, p, first, image,
+                       steps, out, content_attrs.noise_aug_strength)  # fmt: skip
+    run_windows(ctx, plan, out.frames, edit, chain=True)
+    out.publish(ctx, windows, p)
+
+
+def _windows_of(ctx: StageContext, attrs: EdmInversion) -> tuple[WindowPlan, list[Window]]:
+    plan = window_plan(attrs.windows.length, attrs.windows.overlap)
+    windows = plan.windows(attrs.windows.spans[-1][1])
+    if [(w.start, w.stop) for w in windows] != [tuple(span) for span in attrs.windows.spans]:
+        raise ArtifactMismatch(f"the inversion's windows {attrs.windows.spans} are not the ones {ctx.call.stage.tag} "
+                               "cuts; an older version of its stage wrote it: remove it and rerun")  # fmt: skip
+    return plan, windows
+
+
+@dataclass
+class _EditStore:
+    """The edit's arrays besides the stitched frames."""
+
+    frames: zarr.Array
+    latents: zarr.Array
+    conditions: zarr.Array
+    colour: zarr.Array
+    mismatch: zarr.Array
+
+    @classmethod
+    def create(cls, ctx: StageContext, windows: list[Window], image: tuple[int, ...], latent: tuple[int, ...]) -> _EditStore:
+        create, count = ctx.writer.create_array, windows[-1].stop
+        return cls(
+            create("frames", shape=(count, *image), dtype=np.uint8, dims=("frame", "y", "x", "rgb")),
+            create("window_latents", shape=(len(windows), *latent), dtype=np.float32,
+                   dims=("window", "window_frame", *LATENT_DIMS), chunks=(1, *latent)),
+            create("condition_frames", shape=(len(windows), *image), dtype=np.uint8, dims=("window", "y", "x", "rgb")),
+            create("colour_maps", shape=(len(windows), 2, 3), dtype=np.float32, dims=("window", "scale_shift", "rgb")),
+            create("boundary_mismatch", shape=(len(windows), 2), dtype=np.float32, dims=("window", "before_after")),
+        )  # fmt: skip
+
+    def publish(self, ctx: StageContext, windows: list[Window], p: VideoshopParams) -> None:
+        """Per-frame colour statistics, boundary jumps against changes inside windows, and a table of them."""
+        stats = np.concatenate([channel_stats(np.asarray(self.frames[i : i + 16])) for i in range(0, self.frames.shape[0], 16)])
+        ctx.writer.write_array("frame_stats", stats, dims=("frame", "mean_std", "rgb"))
+        jumps = boundary_jumps(stats, [(w.start, w.stop) for w in windows])
+        mismatch = np.asarray(self.mismatch[:])
+        rows = [(w.index, f"{w.start}-{w.stop - 1}", w.head, f"{mismatch[w.index, 0]:.2f}", f"{mismatch[w.index, 1]:.2f}")
+                for w in windows[1:]]  # fmt: skip
+        sheet = ctx.picture("condition-frames", contact_sheet(np.asarray(self.conditions[:])))
+        publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join([
+            f"### `{ctx.call.stage_id}`: {len(windows)} windows, colour kept by `{p.window_colour}`", "",
+            markdown_table(("window", "frames", "shared", "mismatch before", "after"), rows) if rows else "one window", "",
+            f"colour change across boundaries: largest {jumps['boundary_max']:.2f}, mean {jumps['boundary_mean']:.2f}; "
+            f"between frames inside a window: mean {jumps['within_mean']:.2f}, largest {jumps['within_max']:.2f}", "",
+            "**the frame each window is conditioned on**", "", sheet]), description="Videoshop edit")  # fmt: skip
+        ctx.record(colour=jumps)
+
+
+class _WindowEdit:
+    """``compute(window, previous)`` of the windowed edit (see tasks.windows.run_windows)."""
+
+    def __init__(self, ctx: StageContext, svd: _Svd, schedule: EdmSchedule, attrs: EdmInversion, p: VideoshopParams,
+                 first: ImageCondition, image: np.ndarray, steps: zarr.Array, out: _EditStore, noise_aug: float) -> None:  # fmt: skip
+        self.ctx, self.svd, self.schedule, self.attrs, self.p = ctx, svd, schedule, attrs, p
+        self.first, self.image, self.steps, self.out, self.noise_aug = first, image, steps, out, noise_aug
+        self.time_ids = added_time_ids(attrs.fps, attrs.motion_bucket_id, noise_aug)
+
+    def __call__(self, window: Window, previous: np.ndarray | None) -> np.ndarray:
+        # 1. the conditioning: the edited frame, or the previous window's output at this window's first frame
+        image, condition = self._condition(window, previous)
+        # 2. generate from the window's inversion, 3. rescale to the reference latents
+        model = SvdDenoiser(self.svd.unet, condition, self.time_ids,
+                            guidance=guidance_ramp(self.p.min_guidance_scale, self.p.max_guidance_scale, self.steps.shape[2]))  # fmt: skip
+        x = generate(model, torch.from_numpy(np.asarray(self.steps[window.index, -1])), self.schedule, strength=self.attrs.strength)
+        if self.p.rescale:
+            x = rescale_latents(x, self.first.clean if self.p.window_colour == "first_frame" else condition.clean)
+        # 4. decode with the temporal decoder, 5. match the colour of the frames shared with the previous window
+        frames = from_model_range(decode_latents(self.svd.vae, x, chunk_size=self.p.decode_chunk_size))
+        colour = np.array([[1.0] * 3, [0.0] * 3], np.float32)
+        if previous is not None:
+            before = _mismatch(frames[: window.head], previous)
+            if self.p.window_colour == "boundary":
+                frames, colour = match_colour(frames, frames[: window.head], previous)
+            self.out.mismatch[window.index] = [before, _mismatch(frames[: window.head], previous)]
+        self.out.latents[window.index] = x.numpy()
+        self.out.conditions[window.index] = image
+        self.out.colour[window.index] = colour
+        return frames
+
+    def _condition(self, window: Window, previous: np.ndarray | None) -> tuple[np.ndarray, ImageCondition]:
+        if previous is None:
+            return self.image, self.first
+        image = previous[0]
+        return image, condition_on_image(image, image_encoder=self.svd.image_encoder, vae=self.svd.vae,
+                                         processor=self.svd.processor, noise_aug_strength=self.noise_aug,
+                                         generator=_generator(self.ctx.call.seed, window.index))  # fmt: skip
+
+
+def _mismatch(own: np.ndarray, reference: np.ndarray) -> float:
+    """Largest per-channel |mean difference| + |std difference| between two sets of frames."""
+    a, b = channel_stats(own).mean(axis=0), channel_stats(reference).mean(axis=0)
+    return float(np.abs(a - b).sum(axis=0).max())
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of window ``index`` (-1: the edited frame's): the same on every attempt."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index + 1) % 2**63)
