@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resume_saving.py
 	$(BIN)/python benchmarks/windowed_memory.py
 	$(BIN)/python benchmarks/fused_replay.py
+	$(BIN)/python benchmarks/videoshop.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -6,10 +6,11 @@ The demo and the tests use them so that no video has to be downloaded.
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
-from reelflow.core.video import AudioTrack, VideoTarget, encode_mp4
+from reelflow.core.video import AudioTrack, VideoTarget, decode_frames, encode_mp4
 
 
 def _synthetic_frames(
@@ -61,3 +62,16 @@ def write_synthetic_clip(
     frames = _synthetic_frames(width, height, num_frames, rng)
     tone = _chirp(num_frames / fps, sample_rate, base_hz=float(rng.uniform(200, 300)))
     encode_mp4(target, frames, Fraction(fps), AudioTrack(tone, sample_rate), crf=18)
+
+
+def write_edited_first_frame(clip: Path, out: Path) -> None:
+    """A stand-in for a first frame edited in an image editor (Videoshop's demo and tests): the clip's
+    first frame with its colours rotated (R->G->B->R) and a brighter disc in the middle."""
+    from PIL import Image
+
+    frame = decode_frames(str(clip), [0])[0][..., [2, 0, 1]].astype(np.float32)
+    height, width = frame.shape[:2]
+    y, x = np.mgrid[0:height, 0:width]
+    disc = ((x - width / 2) / (width / 5)) ** 2 + ((y - height / 2) / (height / 5)) ** 2 <= 1
+    frame[disc] = 0.5 * frame[disc] + 127
+    Image.fromarray(np.clip(frame.round(), 0, 255).astype(np.uint8)).save(out)

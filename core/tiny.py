@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import (
@@ -493,3 +494,23 @@ def _builder_readme(what: str, builder: str, seed: int) -> str:
         f"Written by `reelflow.core.tiny.{builder}(seed={seed})`. The weights are random. It "
         "exists so tests run the real loading path without a download.\n"
     )
+
+
+class PoolingVae:
+    """A stand-in VAE that round-trips, for checks of how colour travels through a pipeline (the tiny
+    random VAEs do not: their decoded colours do not follow their latents). Latents are the frame
+    averaged over 8x8 blocks, RGB and grey in [-1, 1]; decoding upsamples the RGB back. It has the
+    interface reelflow's VAE code uses (``encode(...).latent_dist.mode()``, ``decode(...).sample``,
+    ``config``, ``device``, ``dtype``); it holds no weights and is never saved.
+    """
+
+    config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, block_out_channels=(1, 1, 1, 1), latent_channels=4)
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, pixels: torch.Tensor) -> SimpleNamespace:
+        pooled = torch.nn.functional.avg_pool2d(pixels.float(), 8)
+        latents = torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: latents))
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=torch.nn.functional.interpolate(latents[:, :3].float(), scale_factor=8))

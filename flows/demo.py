@@ -102,8 +102,8 @@ def demo_source_makers(spec: PipelineSpec) -> dict[str, str]:
 
 
 def _source(workdir: Path, name: str, kind: str, clip: Path, maker: str | None = None) -> Path:
-    """A file for a named source: what a stage's demo maker writes from the clip (an edited first frame),
-    else a synthetic one: a gradient image, a centred mask, or the clip (video, audio)."""
+    """A file for a named source: what a stage's demo maker writes from the clip, else a synthetic one
+    (a gradient image, a centred mask, or the clip itself for video and audio)."""
     if kind in ("video", "audio"):
         return clip
     import numpy as np

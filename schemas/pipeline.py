@@ -44,7 +44,7 @@ def check_stage_tag(entry: Any) -> None:
     stages = sorted({name for name, _ in STAGE_TYPES})
     if stage not in stages:
         raise GraphError(f"stage {stage!r} is not a stage; stages: {', '.join(map(repr, stages))} (see `reelflow stages`)")
-    methods = [m for m in methods_of(stage) if m is not None]
+    methods = sorted(m for m in methods_of(stage) if m is not None)
     if method is None:
         raise GraphError(f"stage {stage!r} has several methods ({', '.join(map(repr, methods))}); set `method:`")
     valid = ", ".join(map(repr, methods)) or "none: leave `method` out"

@@ -24,6 +24,7 @@ from reelflow.schemas.stages import Role, StageSpec, register_stage
 SVD_UNET = Role(description="the spatio-temporal UNet (with its Euler scheduler config)", tiny="svd")
 SVD_VAE = Role(description="the VAE with the temporal decoder", tiny="svd")
 IMAGE_ENCODER = Role(description="the CLIP image encoder with projection (and its image processor)", tiny="svd")
+Normalisation = Literal["per_frame", "per_channel", "none"]
 NoiseAug = Field(default=0.2, ge=0.0, le=1.0, description="Noise added to the conditioning image in [-1, 1] pixels "
                  "before it is VAE-encoded (the reference's 0.2; the SVD pipeline's default is 0.02).")  # fmt: skip
 
@@ -34,8 +35,8 @@ class ImageContent(Attrs):
     image_size: tuple[int, int] = Field(description="The image as given, (width, height).")
     size: tuple[int, int] = Field(description="After resizing like the video, (width, height).")
     resize: Resize = Field(description="How it was resized: the video's policy applied to its own size.")
-    embedding_dim: int
-    noise_aug_strength: float
+    embedding_dim: int = Field(description="Width of the CLIP image embedding.")
+    noise_aug_strength: float = Field(description="Noise added before encoding the conditioning latents.")
 
 
 register_kind(
@@ -54,15 +55,15 @@ class WindowInfo(Model):
 class EdmInversion(Attrs):
     """What Videoshop's inversion leaves for its edits: the schedule, the windows, the conditioning."""
 
-    num_steps: int
-    strength: float
+    num_steps: int = Field(description="Euler steps of the full schedule.")
+    strength: float = Field(description="The edit's strength: generation starts where the inversion ended.")
     sigmas: list[float] = Field(description="The sigmas generation visits, from the inversion's end down.")
-    threshold: float
-    naive: bool
-    normalisation: str
-    fps: int
-    motion_bucket_id: int
-    windows: WindowInfo
+    threshold: float = Field(description="Sigma, the extrapolation threshold.")
+    naive: bool = Field(description="Whether the network was evaluated at the current latents (the ablation).")
+    normalisation: Normalisation = Field(description="How the latents were normalised before inverting.")
+    fps: int = Field(description="The fps micro-condition of both passes.")
+    motion_bucket_id: int = Field(description="The motion micro-condition of both passes.")
+    windows: WindowInfo = Field(description="How the clip was cut into windows.")
 
 
 register_kind(
@@ -87,7 +88,7 @@ class EmbedImage(StageSpec):
     produces: ClassVar[str] = "content/image"
     roles: ClassVar[dict[str, Role]] = {"image_encoder": IMAGE_ENCODER, "vae": SVD_VAE}
     reads: ClassVar[dict[str, str]] = {"image": "image"}
-    demo_sources: ClassVar[dict[str, str]] = {"image": "reelflow.core.editing.videoshop:write_demo_edit"}
+    demo_sources: ClassVar[dict[str, str]] = {"image": "reelflow.core.synthetic:write_edited_first_frame"}
 
     stage: Literal["embed_content"] = "embed_content"
     method: Literal["image"] = Field(default="image", description="Content from one image (an edited first frame).")
@@ -109,7 +110,7 @@ class VideoshopInvertParams(Model):
         default=1.0, ge=0.0, description="Sigma: above it the proxy extrapolates the line through x0; at or below, random noise."
     )
     naive: bool = Field(default=False, description="Evaluate the network at the current latents (the ablation).")
-    normalisation: Literal["per_frame", "per_channel", "none"] = Field(
+    normalisation: Normalisation = Field(
         default="per_frame",
         description="Latent normalisation before inverting: per frame over (C, h, w) as the reference code does, per "
         "channel over (F, h, w) as the paper says, or none (the ablation).",
@@ -121,7 +122,10 @@ class VideoshopInvertParams(Model):
         default=None, description="Frames per window; None: the UNet's own frame count (14 for img2vid, 25 for -xt)."
     )
     overlap: PositiveInt = Field(
-        default=1, description="Frames neighbouring windows share; each window is conditioned on the previous one's."
+        default=1,
+        description="Frames neighbouring windows share; each window is conditioned on the previous one's output at "
+        "the first of them. Every window has the model's frame count, so an overlap above one frame fits only "
+        "clips it divides evenly enough (the run says so before any model loads).",
     )
     check_reconstruction: bool = Field(
         default=True,
@@ -159,11 +163,16 @@ class VideoshopParams(Model):
     rescale: bool = Field(default=True, description="Rescale the latents to the edited frame's latent statistics.")
     window_colour: Literal["boundary", "first_frame", "none"] = Field(
         default="boundary",
-        description="How windows after the first keep their colour: boundary matches each window's shared frames to "
-        "the previous window's output on them (per channel); first_frame rescales every window's latents to the "
-        "edited first frame's statistics; none relies on the conditioning alone.",
+        description="How windows after the first keep their colour: boundary maps each window per channel so its "
+        "shared frames match the previous window's output on them, the map fading out by the frames it shares with "
+        "the next window (maps never compound); first_frame rescales every window's latents to the edited first "
+        "frame's statistics; none relies on the conditioning and the latent rescaling alone.",
     )
-    decode_chunk_size: PositiveInt = Field(default=8, description="Frames per temporal-decoder call; bounds peak memory.")
+    decode_chunk_size: PositiveInt | None = Field(
+        default=None,
+        description="Frames per temporal-decoder call; None: a whole window at once, as the reference. Smaller bounds "
+        "peak memory, but frames in different calls do not see each other (a seam inside the window).",
+    )
 
     @model_validator(mode="after")
     def _ramp_rises(self) -> VideoshopParams:

@@ -9,8 +9,10 @@ on the previous one's output at the frame they share, and resumes at the first m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +25,19 @@ from reelflow.core.editing.videoshop import (
     ImageCondition,
     SvdDenoiser,
     added_time_ids,
+    apply_colour_map,
     boundary_jumps,
     channel_stats,
+    colour_map,
     condition_on_image,
+    fade_weights,
     guidance_ramp,
     inversion_latents,
-    match_colour,
     normalise_latents,
     rescale_latents,
 )
 from reelflow.core.frames import from_model_range, plan_resize, resize_frames
-from reelflow.core.inversion.edm import EdmSchedule, InversionState, generate, inverse_init_sigma, invert, inversion_steps
+from reelflow.core.inversion.edm import EdmSchedule, InversionState, generate, inverse_init_sigma, invert
 from reelflow.core.sources import read_image
 from reelflow.core.vae import decode_latents
 from reelflow.core.windows import Window, WindowPlan
@@ -43,7 +47,7 @@ from reelflow.schemas.kinds import Resize, VideoFrames
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.videoshop import EdmInversion, ImageContent, VideoshopInvertParams, VideoshopParams, WindowInfo
 from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table, publish_markdown
-from reelflow.tasks.preflight import FramesPreview, PreflightContext, stage_check
+from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 from reelflow.tasks.windows import run_windows
@@ -68,9 +72,11 @@ def _embed(ctx: StageContext) -> ImageContent:
     with ctx.open_source("image") as handle:
         given = read_image("image", handle)
     image, plan = resize_like(given, video)
-    condition = condition_on_image(image, image_encoder=ctx.model("image_encoder"), vae=ctx.model("vae"),
-                                   processor=ctx.model("image_encoder", "feature_extractor"),
-                                   noise_aug_strength=p.noise_aug_strength, generator=_generator(ctx.call.seed, -1))  # fmt: skip
+    condition = condition_on_image(
+        image, image_encoder=ctx.model("image_encoder"), vae=ctx.model("vae"),
+        processor=ctx.model("image_encoder", "feature_extractor"), noise_aug_strength=p.noise_aug_strength,
+        generator=_generator(ctx.call.seed, "edited-frame", 0),
+    )  # fmt: skip
     ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
     ctx.writer.write_array("image_embeds", condition.embeds.numpy(), dims=("image", "embedding"))
     ctx.writer.write_array("conditioning_latents", condition.latents.numpy(), dims=LATENT_DIMS, dtype=np.float32)
@@ -93,11 +99,11 @@ def resize_like(image: np.ndarray, video: VideoFrames) -> tuple[np.ndarray, Any]
 
 
 @stage_check("embed_content", "image")
-def _check_image(ctx: PreflightContext) -> FramesPreview | None:
+def _check_image(ctx: PreflightContext) -> None:
     """States in the log how an edited frame of another size or aspect than the video is resized."""
     image, frames = ctx.source("image"), ctx.input("frames")
     if frames is None or image.width is None or image.height is None:
-        return frames
+        return None
     video = (frames.source_width, frames.source_height)
     if (image.width, image.height) != video:
         said = (f"{ctx.stage_id}: the image is {image.width}x{image.height} and the video {video[0]}x{video[1]}; it is "
@@ -107,7 +113,7 @@ def _check_image(ctx: PreflightContext) -> FramesPreview | None:
                                "exported at the video's own size", said, frames.fit)  # fmt: skip
         else:
             ctx.logger.info("%s", said)
-    return frames
+    return None
 
 
 # invert_latents (videoshop) ------------------------------------------------------------------
@@ -132,8 +138,9 @@ class _Svd:
 
 
 def _svd(ctx: StageContext) -> _Svd:
-    return _Svd(ctx.model("unet"), ctx.model("vae"), ctx.model("image_encoder"),
-                ctx.model("image_encoder", "feature_extractor"), ctx.model("unet", "scheduler", cls="EulerDiscreteScheduler"))  # fmt: skip
+    processor = ctx.model("image_encoder", "feature_extractor")
+    scheduler = ctx.model("unet", "scheduler", cls="EulerDiscreteScheduler")
+    return _Svd(ctx.model("unet"), ctx.model("vae"), ctx.model("image_encoder"), processor, scheduler)
 
 
 def _invert(ctx: StageContext) -> EdmInversion:
@@ -141,55 +148,62 @@ def _invert(ctx: StageContext) -> EdmInversion:
     latents, frames = ctx.input("latents")["latents"], ctx.input("frames")["frames"]
     svd = _svd(ctx)
     schedule = EdmSchedule.from_scheduler(svd.scheduler, p.num_steps)
-    scale = _start_scale(schedule, svd.scheduler.config, p)
-    plan = window_plan(_window_length(p, svd.unet.config), p.overlap)
-    if latents.shape[0] < plan.length:
-        raise ValueError(f"the clip has {latents.shape[0]} frames but the model works on {plan.length} at a time; "
-                         "give a longer clip or a smaller params.window")  # fmt: skip
-    windows, count = plan.windows(latents.shape[0]), inversion_steps(schedule, p.strength)
-    store = _InversionStore.create(ctx, len(windows), count, plan.length, latents.shape[1:], p)
-    ctx.progress.start(len(windows) * count)
+    _refuse_schedule(schedule, svd.scheduler.config.timestep_spacing, p)
+    plan, windows = plan_windows(_window_length(p, svd.unet.config), p.overlap, latents.shape[0])
+    store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), plan.length, latents.shape[1:], p)
+    ctx.progress.start(len(windows) * store.count * (2 if p.check_reconstruction else 1))
     for window in windows:
-        if not ctx.writer.is_done(f"window-{window.index}"):
-            _invert_window(ctx, svd, schedule, store, window, latents, frames, scale)
-            ctx.writer.mark_done(f"window-{window.index}")
-    errors = store.publish(ctx, windows) if p.check_reconstruction else None
-    ctx.record(reconstruction=errors)
-    return EdmInversion(num_steps=p.num_steps, strength=p.strength, sigmas=schedule.visited(p.strength), threshold=p.threshold,
-                        naive=p.naive, normalisation=p.normalisation, fps=p.fps, motion_bucket_id=p.motion_bucket_id,
-                        windows=WindowInfo(length=plan.length, overlap=plan.overlap,
-                                           spans=[(w.start, w.stop) for w in windows]))  # fmt: skip
+        if ctx.writer.is_done(f"window-{window.index}"):
+            ctx.progress.advance(store.count * (2 if p.check_reconstruction else 1))
+            continue
+        _invert_window(ctx, svd, schedule, store, window, latents, frames)
+        ctx.writer.mark_done(f"window-{window.index}")
+    ctx.record(reconstruction=store.publish(ctx, windows) if p.check_reconstruction else None)
+    spans = [(w.start, w.stop) for w in windows]
+    return EdmInversion(num_steps=p.num_steps, strength=p.strength, sigmas=schedule.visited(p.strength),
+                        threshold=p.threshold, naive=p.naive, normalisation=p.normalisation, fps=p.fps,
+                        motion_bucket_id=p.motion_bucket_id,
+                        windows=WindowInfo(length=plan.length, overlap=plan.overlap, spans=spans))  # fmt: skip
 
 
 def _invert_window(
     ctx: StageContext, svd: _Svd, schedule: EdmSchedule, store: _InversionStore, window: Window, latents: zarr.Array,
-    frames: zarr.Array, scale: float,
+    frames: zarr.Array,
 ) -> None:  # fmt: skip
     """Invert one window from its last stored step, conditioned on the window's source first frame."""
     p: VideoshopInvertParams = ctx.call.stage.params
-    x0, mean, std = normalise_latents(torch.from_numpy(np.asarray(latents[window.start : window.stop], np.float32)), p.normalisation)
-    x0 = x0 * scale
-    generator = _generator(ctx.call.seed, window.index)
-    noise = torch.randn(x0.shape, generator=generator)
+    x0, mean, std = normalise_latents(torch.from_numpy(np.asarray(latents[window.start : window.stop], np.float32)),
+                                      p.normalisation)  # fmt: skip
+    noise = torch.randn(x0.shape, generator=_generator(ctx.call.seed, "proxy", window.index))
     condition = condition_on_image(np.asarray(frames[window.start]), image_encoder=svd.image_encoder, vae=svd.vae,
-                                   processor=svd.processor, noise_aug_strength=p.noise_aug_strength, generator=generator)  # fmt: skip
+                                   processor=svd.processor, noise_aug_strength=p.noise_aug_strength,
+                                   generator=_generator(ctx.call.seed, "source-frame", window.index))  # fmt: skip
     model = SvdDenoiser(svd.unet, condition, added_time_ids(p.fps, p.motion_bucket_id, p.noise_aug_strength),
                         concat=inversion_latents(condition.latents, svd.vae.config.scaling_factor))  # fmt: skip
     store.begin(window.index, x0, mean, std)
-    done = next((k for k in range(store.count) if not ctx.writer.is_done(f"window-{window.index}-step-{k}")), store.count)
-    resume = InversionState(done, torch.from_numpy(np.asarray(store.steps[window.index, done]))) if done else None
+    x = invert(model, x0, schedule, strength=p.strength, noise=noise, threshold=p.threshold, naive=p.naive,
+               resume=_resume(ctx, store, window.index), on_step=_stream(ctx, store, window.index))  # fmt: skip
+    if p.check_reconstruction:
+        back = generate(model, x, schedule, strength=p.strength, on_step=lambda *_: ctx.progress.advance())
+        store.errors[window.index] = (back - x0).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+
+
+def _resume(ctx: StageContext, store: _InversionStore, index: int) -> InversionState | None:
+    """Where window ``index``'s inversion stands: after its last step marked done, or None for a fresh start."""
+    done = next((k for k in range(store.count) if not ctx.writer.is_done(f"window-{index}-step-{k}")), store.count)
     ctx.progress.advance(done)
+    return InversionState(done, torch.from_numpy(np.asarray(store.steps[index, done]))) if done else None
+
+
+def _stream(ctx: StageContext, store: _InversionStore, index: int) -> Callable[[int, float, torch.Tensor], None]:
+    """``on_step`` of window ``index``: store each step's latents, then mark the step done."""
 
     def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
-        store.steps[window.index, i + 1] = x.numpy()
-        ctx.writer.mark_done(f"window-{window.index}-step-{i}")
+        store.steps[index, i + 1] = x.numpy()
+        ctx.writer.mark_done(f"window-{index}-step-{i}")
         ctx.progress.advance()
 
-    x = invert(model, x0, schedule, strength=p.strength, noise=noise, threshold=p.threshold, naive=p.naive,
-               resume=resume, on_step=on_step)  # fmt: skip
-    if p.check_reconstruction:
-        back = generate(model, x, schedule, strength=p.strength)
-        store.errors[window.index] = (back - x0).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+    return on_step
 
 
 @dataclass
@@ -237,9 +251,22 @@ class _InversionStore:
         return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
 
 
-def window_plan(length: int, overlap: int) -> WindowPlan:
-    """Windows of the model's frame count; the last one moved back to end at the clip's end."""
-    return WindowPlan(length, overlap, last="full")
+def plan_windows(length: int, overlap: int, count: int) -> tuple[WindowPlan, list[Window]]:
+    """Windows of the model's frame count over ``count`` frames, the last moved back to end at the clip's end;
+    refuses a clip shorter than one window, or an overlap that leaves a window short."""
+    if count < length:
+        raise ValueError(
+            f"the clip gives {count} frames but the model works on {length} at a time (its num_frames, or "
+            f"params.window); take at least {length} frames (decode_video.params.num_frames) or a longer clip"
+        )
+    if 2 * overlap > length:
+        raise ValueError(f"overlap {overlap} is more than half the window of {length} frames; lower params.overlap")
+    plan = WindowPlan(length, overlap, last="full")
+    windows = plan.windows(count)
+    if any(w.stop - w.start < length for w in windows):
+        raise ValueError(f"windows of {length} frames overlapping by {overlap} cannot cover {count} frames with full "
+                         "windows that each share frames with their neighbours only; use overlap 1 (always fits)")  # fmt: skip
+    return plan, windows
 
 
 def _window_length(p: VideoshopInvertParams, unet_config: Any) -> int:
@@ -253,42 +280,30 @@ def _get(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
 
 
-def _start_scale(schedule: EdmSchedule, scheduler_config: Any, p: VideoshopInvertParams) -> float:
-    """What the clean latents are scaled by before inverting (the reference's inverse ``init_noise_sigma``);
-    refuses a schedule that would start from zeros or take no step."""
-    spacing = _get(scheduler_config, "timestep_spacing")
-    scale = inverse_init_sigma(schedule, spacing)
-    if scale == 0.0:
+def _refuse_schedule(schedule: EdmSchedule, spacing: str | None, p: VideoshopInvertParams) -> None:
+    """Refuses a schedule under which the reference's inverse pass starts from zeros, or that takes no step."""
+    if inverse_init_sigma(schedule, spacing or "leading") == 0.0:
         raise ValueError(
             f"the scheduler config's timestep_spacing {spacing!r} gives the inverse pass an init_noise_sigma of 0, so "
-            "the inversion would start from all-zero latents; use timestep_spacing 'leading' (Stable Video "
-            "Diffusion's published scheduler_config.json) in the model's scheduler/scheduler_config.json"
+            "the inversion would start from all-zero latents (the reference multiplies the clean latents by it); use "
+            "timestep_spacing 'leading' (Stable Video Diffusion's published config) in scheduler/scheduler_config.json"
         )
-    if inversion_steps(schedule, p.strength) == 0:
+    if schedule.steps(p.strength) == 0:
         raise ValueError(f"strength {p.strength} of {p.num_steps} steps inverts no step (int({p.num_steps} * "
                          f"{p.strength}) = 0); raise strength or num_steps")  # fmt: skip
-    return scale
 
 
 @stage_check("invert_latents", "videoshop")
-def _check_invert(ctx: PreflightContext) -> FramesPreview | None:
-    """Refuses, before any model loads, a scheduler that zeroes the start, and a clip shorter than a window."""
+def _check_invert(ctx: PreflightContext) -> None:
+    """Refuses, before any model loads, a scheduler that zeroes the start and a clip the windows do not fit."""
     p: VideoshopInvertParams = ctx.spec.params
     config = ctx.model_config("unet", "scheduler", "scheduler_config.json")
     if config is not None:
         schedule = EdmSchedule.from_scheduler(EulerDiscreteScheduler.from_config(config), p.num_steps)
-        _start_scale(schedule, config, p)
-    length = p.window or (ctx.model_config("unet") or {}).get("num_frames")
-    frames = ctx.input("frames")
+        _refuse_schedule(schedule, config.get("timestep_spacing"), p)
+    length, frames = p.window or (ctx.model_config("unet") or {}).get("num_frames"), ctx.input("frames")
     if length is not None and frames is not None:
-        if frames.count < length:
-            raise ValueError(
-                f"the clip gives {frames.count} frames but the model works on {length} at a time (its num_frames, or "
-                f"params.window); take at least {length} frames (decode_video.params.num_frames) or a longer clip"
-            )
-        if 2 * p.overlap > length:
-            raise ValueError(f"overlap {p.overlap} is more than half the window of {length} frames; lower params.overlap")
-    return frames
+        plan_windows(int(length), p.overlap, frames.count)
 
 
 # denoise_latents (videoshop) -----------------------------------------------------------------
@@ -304,24 +319,35 @@ def denoise_latents(call: StageCall) -> ArtifactRef:
 def _denoise(ctx: StageContext) -> None:
     p: VideoshopParams = ctx.call.stage.params
     inversion, attrs = ctx.input("inversion"), ctx.attrs("inversion")
-    content, content_attrs = ctx.input("content"), ctx.attrs("content")
     svd = _svd(ctx)
-    steps = inversion["steps"]
     plan, windows = _windows_of(ctx, attrs)
-    image = np.asarray(content["image"])
-    first = ImageCondition(torch.from_numpy(np.asarray(content["image_embeds"])),
-                           torch.from_numpy(np.asarray(content["conditioning_latents"])),
-                           torch.from_numpy(np.asarray(content["latents"])))  # fmt: skip
-    out = _EditStore.create(ctx, windows, image.shape, steps.shape[2:])
-    edit = _WindowEdit(ctx, svd, EdmSchedule.from_scheduler(svd.scheduler, attrs.num_steps), attrs, p, first, image,
-                       steps, out, content_attrs.noise_aug_strength)  # fmt: skip
-    run_windows(ctx, plan, out.frames, edit, chain=True)
-    out.publish(ctx, windows, p)
+    schedule = EdmSchedule.from_scheduler(svd.scheduler, attrs.num_steps)
+    if not np.allclose(schedule.visited(attrs.strength), attrs.sigmas, rtol=1e-6):
+        raise ArtifactMismatch(f"the inversion climbed to the sigmas {attrs.sigmas}, but this model's scheduler visits "
+                               f"{schedule.visited(attrs.strength)}; invert with the same model")  # fmt: skip
+    edit = _WindowEdit(ctx, svd, schedule, attrs, _EditInputs.read(ctx), inversion["steps"])
+    run_windows(ctx, plan, edit.out.frames, edit, chain=True)
+    edit.out.publish(ctx, windows, p)
+
+
+@dataclass(frozen=True)
+class _EditInputs:
+    """The edited frame, resized like the video, and its conditioning (see embed_content)."""
+
+    image: np.ndarray
+    condition: ImageCondition
+    noise_aug_strength: float
+
+    @classmethod
+    def read(cls, ctx: StageContext) -> _EditInputs:
+        content = ctx.input("content")
+        condition = ImageCondition(*(torch.from_numpy(np.asarray(content[name]))
+                                     for name in ("image_embeds", "conditioning_latents", "latents")))  # fmt: skip
+        return cls(np.asarray(content["image"]), condition, ctx.attrs("content").noise_aug_strength)
 
 
 def _windows_of(ctx: StageContext, attrs: EdmInversion) -> tuple[WindowPlan, list[Window]]:
-    plan = window_plan(attrs.windows.length, attrs.windows.overlap)
-    windows = plan.windows(attrs.windows.spans[-1][1])
+    plan, windows = plan_windows(attrs.windows.length, attrs.windows.overlap, attrs.windows.spans[-1][1])
     if [(w.start, w.stop) for w in windows] != [tuple(span) for span in attrs.windows.spans]:
         raise ArtifactMismatch(f"the inversion's windows {attrs.windows.spans} are not the ones {ctx.call.stage.tag} "
                                "cuts; an older version of its stage wrote it: remove it and rerun")  # fmt: skip
@@ -369,30 +395,34 @@ class _EditStore:
 
 
 class _WindowEdit:
-    """``compute(window, previous)`` of the windowed edit (see tasks.windows.run_windows)."""
+    """``compute(window, previous)`` of the windowed edit (see tasks.windows.run_windows), and its stores."""
 
-    def __init__(self, ctx: StageContext, svd: _Svd, schedule: EdmSchedule, attrs: EdmInversion, p: VideoshopParams,
-                 first: ImageCondition, image: np.ndarray, steps: zarr.Array, out: _EditStore, noise_aug: float) -> None:  # fmt: skip
-        self.ctx, self.svd, self.schedule, self.attrs, self.p = ctx, svd, schedule, attrs, p
-        self.first, self.image, self.steps, self.out, self.noise_aug = first, image, steps, out, noise_aug
-        self.time_ids = added_time_ids(attrs.fps, attrs.motion_bucket_id, noise_aug)
+    def __init__(self, ctx: StageContext, svd: _Svd, schedule: EdmSchedule, attrs: EdmInversion, edited: _EditInputs,
+                 steps: zarr.Array) -> None:  # fmt: skip
+        self.ctx, self.svd, self.schedule, self.attrs, self.edited, self.steps = ctx, svd, schedule, attrs, edited, steps
+        self.p: VideoshopParams = ctx.call.stage.params
+        self.out = _EditStore.create(ctx, _windows_of(ctx, attrs)[1], edited.image.shape, steps.shape[2:])
+        self.time_ids = added_time_ids(attrs.fps, attrs.motion_bucket_id, edited.noise_aug_strength)
+        self.guidance = guidance_ramp(self.p.min_guidance_scale, self.p.max_guidance_scale, attrs.windows.length)
 
     def __call__(self, window: Window, previous: np.ndarray | None) -> np.ndarray:
         # 1. the conditioning: the edited frame, or the previous window's output at this window's first frame
         image, condition = self._condition(window, previous)
         # 2. generate from the window's inversion, 3. rescale to the reference latents
-        model = SvdDenoiser(self.svd.unet, condition, self.time_ids,
-                            guidance=guidance_ramp(self.p.min_guidance_scale, self.p.max_guidance_scale, self.steps.shape[2]))  # fmt: skip
-        x = generate(model, torch.from_numpy(np.asarray(self.steps[window.index, -1])), self.schedule, strength=self.attrs.strength)
+        start = torch.from_numpy(np.asarray(self.steps[window.index, -1]))
+        model = SvdDenoiser(self.svd.unet, condition, self.time_ids, guidance=self.guidance)
+        x = generate(model, start, self.schedule, strength=self.attrs.strength)
         if self.p.rescale:
-            x = rescale_latents(x, self.first.clean if self.p.window_colour == "first_frame" else condition.clean)
+            x = rescale_latents(x, self.edited.condition.clean if self.p.window_colour == "first_frame" else condition.clean)
         # 4. decode with the temporal decoder, 5. match the colour of the frames shared with the previous window
-        frames = from_model_range(decode_latents(self.svd.vae, x, chunk_size=self.p.decode_chunk_size))
+        chunk = self.p.decode_chunk_size or self.attrs.windows.length
+        frames = from_model_range(decode_latents(self.svd.vae, x, chunk_size=chunk))
         colour = np.array([[1.0] * 3, [0.0] * 3], np.float32)
         if previous is not None:
             before = _mismatch(frames[: window.head], previous)
             if self.p.window_colour == "boundary":
-                frames, colour = match_colour(frames, frames[: window.head], previous)
+                colour = colour_map(frames[: window.head], previous)
+                frames = apply_colour_map(frames, colour, fade_weights(len(frames), window.head, window.tail))
             self.out.mismatch[window.index] = [before, _mismatch(frames[: window.head], previous)]
         self.out.latents[window.index] = x.numpy()
         self.out.conditions[window.index] = image
@@ -401,11 +431,11 @@ class _WindowEdit:
 
     def _condition(self, window: Window, previous: np.ndarray | None) -> tuple[np.ndarray, ImageCondition]:
         if previous is None:
-            return self.image, self.first
+            return self.edited.image, self.edited.condition
         image = previous[0]
         return image, condition_on_image(image, image_encoder=self.svd.image_encoder, vae=self.svd.vae,
-                                         processor=self.svd.processor, noise_aug_strength=self.noise_aug,
-                                         generator=_generator(self.ctx.call.seed, window.index))  # fmt: skip
+                                         processor=self.svd.processor, noise_aug_strength=self.edited.noise_aug_strength,
+                                         generator=_generator(self.ctx.call.seed, "edited-frame", window.index))  # fmt: skip
 
 
 def _mismatch(own: np.ndarray, reference: np.ndarray) -> float:
@@ -414,6 +444,8 @@ def _mismatch(own: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(a - b).sum(axis=0).max())
 
 
-def _generator(seed: int, index: int) -> torch.Generator:
-    """The random stream of window ``index`` (-1: the edited frame's): the same on every attempt."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index + 1) % 2**63)
+def _generator(seed: int, purpose: str, index: int) -> torch.Generator:
+    """The random stream of one ``purpose`` (the proxy's noise, a conditioning frame's augmentation) in window
+    ``index``: the same on every attempt, and no two purposes share one."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)

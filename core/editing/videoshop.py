@@ -20,14 +20,14 @@ augmented image), ``e`` = the CLIP image embedding ``(1, D)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Normalisation = Literal["per_frame", "per_channel", "none"]
+from reelflow.schemas.videoshop import Normalisation
+
 EPS = 1e-6
 
 
@@ -150,7 +150,8 @@ class SvdDenoiser:
             x = torch.cat([x, x])
         concat = self.latents.expand(-1, frames, -1, -1, -1)
         with torch.inference_mode():
-            out = self.unet(torch.cat([x, concat], dim=2), torch.tensor(timestep, device=x.device, dtype=x.dtype),
+            # The timestep stays float32, as the pipeline passes it: its sinusoidal embedding is precision-sensitive.
+            out = self.unet(torch.cat([x, concat], dim=2), torch.tensor(timestep, device=x.device, dtype=torch.float32),
                             encoder_hidden_states=self.embeds, added_time_ids=self.time_ids, return_dict=False)[0]  # fmt: skip
         out = out.float().cpu()
         if self.guidance is None:
@@ -165,25 +166,40 @@ def channel_stats(frames: np.ndarray) -> np.ndarray:
     return np.stack([pixels.mean(axis=1), pixels.std(axis=1)], axis=1)
 
 
-def match_colour(frames: np.ndarray, own: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map ``frames`` (a window, uint8 ``(N, H, W, 3)``) with one per-channel affine map that gives ``own``
-    (its frames shared with the previous window) the mean and std of ``reference`` (the previous
-    window's output on the same source frames). Returns the frames and the map ``(2, 3)`` (scale, shift).
-    """
+def colour_map(own: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The per-channel affine map ``(2, 3)`` (scale, shift) that gives the frames ``own`` the mean and std of
+    ``reference`` (the previous window's output on the same source frames)."""
     own_px = own.astype(np.float32).reshape(-1, 3)
     ref_px = reference.astype(np.float32).reshape(-1, 3)
     scale = ref_px.std(axis=0) / np.maximum(own_px.std(axis=0), 1e-3)
-    shift = ref_px.mean(axis=0) - scale * own_px.mean(axis=0)
-    mapped = frames.astype(np.float32) * scale + shift
-    return np.clip(mapped.round(), 0, 255).astype(np.uint8), np.stack([scale, shift]).astype(np.float32)
+    return np.stack([scale, ref_px.mean(axis=0) - scale * own_px.mean(axis=0)]).astype(np.float32)
+
+
+def fade_weights(count: int, head: int, tail: int) -> np.ndarray:
+    """``(count,)`` strength of a window's colour map per frame: whole on the ``head`` frames it shares with
+    the previous window, fading linearly to none by the ``tail`` frames it shares with the next one (or its
+    end). So each window joins the one before it, and leaves its own colours to the one after: maps
+    never compound from window to window."""
+    stop = count - tail  # the first frame shared with the next window, or the end
+    t = np.arange(count, dtype=np.float32)
+    return np.clip((stop - t) / max(stop - head + 1, 1), 0.0, 1.0) * (t >= head) + (t < head)
+
+
+def apply_colour_map(frames: np.ndarray, colour: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``frames`` (uint8 ``(N, H, W, 3)``) mapped by ``colour`` ``(2, 3)`` with per-frame ``weights`` ``(N,)``."""
+    scale, shift = colour
+    w = weights.reshape(-1, 1, 1, 1)
+    mapped = frames.astype(np.float32) * (1 + w * (scale - 1)) + w * shift
+    return np.clip(mapped.round(), 0, 255).astype(np.uint8)
 
 
 def boundary_jumps(stats: np.ndarray, windows: list[tuple[int, int]]) -> dict[str, float]:
     """Colour continuity of a clip stitched from ``windows`` (``(start, stop)``, in order, overlapping),
     from its frames' :func:`channel_stats` ``(F, 2, 3)``.
 
-    ``change(i) = max over channels of |mean_i - mean_{i-1}| + |std_i - std_{i-1}|``. A boundary is every change from the last frame before an overlap to the
-    first frame after it; the rest are changes inside one window. Returns the largest and mean
+    ``change(i) = max over channels of |mean_i - mean_{i-1}| + |std_i - std_{i-1}|``. A boundary is
+    every change from the last frame before an overlap to the first frame after it; the rest are
+    changes inside one window. Returns the largest and mean
     boundary change (a boundary's change is its largest) and the mean and largest change inside.
     """
     count = stats.shape[0]
@@ -200,17 +216,3 @@ def boundary_jumps(stats: np.ndarray, windows: list[tuple[int, int]]) -> dict[st
         "within_max": float(max(inside, default=0.0)),
     }
 
-
-def write_demo_edit(clip: Path, out: Path) -> None:
-    """The demo's edited first frame: the clip's first frame with its colours rotated (R->G->B->R) and a
-    brighter disc in the middle, as a quick edit in an image editor might be."""
-    from PIL import Image
-
-    from reelflow.core.video import decode_frames
-
-    frame = decode_frames(str(clip), [0])[0][..., [2, 0, 1]].astype(np.float32)
-    height, width = frame.shape[:2]
-    y, x = np.mgrid[0:height, 0:width]
-    disc = ((x - width / 2) / (width / 5)) ** 2 + ((y - height / 2) / (height / 5)) ** 2 <= 1
-    frame[disc] = 0.5 * frame[disc] + 127
-    Image.fromarray(np.clip(frame.round(), 0, 255).astype(np.uint8)).save(out)

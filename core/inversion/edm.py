@@ -16,7 +16,8 @@ or below it ``x0`` plus fixed Gaussian noise at ``sigma_p``. Naive inversion (th
 
 Notation: ``sigma_c`` = the current (lower) noise level, ``sigma_p`` = the next (higher) one,
 ``x`` = latents at ``sigma_c``, ``x_bar`` = the proxy at ``sigma_p``, ``F`` = the network output,
-``Sigma`` = ``threshold``. Latents are ``(F, C, h, w)`` tensors, frames first.
+``Sigma`` = ``threshold``. Latents are ``(T, C, h, w)`` tensors, frames first (``T`` frames, so
+that ``F`` stays the network output).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PREDICTION_TYPES = ("v_prediction", "epsilon")
 
 
 class Denoiser(Protocol):
-    """The network: ``F = model(c_in * x, sigma, timestep)`` on ``(F, C, h, w)`` latents."""
+    """The network: ``F = model(c_in * x, sigma, timestep)`` on ``(T, C, h, w)`` latents."""
 
     def __call__(self, sample: torch.Tensor, sigma: float, timestep: float) -> torch.Tensor: ...
 
@@ -85,10 +86,12 @@ class EdmSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, num_steps: int) -> EdmSchedule:
-        """The schedule diffusers' ``EulerDiscreteScheduler`` samples ``num_steps`` steps with."""
+        """The schedule diffusers' ``EulerDiscreteScheduler`` samples ``num_steps`` steps with (on a copy of
+        ``scheduler``: ``set_timesteps`` changes a scheduler in place, and models are shared)."""
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction type {scheduler.config.prediction_type!r} is not one of "
                              f"{', '.join(PREDICTION_TYPES)}")  # fmt: skip
+        scheduler = type(scheduler).from_config(scheduler.config)
         scheduler.set_timesteps(num_steps)
         sigmas = tuple(float(s) for s in scheduler.sigmas)
         return cls(sigmas, tuple(float(t) for t in scheduler.timesteps), scheduler.config.prediction_type)
@@ -101,6 +104,10 @@ class EdmSchedule:
         """The first step an img2img edit of ``strength`` takes, as diffusers' pipelines count it:
         ``num_steps - int(num_steps * strength)``."""
         return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
+
+    def steps(self, strength: float) -> int:
+        """How many steps an edit of ``strength`` takes: :func:`invert` climbs them, :func:`generate` descends."""
+        return self.num_steps - self.start_index(strength)
 
     def visited(self, strength: float) -> list[float]:
         """The sigmas generation starts from, in its order: inversion climbs the same ones in reverse."""
@@ -143,7 +150,7 @@ def invert(
 
     Args:
         model: The network, with the inversion's conditioning (no guidance in Videoshop).
-        x0: Clean latents ``(F, C, h, w)``, float32.
+        x0: Clean latents ``(T, C, h, w)``, float32.
         schedule: The sampler's schedule; the steps are its last ``num_steps - start_index`` sigmas
             climbed from the appended 0.
         strength: The edit's strength; inversion ends at ``sigmas[start_index]``, where generation starts.
@@ -154,7 +161,7 @@ def invert(
         on_step: Called after every step with its index, ``sigma_p`` and the new latents.
 
     Returns:
-        The inverted latents ``(F, C, h, w)`` at ``sigmas[start_index]``.
+        The inverted latents ``(T, C, h, w)`` at ``sigmas[start_index]``.
     """
     # 1. the steps: sigma index k from the last (lowest nonzero) down to the edit's start
     start = schedule.start_index(strength)
@@ -193,6 +200,3 @@ def generate(
     return x
 
 
-def inversion_steps(schedule: EdmSchedule, strength: float) -> int:
-    """How many steps :func:`invert` takes (and :func:`generate`)."""
-    return schedule.num_steps - schedule.start_index(strength)

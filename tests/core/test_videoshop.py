@@ -17,7 +17,9 @@ from reelflow.core.editing.videoshop import (
     condition_on_image,
     guidance_ramp,
     inversion_latents,
-    match_colour,
+    apply_colour_map,
+    colour_map,
+    fade_weights,
     normalise_latents,
     rescale_latents,
 )
@@ -50,7 +52,7 @@ def test_our_sampling_is_the_stable_video_diffusion_pipeline(pipe) -> None:
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_inversion_calls_the_unet_conditionally_only(pipe) -> None:
+def test_a_guidance_of_one_is_the_conditional_output(pipe) -> None:
     condition = ImageCondition(torch.randn(1, 32), torch.randn(4, 8, 8), torch.zeros(4, 8, 8))
     guided = SvdDenoiser(pipe.unet, condition, added_time_ids(7, 127, 0.2), guidance=torch.ones(3))
     plain = SvdDenoiser(pipe.unet, condition, added_time_ids(7, 127, 0.2))
@@ -58,19 +60,22 @@ def test_the_inversion_calls_the_unet_conditionally_only(pipe) -> None:
     torch.testing.assert_close(guided(x, 2.0, 0.17), plain(x, 2.0, 0.17), rtol=1e-5, atol=1e-5)  # g = 1: conditional
 
 
-def test_image_conditioning_matches_the_pipeline_encoders(pipe) -> None:
+def test_image_conditioning_is_the_vae_mode_and_clip_of_the_squashed_image(pipe) -> None:
+    """The reference squashes the image to the CLIP size with torchvision (bilinear, antialiased) and
+    CLIP-normalises it; the VAE encodes the image in [-1, 1], with noise augmentation for the concat latents."""
+    from torchvision.transforms.functional import normalize, resize
+
     image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     got = condition_on_image(image, image_encoder=pipe.image_encoder, processor=pipe.feature_extractor, vae=pipe.vae,
                              noise_aug_strength=0.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
-    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    unit = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    clip = normalize(resize(unit, [32, 32], antialias=True), pipe.feature_extractor.image_mean, pipe.feature_extractor.image_std)
     with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mode()[0]
-        clip = pipe.feature_extractor(images=torch.nn.functional.interpolate(pixels, (32, 32), mode="bilinear",
-                                      antialias=True).add(1).div(2), do_rescale=False, do_resize=False,
-                                      do_center_crop=False, return_tensors="pt").pixel_values  # fmt: skip
+        latents = pipe.vae.encode(unit * 2 - 1).latent_dist.mode()[0]
         embeds = pipe.image_encoder(clip).image_embeds
-    torch.testing.assert_close(got.latents, latents) and torch.testing.assert_close(got.embeds, embeds)
-    torch.testing.assert_close(got.clean, latents * 0.18215)
+    torch.testing.assert_close(got.embeds, embeds, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.latents, latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.clean, latents * 0.18215, rtol=1e-4, atol=1e-4)
     noisy = condition_on_image(image, image_encoder=pipe.image_encoder, processor=pipe.feature_extractor, vae=pipe.vae,
                                noise_aug_strength=0.2, generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert not torch.allclose(noisy.latents, got.latents) and torch.equal(noisy.clean, got.clean)
@@ -120,9 +125,20 @@ def test_a_colour_match_removes_a_jump_at_the_boundary() -> None:
         return np.concatenate([first[:6], ((first[6:].astype(np.float32) + later[:1]) / 2).round().astype(np.uint8), later[1:]])
 
     before = boundary_jumps(channel_stats(stitched(second)), windows)
-    matched, colour = match_colour(second, second[:1], first[6:])
+    colour = colour_map(second[:1], first[6:])
+    matched = apply_colour_map(second, colour, np.ones(len(second)))
     after = boundary_jumps(channel_stats(stitched(matched)), windows)
     assert before["boundary_max"] > 5 * before["within_max"]
     # No larger than a change between two frames inside a window, up to the frames' own noise.
     assert after["boundary_max"] <= 1.25 * after["within_max"] and colour.shape == (2, 3)
     np.testing.assert_allclose(channel_stats(matched[:1]), channel_stats(first[6:]), atol=0.6)
+
+
+def test_a_fading_colour_map_joins_the_previous_window_and_leaves_the_next_one_the_raw_colours() -> None:
+    np.testing.assert_allclose(fade_weights(6, 2, 2), [1, 1, 2 / 3, 1 / 3, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(fade_weights(4, 1, 0), [1, 0.75, 0.5, 0.25], atol=1e-6)
+    frames = np.full((6, 2, 2, 3), 100, np.uint8)
+    mapped = apply_colour_map(frames, np.array([[1.0, 1.0, 2.0], [10.0, 0.0, -50.0]], np.float32), fade_weights(6, 2, 2))
+    assert mapped[:2, ..., 0].tolist() == [[[110, 110]] * 2] * 2 and mapped[:2, 0, 0, 2].tolist() == [150, 150]
+    np.testing.assert_array_equal(mapped[4:], frames[4:])  # the frames the next window is matched to stay raw
+    assert 100 < mapped[2, 0, 0, 0] < 110 and 100 < mapped[3, 0, 0, 2] < mapped[2, 0, 0, 2] < 150

@@ -82,7 +82,7 @@ def test_uint8_frames_blend_with_rounding_and_stay_uint8() -> None:
 
 @pytest.mark.parametrize("num_frames", [4, 5, 7, 9, 13, 16, 57])
 @pytest.mark.parametrize(("length", "overlap"), [(4, 1), (4, 2), (14, 1), (8, 3)])
-def test_a_full_last_window_has_the_plan_length_and_stitches_exactly(num_frames: int, length: int, overlap: int) -> None:
+def test_a_full_last_window_has_the_plan_length_with_an_overlap_of_one_and_always_stitches_exactly(num_frames: int, length: int, overlap: int) -> None:
     plan = WindowPlan(length, overlap, last="full")
     windows = plan.windows(num_frames)
     assert windows[0].start == 0 and windows[-1].stop == num_frames
@@ -90,7 +90,7 @@ def test_a_full_last_window_has_the_plan_length_and_stitches_exactly(num_frames:
         assert after.start <= before.stop - overlap and before.tail == after.head
     for two_before, after in zip(windows, windows[2:]):
         assert after.start >= two_before.stop  # stitching holds one earlier window's tail at a time
-    if num_frames >= length and overlap == 1:
+    if num_frames >= length and overlap == 1:  # with more overlap it stops short of the window two before
         assert all(w.stop - w.start == length for w in windows)
     frames = np.random.default_rng(num_frames).normal(size=(num_frames, 3)).astype(np.float32)
     np.testing.assert_allclose(stitch(plan, frames, lambda x: 3 * x - 1), 3 * frames - 1, rtol=1e-5, atol=1e-6)

@@ -91,6 +91,21 @@ def test_demo_runs_the_fatezero_presets(preset: str, capsys, tmp_path: Path) -> 
     assert list((tmp_path / "demo" / "output").glob(f"source.{preset}*.mp4"))
 
 
+def test_demo_runs_videoshop_on_the_tiny_svd_with_an_edited_frame_made_from_the_clip(capsys, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from reelflow.core.synthetic import write_edited_first_frame
+
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--preset", "videoshop")
+    assert code == 0 and "videoshop: completed" in out and "embed_content" in out
+    assert (tmp_path / "demo" / "models" / "tiny-svd" / "unet").is_dir()
+    write_edited_first_frame(tmp_path / "demo" / "source.mp4", tmp_path / "expected.png")
+    made = np.asarray(Image.open(tmp_path / "demo" / "sources" / "edited_frame.png"))
+    np.testing.assert_array_equal(made, np.asarray(Image.open(tmp_path / "expected.png")))
+    assert list((tmp_path / "demo" / "output").glob("source.videoshop.mp4"))
+
+
 def test_demo_runs_the_whole_pipeline_then_serves_it_from_cache(capsys, tmp_path: Path) -> None:
     workdir = tmp_path / "demo dir #1"  # a space and a '#' must survive the spec overrides
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(workdir))
@@ -182,7 +197,8 @@ def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -
 
 def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "run", "no-such-preset")
-    assert code == 1 and "presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, reconstruct" in err
+    listed = "presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, reconstruct, videoshop, videoshop-naive"
+    assert code == 1 and listed in err
 
 
 # What a new user tripped on ---------------------------------------------------------------------

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reelflow.core.editing.videoshop import write_demo_edit
-from reelflow.core.synthetic import write_synthetic_clip
+from reelflow.core.synthetic import write_edited_first_frame, write_synthetic_clip
 from reelflow.core.video import probe_video
 from reelflow.deployments import spec_path
 from reelflow.flows.bulk import bulk_edit
@@ -35,14 +34,16 @@ def videoshop(svd: Path, tmp_path: Path, *overrides: str):
 def test_a_clip_of_many_windows_keeps_its_frame_count_rate_and_sound(tiny_svd: Path, tmp_path: Path) -> None:
     clip = tmp_path / "long.mp4"
     write_synthetic_clip(clip, width=96, height=64, fps=12, seconds=1.5)  # 18 frames: 6 windows of 4
-    write_demo_edit(clip, tmp_path / "long.edit.png")
+    write_edited_first_frame(clip, tmp_path / "long.edit.png")
     manifest = edit_video(videoshop(tiny_svd, tmp_path, f"input={clip}"))
     assert manifest.status == "completed"
     stages = {r.name: r for r in manifest.stages}
-    inversion = ArtifactStore(manifest.store).open("invert_latents", stages["invert_latents"].key)
-    assert len(inversion.attrs["windows"]["spans"]) == 6
+    store = ArtifactStore(manifest.store)
+    assert len(store.open("invert_latents", stages["invert_latents"].key).attrs["windows"]["spans"]) == 6
     info = probe_video(io.BytesIO(Path(manifest.outputs["encode_video"]).read_bytes()))
     assert (info.num_frames, info.fps, info.has_audio) == (18, Fraction(12), True)
+    mismatch = store.open("denoise_latents", stages["denoise_latents"].key)["boundary_mismatch"][1:]
+    assert (mismatch[:, 1] < mismatch[:, 0]).all()  # the colour match brings shared frames closer
 
 
 def test_bulk_edits_each_clip_with_its_sidecar_and_fails_the_one_without(tiny_svd: Path, clip: Path, tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_bulk_edits_each_clip_with_its_sidecar_and_fails_the_one_without(tiny_sv
     for name in ("a", "b", "c"):
         shutil.copy(clip, library / f"{name}.mp4")
     for name in ("a", "b"):
-        write_demo_edit(clip, library / f"{name}.edit.png")
+        write_edited_first_frame(clip, library / f"{name}.edit.png")
     spec = videoshop(tiny_svd, tmp_path, "stages.decode_video.params.num_frames=4")
     with pytest.raises(StageFailed, match=r"1 of 3 clips failed: c\.mp4 \(SourceError: image source 'edited_frame'"):
         bulk_edit(library=str(library / "*.mp4"), spec=spec, output=str(tmp_path / "out"))

@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reelflow.core.editing.videoshop import write_demo_edit
+from reelflow.core.editing.videoshop import apply_colour_map, fade_weights
 from reelflow.core.frames import from_model_range
 from reelflow.core.models import load_model
+from reelflow.core.synthetic import write_edited_first_frame
+from reelflow.core.tiny import PoolingVae
 from reelflow.core.vae import decode_latents
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
@@ -41,7 +43,7 @@ def overrides(svd: Path, edit: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def edit(clip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("edits") / "clip.edit.png"
-    write_demo_edit(clip, path)
+    write_edited_first_frame(clip, path)
     return path
 
 
@@ -91,25 +93,49 @@ def test_per_frame_normalisation_and_rescaling_statistics(edited) -> None:
     x0 = torch.from_numpy(np.asarray(groups["invert_latents"]["steps"][0, 0]))
     torch.testing.assert_close(x0.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
     torch.testing.assert_close(x0.std(dim=(1, 2, 3)), torch.ones(4), atol=1e-3, rtol=0)
+    assert groups["invert_latents"]["norm_mean"].shape == (3, 4, 1, 1, 1)
     first = torch.from_numpy(np.asarray(groups["denoise_latents"]["window_latents"][0, 0]))
     target = torch.from_numpy(np.asarray(groups["embed_content"]["latents"]))
     torch.testing.assert_close(first.mean(dim=(1, 2)), target.mean(dim=(1, 2)), atol=1e-4, rtol=0)
     torch.testing.assert_close(first.std(dim=(1, 2)), target.std(dim=(1, 2)), atol=1e-4, rtol=1e-4)
 
 
-def test_each_window_is_conditioned_on_the_previous_windows_edited_frame(edited, tiny_svd: Path) -> None:
-    groups, _, _ = edited
-    edit = groups["denoise_latents"]
-    conditions, latents, colour = (np.asarray(edit[name]) for name in ("condition_frames", "window_latents", "colour_maps"))
-    np.testing.assert_array_equal(conditions[0], np.asarray(groups["embed_content"]["image"]))
+def test_each_window_is_conditioned_on_the_previous_windows_edited_frame(
+    clip: Path, tiny_svd: Path, edit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stages = plan(clip, tiny_svd, edit, str(tmp_path / "store"))
+    run(stages, *EDIT[:-1])
+    seen: list[np.ndarray] = []
+    original = videoshop_tasks.condition_on_image
+    monkeypatch.setattr(videoshop_tasks, "condition_on_image", lambda image, **kw: seen.append(image) or original(image, **kw))
+    ref = run(stages, "denoise_latents")["denoise_latents"]
+    edited = ArtifactStore(str(tmp_path / "store")).open(ref.stage, ref.key)
+    latents, colour = np.asarray(edited["window_latents"]), np.asarray(edited["colour_maps"])
     vae = load_model(str(tiny_svd), family="diffusers", component="vae")
-    spans = groups["invert_latents"].attrs["windows"]["spans"]
-    for index in (1, 2):
-        previous = from_model_range(decode_latents(vae, torch.from_numpy(latents[index - 1]), chunk_size=8))
-        scale, shift = colour[index - 1]
-        previous = np.clip((previous.astype(np.float32) * scale + shift).round(), 0, 255).astype(np.uint8)
+    spans = [(0, 4), (3, 7), (4, 8)]
+    assert len(seen) == 2  # window 0 is conditioned on the user's edited frame, embedded by embed_content
+    for index, image in zip((1, 2), seen):
+        previous = from_model_range(decode_latents(vae, torch.from_numpy(latents[index - 1]), chunk_size=4))
+        head = spans[index - 2][1] - spans[index - 1][0] if index > 1 else 0
+        previous = apply_colour_map(previous, colour[index - 1], fade_weights(4, head, spans[index - 1][1] - spans[index][0]))
         shared = spans[index][0] - spans[index - 1][0]  # this window's first frame, in the previous window
-        np.testing.assert_array_equal(conditions[index], previous[shared])
+        np.testing.assert_array_equal(image, previous[shared])
+        np.testing.assert_array_equal(edited["condition_frames"][index], image)
+
+
+@pytest.mark.parametrize("colour", ["first_frame", "none"])
+def test_window_colour_options(clip: Path, tiny_svd: Path, edit: Path, edited, tmp_path: Path, colour: str) -> None:
+    _, _, store_url = edited
+    stages = plan(clip, tiny_svd, edit, store_url, f"stages.denoise_latents.params.window_colour={colour}")
+    ref = run(stages, "denoise_latents")["denoise_latents"]
+    group = ArtifactStore(store_url).open(ref.stage, ref.key)
+    identity = np.array([[1.0] * 3, [0.0] * 3], np.float32)
+    assert all(np.array_equal(m, identity) for m in group["colour_maps"][:])  # no pixel-space map
+    target = torch.from_numpy(np.asarray(edited[0]["embed_content"]["latents"]))
+    for index, window in enumerate(group["window_latents"][:]):
+        first = torch.from_numpy(np.asarray(window[0]))
+        matches = torch.allclose(first.mean(dim=(1, 2)), target.mean(dim=(1, 2)), atol=1e-4)
+        assert matches == (colour == "first_frame" or index == 0)  # "none": each window's own conditioning frame
 
 
 def test_a_kill_between_windows_computes_only_the_missing_windows(
@@ -184,16 +210,24 @@ def prepare(clip: Path, svd: Path, edit: Path, tmp_path: Path, *extra: str):
 
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reelflow.core.models import FAMILIES
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the guards ran")
 
-    monkeypatch.setattr("reelflow.tasks.models.load_model", refuse)
+    monkeypatch.setattr(FAMILIES["diffusers"], "load", refuse)
 
 
 def test_a_clip_shorter_than_the_model_needs_is_refused(clip, tiny_svd, edit, tmp_path, no_model_loads) -> None:
     with pytest.raises(SpecError, match=r"stage 'invert_latents' \(invert_latents:videoshop\): the clip gives 3 frames "
                                         r"but the model works on 4 at a time"):  # fmt: skip
         prepare(clip, tiny_svd, edit, tmp_path, "stages.decode_video.params.num_frames=3")
+
+
+def test_an_overlap_that_leaves_a_window_short_is_refused(clip, tiny_svd, edit, tmp_path, no_model_loads) -> None:
+    with pytest.raises(SpecError, match="windows of 4 frames overlapping by 2 cannot cover 7 frames with full windows"):
+        prepare(clip, tiny_svd, edit, tmp_path, "stages.decode_video.params.num_frames=7",
+                "stages.invert_latents.params.overlap=2")  # fmt: skip
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
@@ -225,3 +259,38 @@ def test_an_edited_frame_of_another_aspect_is_resized_like_the_video_and_said(
     said = {r.levelno: r.getMessage() for r in caplog.records if "embed_content" in r.getMessage()}
     assert "the image is 80x80 and the video 96x64" in said[logging.WARNING] and "aspect ratio differs" in said[logging.WARNING]
     assert "the image is 192x128 and the video 96x64; it is resized like the video's frames (crop to 64x64)" in said[logging.INFO]
+
+
+# colour continuity across windows -------------------------------------------------------------
+
+
+def test_each_window_joins_the_previous_one_at_the_frames_they_share(
+    clip: Path, tiny_svd: Path, edit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a VAE that round-trips (core.tiny.PoolingVae), so colours follow the latents, every window's
+    colour map brings its shared frames' per-channel mean and std to those of the previous window's
+    output on them, and each window's map fades out by the frames the next window matches."""
+    with_pooling_vae(monkeypatch)
+    stages = plan(clip, tiny_svd, edit, str(tmp_path / "store"), "stages.decode_video.params.num_frames=16")
+    refs = run(stages, *EDIT)
+    group = ArtifactStore(str(tmp_path / "store")).open("denoise_latents", refs["denoise_latents"].key)
+    mismatch = np.asarray(group["boundary_mismatch"][1:])
+    assert group["condition_frames"].shape[0] == 5 and mismatch[:, 0].max() > 1.0  # windows disagreed
+    # and were joined, up to the pixels the map pushes past 0 or 255 (the tiny UNet saturates colours)
+    joined = mismatch[mismatch[:, 0] > 1.0]
+    assert (mismatch[:, 1] <= mismatch[:, 0]).all() and (joined[:, 1] < 0.6 * joined[:, 0]).all()
+    latents = np.asarray(group["window_latents"])
+    raw_last = from_model_range(decode_latents(PoolingVae(), torch.from_numpy(latents[-2]), chunk_size=4))
+    spans = [(0, 4), (3, 7), (6, 10), (9, 13), (12, 16)]
+    tail = spans[-2][1] - spans[-1][0]
+    mapped = apply_colour_map(raw_last, group["colour_maps"][-2], fade_weights(4, 1, tail))
+    np.testing.assert_array_equal(mapped[-tail:], raw_last[-tail:])  # the next window matched the raw colours
+
+
+def with_pooling_vae(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage's ``vae`` role filled by core.tiny.PoolingVae."""
+    from reelflow.tasks import runtime
+
+    original = runtime.load_role
+    monkeypatch.setattr(runtime, "load_role", lambda model, role, component, *args, **kwargs: PoolingVae()
+                        if role == "vae" and component is None else original(model, role, component, *args, **kwargs))  # fmt: skip
