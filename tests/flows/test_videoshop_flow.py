@@ -10,6 +10,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from reelflow.core.synthetic import write_edited_first_frame, write_synthetic_clip
 from reelflow.core.video import probe_video
@@ -22,8 +23,7 @@ from reelflow.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.flow
 TINY = ("stages.decode_video.params.width=64", "stages.decode_video.params.height=64",
-        "stages.decode_video.params.multiple=8", "stages.invert_latents.params.num_steps=4",
-        "stages.invert_latents.params.check_reconstruction=false")  # fmt: skip
+        "stages.decode_video.params.multiple=8", "stages.invert_latents.params.num_steps=4")  # fmt: skip
 
 
 def videoshop(svd: Path, tmp_path: Path, *overrides: str):
@@ -44,6 +44,11 @@ def test_a_clip_of_many_windows_keeps_its_frame_count_rate_and_sound(tiny_svd: P
     assert (info.num_frames, info.fps, info.has_audio) == (18, Fraction(12), True)
     mismatch = store.open("denoise_latents", stages["denoise_latents"].key)["boundary_mismatch"][1:]
     assert (mismatch[:, 1] < mismatch[:, 0]).all()  # the colour match brings shared frames closer
+    pictures = {(stage, name): Image.open(io.BytesIO(store.fs.cat(store.abspath(f"pictures/{stage}/{stages[stage].key}/{name}.png"))))
+                for stage, name in (("embed_content", "first-frames"), ("invert_latents", "reconstruction-error"),
+                                    ("denoise_latents", "condition-frames"))}  # fmt: skip
+    assert pictures["invert_latents", "reconstruction-error"].width == 18 * 7 + 1  # one bar per frame
+    assert pictures["denoise_latents", "condition-frames"].width > 5 * pictures["embed_content", "first-frames"].width / 2
 
 
 def test_bulk_edits_each_clip_with_its_sidecar_and_fails_the_one_without(tiny_svd: Path, clip: Path, tmp_path: Path) -> None:
