@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/windowed_memory.py
 	$(BIN)/python benchmarks/fused_replay.py
 	$(BIN)/python benchmarks/videoshop.py
+	$(BIN)/python benchmarks/depth.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

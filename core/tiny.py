@@ -488,10 +488,10 @@ def _write_staged(out: Path, write: Callable[[Path], None], readme: str) -> Path
     return out
 
 
-def _builder_readme(what: str, builder: str, seed: int) -> str:
+def _builder_readme(what: str, builder: str, seed: int, module: str = "reelflow.core.tiny") -> str:
     return (
         f"# Tiny random {what} ({MARKER})\n\n"
-        f"Written by `reelflow.core.tiny.{builder}(seed={seed})`. The weights are random. It "
+        f"Written by `{module}.{builder}(seed={seed})`. The weights are random. It "
         "exists so tests run the real loading path without a download.\n"
     )
 

@@ -174,6 +174,9 @@ class FrameAttnProcessor:
         num_frames: ``F``; set with ``set_num_frames`` before each UNet call. Needed whenever frames
             are gathered or a controller is called; left ``None`` it raises rather than silently
             treating each image as its own clip.
+        cross_frame: Whether self-attention reads its key frames (video mode, the default) or only its
+            own frame (image mode); switched with ``set_cross_frame`` between calls, so one UNet makes
+            both of Gen-1's predictions without reinstalling processors.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class FrameAttnProcessor:
         self.frame_keys = check_frame_keys(frame_keys)
         self.controller = controller
         self.num_frames: int | None = None
+        self.cross_frame = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, frame_keys={self.frame_keys!r})"
@@ -224,7 +228,7 @@ class FrameAttnProcessor:
             context = encoder_hidden_states
         key, value = attn.to_k(context), attn.to_v(context)
         indices = None
-        if self.frame_keys and not is_cross:
+        if self.frame_keys and self.cross_frame and not is_cross:
             if attention_mask is not None:
                 raise NotImplementedError("attention masks are not supported with cross-frame self-attention")
             indices = frame_indices(self.frame_keys, self._frames(), device=key.device)
@@ -312,6 +316,7 @@ def install_frame_processors(
     frame_keys: tuple[FrameKey, ...] = (),
     min_channels: int = 0,
     controller: AttentionController | None = None,
+    cross_attention: bool = True,
 ) -> dict[str, FrameAttnProcessor]:
     """Put a ``FrameAttnProcessor`` on every ``attn1`` and ``attn2`` of ``unet``; keep other processors.
 
@@ -323,6 +328,8 @@ def install_frame_processors(
             like FateZero's ``least_sc_channel`` (640 in its zero-shot configs: the 64x64 level stays
             spatial-only).
         controller: Shared by every new processor.
+        cross_attention: Also take over ``attn2``; False leaves the cross-attention processors as they
+            are (an IP-Adapter's, which carry its image tokens).
 
     Returns:
         The new processors by layer name (the processor key without ``".processor"``).
@@ -332,7 +339,7 @@ def install_frame_processors(
     installed: dict[str, FrameAttnProcessor] = {}
     for name in processors:
         layer = name.removesuffix(_PROC_SUFFIX)
-        if not layer.endswith((_SELF_SUFFIX, _CROSS_SUFFIX)):
+        if not layer.endswith((_SELF_SUFFIX, _CROSS_SUFFIX) if cross_attention else _SELF_SUFFIX):
             continue
         wide = unet.get_submodule(layer).to_q.in_features >= min_channels
         keys = frame_keys if layer.endswith(_SELF_SUFFIX) and wide else ()
@@ -348,6 +355,14 @@ def set_num_frames(unet: UNet2DConditionModel, num_frames: int) -> None:
     for processor in unet.attn_processors.values():
         if isinstance(processor, FrameAttnProcessor):
             processor.num_frames = num_frames
+
+
+def set_cross_frame(unet: UNet2DConditionModel, enabled: bool) -> None:
+    """Video mode (self-attention reads the key frames) or image mode (each frame alone) for every
+    ``FrameAttnProcessor`` of ``unet``."""
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, FrameAttnProcessor):
+            processor.cross_frame = enabled
 
 
 def restore_default_processors(unet: UNet2DConditionModel) -> None:

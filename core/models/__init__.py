@@ -6,8 +6,9 @@ account; whether the hub libraries may reach the network is the caller's environ
 (``HF_HUB_OFFLINE``).
 
 :data:`FAMILIES` maps a family name to its loader: ``diffusers``, ``transformers``, ``timm``,
-``torchvision``. :func:`fingerprint_model` names a model's version without loading weights, for
-stage keys: a directory by content, a hub id by the commit its revision points at.
+``torchvision``, ``midas`` (MiDaS DPT depth checkpoints). :func:`fingerprint_model` names a model's
+version without loading weights, for stage keys: a directory by content, a hub id by the commit its
+revision points at.
 :func:`load_model` loads exactly that version (the planned fingerprint pins it) and keeps it in a
 small per-process cache, so stages that run in one worker share a UNet rather than each loading
 its own. :func:`load_component` is the Stable Diffusion shorthand.
@@ -34,6 +35,7 @@ from reelflow.core.models.identity import (
     resolve_revision,
 )
 from reelflow.core.models.identity import fingerprint as _fingerprint
+from reelflow.core.models.midas_family import MidasFamily
 from reelflow.core.models.timm_family import TimmFamily
 from reelflow.core.models.torchvision_family import TorchvisionFamily
 from reelflow.core.models.transformers_family import TransformersFamily
@@ -60,7 +62,7 @@ CACHE_SIZE = 8
 # Checked in this order by infer_family; their layouts do not overlap.
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
-    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily())
+    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily())
 }
 
 # Stable Diffusion callers invert and sample with DDIM whatever scheduler a bundle ships.
@@ -91,7 +93,8 @@ def infer_family(
     A directory is read directly; a hub id only from its snapshot in the local hub cache (the hub
     is never asked). ``model_index.json`` means diffusers; ``config.json`` with ``architectures``
     transformers, with ``architecture`` and ``pretrained_cfg`` timm, with ``architecture`` and
-    ``"library": "torchvision"`` torchvision.
+    ``"library": "torchvision"`` torchvision, with ``architecture`` and ``"library": "midas"`` midas; a
+    directory with only a MiDaS checkpoint under its published name (``dpt_large_384.pt``) is midas too.
     """
     root = Path(model_id) if is_local(model_id) else cached_snapshot(model_id, revision, cache_dir)
     if root is None:
@@ -117,7 +120,7 @@ def fingerprint_model(
 ) -> str:
     """A short string that changes whenever the model's files change; no weights are loaded.
 
-    A local directory hashes its config files whole and, per weight file (safetensors, bin, pth),
+    A local directory hashes its config files whole and, per weight file (safetensors, bin, pth, pt),
     its size and the first and last MiB: cheap for multi-GB checkpoints, yet any retrain or
     re-export changes it. A hub id is named by the commit its revision resolves to, so a moved
     ``main`` changes the fingerprint (see :func:`resolve_revision`).

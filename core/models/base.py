@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,31 @@ def read_root_config(root: Path) -> dict[str, Any]:
         return read_json_file(root / "config.json")
     except (OSError, ModelError):
         return {}
+
+
+def load_pickled_weights(path: Path) -> Any:
+    """What the checkpoint at ``path`` holds, unpickled weights-only onto the CPU.
+
+    ``torch.load(weights_only=True)`` admits only tensors and plain containers, so a crafted
+    pickle cannot run code.
+
+    Raises:
+        ModelError: The file holds more than that.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{path} holds more than tensors, so it is not unpickled (that could run code); "
+            f"save the state dict alone, or as safetensors: {exc}"
+        ) from exc
+
+
+def is_state_dict(loaded: Any) -> bool:
+    """Whether ``loaded`` maps names to tensors, and nothing else."""
+    return isinstance(loaded, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    )
 
 
 def resolve_class(name: str, modules: tuple[ModuleType, ...], what: str) -> type:

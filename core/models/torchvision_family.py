@@ -8,7 +8,6 @@ and plain containers only, so a crafted pickle cannot run code.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from safetensors.torch import load_file
 from reelflow.core.models.base import (
     ModelFamily,
     ModelSource,
+    is_state_dict,
+    load_pickled_weights,
     no_component,
     prepare,
     read_json_file,
@@ -95,13 +96,7 @@ def state_dict(source: ModelSource, root: Path) -> dict[str, torch.Tensor]:
     path = root / PICKLED_WEIGHTS
     if not path.is_file():
         raise ModelError(f"torchvision model {source.model_id!r} has no {SAFE_WEIGHTS} or {PICKLED_WEIGHTS}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"{path} holds more than tensors, so it is not unpickled (that could run code); "
-            f"save the state dict alone, or as {SAFE_WEIGHTS}: {exc}"
-        ) from exc
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    loaded = load_pickled_weights(path)
+    if not is_state_dict(loaded):
         raise ModelError(f"{path} is not a state dict (a mapping of names to tensors)")
     return loaded

@@ -14,6 +14,7 @@ from reelflow.core.attention.processor import (
     frame_indices,
     install_frame_processors,
     restore_default_processors,
+    set_cross_frame,
     set_num_frames,
 )
 
@@ -330,3 +331,30 @@ def test_install_covers_every_attention_layer_and_restore_puts_back_sdpa(unet) -
     assert all(unet.attn_processors[f"{layer}.processor"] is p for layer, p in processors.items())
     restore_default_processors(unet)
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+
+
+@torch.no_grad()
+def test_image_mode_is_per_frame_attention_and_video_mode_reads_the_key_frames(unet, latents, text) -> None:
+    """Gen-1's two modes from one installation: set_cross_frame switches without reinstalling."""
+    stock = run_stock(unet, latents, text)
+    video = run(unet, latents, text, FRAMES, frame_keys=("self", "first"))
+    set_cross_frame(unet, False)
+    image = unet(latents, 500, encoder_hidden_states=text).sample
+    set_cross_frame(unet, True)
+    again = unet(latents, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(image, stock, atol=ATOL, rtol=0)
+    torch.testing.assert_close(again, video, atol=0, rtol=0)
+    assert not torch.allclose(video[1:], stock[1:], atol=1e-3)
+
+
+def test_cross_attention_processors_can_be_left_alone(unet) -> None:
+    class Other(AttnProcessor2_0):
+        pass
+
+    restore_default_processors(unet)
+    unet.set_attn_processor({name: Other() if name.endswith("attn2.processor") else p
+                             for name, p in unet.attn_processors.items()})  # fmt: skip
+    installed = install_frame_processors(unet, frame_keys=("self", "first"), cross_attention=False)
+    assert installed and all(layer.endswith(".attn1") for layer in installed)
+    assert all(isinstance(p, Other) for name, p in unet.attn_processors.items() if name.endswith("attn2.processor"))
+    restore_default_processors(unet)

@@ -26,17 +26,19 @@ def test_stages_are_keyed_by_stage_and_method() -> None:
     assert spec.graph.nodes["invert_latents"].spec.tag == "invert_latents:fatezero"
 
 
-def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_several_does() -> None:
+def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_several_does(monkeypatch) -> None:
+    from reelflow.schemas import pipeline
+
     raw = load_spec(spec_path("videoshop")).model_dump(mode="json", exclude_unset=True)
-    for stage in raw["stages"]:
-        if stage["stage"] == "embed_content":
-            stage.pop("method")
-    assert load_spec(raw).graph.nodes["embed_content"].spec.method == "image"
-    raw = fatezero_raw()
-    for stage in raw["stages"]:
-        stage.pop("method", None)
-    with pytest.raises(GraphError, match=r"stage 'invert_latents' has several methods \('fatezero', 'videoshop'\); set `method:`"):
+    entry = next(stage for stage in raw["stages"] if stage["stage"] == "embed_content")
+    del entry["method"]
+    with pytest.raises(GraphError, match=r"stage 'embed_content' has several methods \('image', 'text'\); set `method:`"):
         load_spec(raw)
+    # With one implementation left, the tag is implied.
+    only = {key: cls for key, cls in STAGE_TYPES.items() if key != ("embed_content", "text")}
+    monkeypatch.setattr(pipeline, "STAGE_TYPES", only)
+    monkeypatch.setattr("reelflow.schemas.stages.STAGE_TYPES", only)
+    assert pipeline._tag_of(entry) == "embed_content:image"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,122 @@
+"""A zero-shot Gen-1: structure from depth, content from a prompt, temporal guidance between per-frame
+and cross-frame predictions of one image UNet.
+
+Gen-1 (Esser et al. 2023, "Structure and Content-Guided Video Synthesis with Diffusion Models") is
+closed; this is its open counterpart (methods.md 4.2). Structure ``s`` is the clip's depth, degraded
+to the structure level ``t_s`` (core.guidance.structure), given to the UNet either concatenated to
+the latents (a depth UNet such as stable-diffusion-2-depth, 5 input channels) or through a depth
+ControlNet. Content ``c`` conditions cross-attention. Every step makes three predictions: the
+image mode (each frame alone) without and with content, and the video mode (self-attention also
+reading an anchor frame, core.attention.processor) with content; core.guidance.temporal combines
+them with ``omega`` and ``omega_t``. The video pass is skipped when ``omega_t = 0``.
+
+Sampling is deterministic DDIM (core.sampling.ddim) from the source latents noised to the edit's
+strength (SDEdit; Meng et al. 2022): ``z = sqrt(abar_t) z0 + sqrt(1 - abar_t) n``.
+
+Notation: ``z`` latents ``(F, 4, h, w)``; ``structure`` depth in ``[0, 1]`` ``(F, H, W)`` at frame size;
+``embeds`` ``(2, L, D)`` (unconditional, conditional); ``omega``, ``omega_t`` as in Gen-1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from reelflow.core.attention.processor import set_cross_frame, set_num_frames
+from reelflow.core.guidance.temporal import temporal_guidance
+from reelflow.core.sampling.ddim import ddim_denoise_step, denoising_timesteps
+
+OnStep = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """How depth reaches the UNet: ``concat`` (extra input channel) or ``controlnet`` (residuals)."""
+
+    depth: torch.Tensor  # (F, H, W) in [0, 1], already at structure level t_s
+    controlnet: Any = None
+    scale: float = 1.0  # the ControlNet's conditioning scale
+
+    def concat_channel(self, latent_size: tuple[int, int]) -> torch.Tensor:
+        """``(F, 1, h, w)`` depth at latent size in ``[-1, 1]`` (Depth2Img's form; one scale for the clip)."""
+        small = F.interpolate(self.depth[:, None].float(), size=latent_size, mode="bicubic", align_corners=False)
+        return small.clamp(0.0, 1.0) * 2.0 - 1.0
+
+    def control_image(self) -> torch.Tensor:
+        """``(F, 3, H, W)`` depth image in ``[0, 1]``, the layout depth ControlNets were trained on."""
+        return self.depth[:, None].float().expand(-1, 3, -1, -1)
+
+
+def sdedit_start(z0: torch.Tensor, noise: torch.Tensor, alpha_prod: float) -> torch.Tensor:
+    """The source latents noised to the level the edit starts from (DDPM forward process)."""
+    return math.sqrt(alpha_prod) * z0 + math.sqrt(1.0 - alpha_prod) * noise
+
+
+def edit_timesteps(scheduler: Any, num_steps: int, strength: float) -> torch.Tensor:
+    """The last ``int(num_steps * strength)`` timesteps of the schedule, noisiest first (an img2img edit)."""
+    timesteps = denoising_timesteps(scheduler, num_steps)
+    return timesteps[num_steps - min(int(num_steps * strength), num_steps) :]
+
+
+def gen1_denoise(
+    unet: Any,
+    z: torch.Tensor,
+    embeds: torch.Tensor,
+    structure: Structure,
+    scheduler: Any,
+    num_steps: int,
+    timesteps: torch.Tensor,
+    *,
+    omega: float,
+    omega_t: float,
+    on_step: OnStep | None = None,
+) -> torch.Tensor:
+    """Denoise ``z`` over ``timesteps`` (a tail of a ``num_steps`` DDIM schedule) with Gen-1's guidance.
+
+    The UNet must carry ``FrameAttnProcessor`` on its self-attention layers (video mode); this
+    switches them to image mode for the per-frame passes and back.
+    """
+    # 1. conditioning that does not change between steps
+    frames = z.shape[0]
+    device, dtype = unet.device, unet.dtype
+    uncond, cond = (e.to(device, dtype).expand(frames, -1, -1) for e in embeds[:, None])
+    concat = structure.concat_channel(tuple(z.shape[-2:])).to(device, dtype) if structure.controlnet is None else None
+    control = structure.control_image().to(device, dtype) if structure.controlnet is not None else None
+    set_num_frames(unet, frames)
+    # 2. the loop
+    for i, t in enumerate(timesteps):
+        image = _predict(unet, structure, z, int(t), torch.cat([uncond, cond]), concat, control, cross_frame=False)
+        eps_uncond, eps_image = image.chunk(2)
+        eps_video = eps_image
+        if omega_t != 0.0:
+            eps_video = _predict(unet, structure, z, int(t), cond, concat, control, cross_frame=True)
+        eps = temporal_guidance(eps_uncond, eps_image, eps_video, omega=omega, omega_t=omega_t)
+        z = ddim_denoise_step(eps, t, z, scheduler, num_steps)
+        if on_step is not None:
+            on_step(i, int(t), z)
+    set_cross_frame(unet, True)
+    return z
+
+
+def _predict(
+    unet: Any, structure: Structure, z: torch.Tensor, t: int, embeds: torch.Tensor, concat: torch.Tensor | None,
+    control: torch.Tensor | None, *, cross_frame: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The UNet's noise prediction for ``z`` repeated once per row block of ``embeds``, in one mode."""
+    copies = embeds.shape[0] // z.shape[0]
+    sample = z.to(unet.device, unet.dtype).repeat(copies, 1, 1, 1)
+    if concat is not None:
+        sample = torch.cat([sample, concat.repeat(copies, 1, 1, 1)], dim=1)
+    extra: dict[str, Any] = {}
+    if control is not None:
+        down, mid = structure.controlnet(sample, t, encoder_hidden_states=embeds, controlnet_cond=control.repeat(
+            copies, 1, 1, 1), conditioning_scale=structure.scale, return_dict=False)  # fmt: skip
+        extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    set_cross_frame(unet, cross_frame)
+    with torch.inference_mode():
+        return unet(sample, t, encoder_hidden_states=embeds, **extra).sample.float().cpu()

@@ -1,0 +1,1 @@
+"""Guidance rules that combine several network predictions into one (classifier-free, temporal)."""

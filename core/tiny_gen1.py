@@ -1,0 +1,64 @@
+"""Tiny random models for Gen-1 style editing: a Stable-Diffusion-style bundle whose UNet takes depth
+as a fifth input channel (the layout of stable-diffusion-2-depth), and a depth ControlNet for the
+tiny bundle's UNet. Same formats as the real ones (diffusers layout, safetensors), each a pure
+function of its seed, so tests and ``reelflow demo`` run the real loading code with no download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+
+from reelflow.core.tiny import (
+    _builder_readme,
+    _seeded,
+    _tiny_text_encoder,
+    _tiny_vae,
+    _write_staged,
+    _write_tokenizer_files,
+    sd15_scheduler,
+    tiny_tokenizer,
+    tiny_unet,
+)
+
+
+def build_tiny_sd_depth(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SD bundle whose UNet has 5 input channels (4 latent + 1 depth), as Depth2Img's."""
+
+    def write(staging: Path) -> None:
+        tokenizer = tiny_tokenizer()
+        pipeline = StableDiffusionPipeline(
+            vae=_seeded(seed, 0, _tiny_vae), text_encoder=_seeded(seed, 1, lambda: _tiny_text_encoder(tokenizer)),
+            tokenizer=tokenizer, unet=_seeded(seed, 2, _depth_unet), scheduler=sd15_scheduler(), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        _write_tokenizer_files(staging / "tokenizer")
+
+    return _write_staged(Path(out_dir), write, _builder_readme("depth-conditioned SD bundle", "build_tiny_sd_depth", seed))
+
+
+def _depth_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_config({**tiny_unet().config, "in_channels": 5})
+
+
+def _controlnet() -> ControlNetModel:
+    controlnet = ControlNetModel.from_unet(tiny_unet(), conditioning_embedding_out_channels=(8, 8, 16, 16))
+    # A ControlNet starts with zero output convolutions (Zhang et al. 2023, §3.1): untrained, it would
+    # add nothing. Random values instead, so tests see the depth reach the UNet, as a trained one does.
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.05)
+    return controlnet
+
+
+def build_tiny_controlnet(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ControlNet shaped for the tiny bundle's UNet (``config.json`` + safetensors)."""
+
+    def write(staging: Path) -> None:
+        _seeded(seed, 3, _controlnet).save_pretrained(staging, safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("depth ControlNet", "build_tiny_controlnet", seed))

@@ -1,0 +1,130 @@
+"""Stage declarations of a zero-shot Gen-1 (Esser et al. 2023, "Structure and Content-Guided Video
+Synthesis with Diffusion Models"): a clip's structure (depth, at a structure level ``t_s``) with new
+content, smoothed in time by temporal guidance (``omega_t``).
+
+``embed_content`` (method ``text``) embeds the content prompt; ``denoise_latents`` (method ``gen1``:
+depth concatenated to the latents of a depth UNet such as stable-diffusion-2-depth; method
+``gen1_controlnet``: a depth ControlNet beside an SD 1.5 UNet) edits the clip's latents from the
+stored depth (``estimate_depth``), so sweeping ``t_s`` or ``omega_t`` (``each:``) never reruns depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+import reelflow.schemas.depth  # noqa: F401  (the depth kind these stages read)
+from reelflow.schemas.base import Model, PositiveInt
+from reelflow.schemas.fatezero import FrameKey
+from reelflow.schemas.kinds import Attrs, register_kind
+from reelflow.schemas.registry import Method
+from reelflow.schemas.stages import Role, StageSpec, register_stage
+
+TEXT_ENCODER = Role(description="the CLIP text encoder and its tokenizer")
+DEPTH_UNET = Role(description="a UNet taking depth as a fifth input channel (with its scheduler config)", tiny="sd-depth")
+UNET = Role(description="the denoising UNet (with its scheduler config)")
+CONTROLNET = Role(description="a depth ControlNet for the UNet", tiny="sd-controlnet")
+
+
+class TextContent(Attrs):
+    """The prompts a content embedding was made from."""
+
+    prompt: str = Field(description="What the edited video should show.")
+    negative_prompt: str = Field(description="The unconditional prompt of classifier-free guidance.")
+
+
+register_kind("content/text", TextContent, "prompt embeddings (unconditional, conditional) for cross-attention")
+
+
+class EmbedTextParams(Model):
+    prompt: str = Field(min_length=1, description="The content: what the edited video should show.")
+    negative_prompt: str = Field(default="", description="The unconditional prompt of classifier-free guidance.")
+
+
+@register_stage
+class EmbedText(StageSpec):
+    """Encode the content prompt (and the negative one) with the text encoder."""
+
+    version: ClassVar[str] = "1"
+    produces: ClassVar[str] = "content/text"
+    roles: ClassVar[dict[str, Role]] = {"text_encoder": TEXT_ENCODER}
+
+    stage: Literal["embed_content"] = "embed_content"
+    method: Literal["text"] = Field(default="text", description="Content from a prompt.")
+    params: EmbedTextParams = Field(description="The content prompt.")
+
+
+class Gen1Params(Model):
+    """Structure, content and temporal guidance of one edit."""
+
+    num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule.")
+    strength: float = Field(
+        default=0.8, gt=0.0, le=1.0,
+        description="How far the source latents are noised before denoising (SDEdit): 1 starts from noise, "
+        "lower keeps more of the source's appearance.",
+    )  # fmt: skip
+    omega: float = Field(default=7.5, ge=1.0, le=30.0, description="Content (classifier-free) guidance.")
+    omega_t: float = Field(
+        default=1.0, ge=0.0, le=10.0,
+        description="Temporal guidance: 0 edits frame by frame, 1 is the cross-frame (video) prediction, above 1 "
+        "smooths more. Each step costs three UNet passes (two when 0).",
+    )  # fmt: skip
+    t_s: int = Field(
+        default=0, ge=0, le=10,
+        description="Structure level: 0 follows the depth exactly; each level halves the finest depth detail kept "
+        "(blur and 2x downsampling), letting shapes change more.",
+    )  # fmt: skip
+    frame_keys: tuple[FrameKey, ...] = Field(
+        default=("self", "first"),
+        description="What video-mode self-attention reads besides each frame's own tokens; 'first' is the anchor "
+        "frame every window shares.",
+    )
+    window: PositiveInt = Field(default=16, description="Frames per window; longer clips go window by window.")
+    overlap: int = Field(default=2, ge=0, description="Frames neighbouring windows share (cross-faded).")
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="The depth ControlNet's strength.")
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> Gen1Params:
+        if 2 * self.overlap > self.window:
+            raise ValueError(f"overlap {self.overlap} is more than half the window of {self.window} frames; lower it")
+        return self
+
+
+class _Gen1(StageSpec):
+    version: ClassVar[str] = "1"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {
+        "latents": ("latents",), "depth": ("depth",), "content": ("content/text",),
+    }  # fmt: skip
+    produces: ClassVar[str] = "latents"
+    demo: ClassVar[dict[str, Any]] = {"num_steps": 6, "window": 4, "overlap": 1}
+
+    stage: Literal["denoise_latents"] = "denoise_latents"
+    params: Gen1Params = Field(default_factory=Gen1Params, description="The edit.")
+
+    def seeded(self) -> bool:
+        return True  # the SDEdit noise
+
+
+@register_stage
+class DenoiseGen1(_Gen1):
+    """Edit the clip's latents under its depth (concatenated to the latents) with new content."""
+
+    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET}
+    method: Literal["gen1"] = Field(default="gen1", description="Gen-1 with a depth UNet (depth as an input channel).")
+
+
+@register_stage
+class DenoiseGen1ControlNet(_Gen1):
+    """Edit the clip's latents under its depth (through a depth ControlNet) with new content."""
+
+    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "controlnet": CONTROLNET}
+    method: Literal["gen1_controlnet"] = Field(default="gen1_controlnet", description="Gen-1 with a depth ControlNet.")
+
+
+METHOD = Method(
+    name="gen1",
+    description="Gen-1 style editing (Esser et al. 2023): depth structure, prompt content, temporal guidance.",
+    implementations=("reelflow.tasks.gen1",),
+    tiny={"sd-depth": "reelflow.core.tiny_gen1:build_tiny_sd_depth", "sd-controlnet": "reelflow.core.tiny_gen1:build_tiny_controlnet"},
+)

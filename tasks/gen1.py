@@ -1,0 +1,141 @@
+"""embed_content (text) and denoise_latents (gen1, gen1_controlnet): Gen-1 style editing from a clip's
+stored depth, window by window, every window's cross-frame attention also reading one anchor frame."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from reelflow.core.attention.processor import install_frame_processors
+from reelflow.core.editing.gen1 import Structure, edit_timesteps, gen1_denoise, sdedit_start
+from reelflow.core.guidance.structure import structure_level
+from reelflow.core.text import encode_prompts
+from reelflow.core.windows import Window, WindowPlan
+from reelflow.schemas.calls import StageCall
+from reelflow.schemas.gen1 import Gen1Params, TextContent
+from reelflow.schemas.kinds import Latents
+from reelflow.schemas.refs import ArtifactRef
+from reelflow.tasks.artifacts import contact_sheet, publish_markdown
+from reelflow.tasks.models import model_lock
+from reelflow.tasks.preflight import PreflightContext, stage_check
+from reelflow.tasks.runtime import StageContext, run_stage
+from reelflow.tasks.stage import stage_task
+from reelflow.tasks.windows import read_window, run_windows
+
+ANCHOR = 0  # the frame every window's video-mode attention also reads
+
+
+@stage_task("embed_content", "text")
+def embed_content(call: StageCall) -> ArtifactRef:
+    """Prompt embeddings ``embeds (2, L, D)``: the negative prompt's, then the prompt's."""
+    return run_stage(call, _embed)
+
+
+def _embed(ctx: StageContext) -> TextContent:
+    p = ctx.call.stage.params
+    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [p.negative_prompt, p.prompt])
+    ctx.writer.write_array("embeds", embeds.float().cpu().numpy(), dims=("prompt", "token", "embedding"), dtype=np.float32)
+    return TextContent(prompt=p.prompt, negative_prompt=p.negative_prompt)
+
+
+@stage_task("denoise_latents", "gen1")
+def denoise_latents(call: StageCall) -> ArtifactRef:
+    """Edited latents ``(F, 4, h, w)`` under the clip's depth, concatenated to a depth UNet's input. Resumable by window."""
+    return run_stage(call, _denoise, resumable=True)
+
+
+@stage_task("denoise_latents", "gen1_controlnet")
+def denoise_latents_controlnet(call: StageCall) -> ArtifactRef:
+    """Edited latents ``(F, 4, h, w)`` under the clip's depth, through a depth ControlNet. Resumable by window."""
+    return run_stage(call, _denoise, resumable=True)
+
+
+def _denoise(ctx: StageContext) -> Latents:
+    p: Gen1Params = ctx.call.stage.params
+    latents, depth = ctx.input("latents")["latents"], ctx.input("depth")["depth"]
+    embeds = torch.from_numpy(ctx.array("content", "embeds", "float32"))
+    unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
+    controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
+    timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
+    out = ctx.writer.create_array("latents", shape=latents.shape, dtype=np.float32, dims=("frame", "latent_channel", "y", "x"))
+    _write_levelled(ctx, depth, p.t_s)
+
+    def compute(window: Window) -> np.ndarray:
+        z0 = torch.from_numpy(read_window(latents, window).astype(np.float32))
+        z = sdedit_start(z0, _noise(ctx.call.seed, window.frames, z0.shape[1:]), float(scheduler.alphas_cumprod[timesteps[0]]))
+        levelled = structure_level(torch.from_numpy(read_window(depth, window).astype(np.float32)), p.t_s)
+        structure = Structure(levelled, controlnet, p.conditioning_scale)
+        edited = gen1_denoise(unet, z, embeds, structure, scheduler, p.num_steps, timesteps, omega=p.omega,
+                              omega_t=p.omega_t)  # fmt: skip
+        return window.own(edited.numpy())
+
+    with _video_mode(unet, p.frame_keys):
+        run_windows(ctx, WindowPlan(p.window, p.overlap, anchor=ANCHOR), out, compute)
+    _publish(ctx, p)
+    ctx.record(timesteps=[int(t) for t in timesteps])
+    return Latents()
+
+
+@contextmanager
+def _video_mode(unet: Any, frame_keys: tuple) -> Iterator[None]:
+    """The shared UNet with cross-frame self-attention for the stage, its own processors restored after
+    (cross-attention processors are left alone: an IP-Adapter's carry its image tokens)."""
+    with model_lock(unet):
+        original = dict(unet.attn_processors)
+        install_frame_processors(unet, frame_keys=frame_keys, cross_attention=False)
+        try:
+            yield
+        finally:
+            unet.set_attn_processor(original)
+
+
+def _noise(seed: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """SDEdit noise of each source frame, the same in every window that holds the frame (the anchor too)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + f)) for f in frames])
+
+
+def _write_levelled(ctx: StageContext, depth: Any, t_s: int) -> None:
+    """The clip's depth at structure level ``t_s`` as the stage sees it, ``structure (F, H, W)``, a chunk at a time."""
+    out = ctx.writer.create_array("structure", shape=depth.shape, dtype=np.float16, dims=("frame", "y", "x"))
+    for start in range(0, depth.shape[0], 16):
+        out[start : start + 16] = structure_level(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s).numpy()
+
+
+def _publish(ctx: StageContext, p: Gen1Params) -> None:
+    structure = ctx.writer.group["structure"]
+    step = max(1, structure.shape[0] // 8)
+    picture = ctx.picture(f"structure-t{p.t_s}", contact_sheet(np.stack([np.asarray(structure[i], np.float32)
+                                                                         for i in range(0, structure.shape[0], step)])))  # fmt: skip
+    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", (
+        f"### `{ctx.call.stage_id}`: t_s {p.t_s}, omega {p.omega}, omega_t {p.omega_t}, strength {p.strength}\n\n"
+        f"**depth at structure level {p.t_s}** (every {step}th frame)\n\n{picture}"), description="Gen-1 edit")  # fmt: skip
+
+
+@stage_check("denoise_latents", "gen1")
+def _check_depth_unet(ctx: PreflightContext) -> None:
+    """Refuses, before any model loads, a UNet that does not take depth as an input channel."""
+    config = ctx.model_config("unet") or {}
+    if config.get("in_channels", 5) != 5:
+        raise ValueError(f"method gen1 concatenates depth to the latents, so its UNet needs 5 input channels (a depth "
+                         f"UNet such as stabilityai/stable-diffusion-2-depth); this one has {config['in_channels']}: "
+                         "use method gen1_controlnet with a depth ControlNet for a 4-channel UNet")  # fmt: skip
+    _check_scheduler(ctx)
+
+
+@stage_check("denoise_latents", "gen1_controlnet")
+def _check_controlnet(ctx: PreflightContext) -> None:
+    config = ctx.model_config("controlnet") or {}
+    if config and config.get("_class_name") != "ControlNetModel":
+        raise ValueError(f"the controlnet role needs a ControlNetModel; its config names {config.get('_class_name')!r}")
+    _check_scheduler(ctx)
+
+
+def _check_scheduler(ctx: PreflightContext) -> None:
+    config = ctx.model_config("unet", "scheduler", "scheduler_config.json") or {}
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"the UNet predicts {config['prediction_type']!r}; Gen-1's DDIM sampling here takes "
+                         "epsilon-prediction models (stable-diffusion-2-depth, SD 1.5)")  # fmt: skip
