@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fused_replay.py
 	$(BIN)/python benchmarks/videoshop.py
 	$(BIN)/python benchmarks/depth.py
+	$(BIN)/python benchmarks/gen1.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

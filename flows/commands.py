@@ -278,6 +278,8 @@ def stages(args: argparse.Namespace) -> int:
             print(f"    input  {slot} <- {'|'.join(kinds)}")
         for slot, kind in cls.reads.items():
             print(f"    source {slot}: {kind}")
+        for slot, kind in cls.optional_reads.items():
+            print(f"    source {slot}: {kind} (optional)")
         for role, declared in cls.roles.items():
             print(f"    model  {role}: {'|'.join(declared.families)}  {declared.description}")
         for export in cls.exports:

@@ -6,6 +6,8 @@ content, smoothed in time by temporal guidance (``omega_t``).
 depth concatenated to the latents of a depth UNet such as stable-diffusion-2-depth; method
 ``gen1_controlnet``: a depth ControlNet beside an SD 1.5 UNet) edits the clip's latents from the
 stored depth (``estimate_depth``), so sweeping ``t_s`` or ``omega_t`` (``each:``) never reruns depth.
+With a ``mask`` source (white: edit) only the masked region changes; outside it every step keeps the
+source's own trajectory.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ class EmbedTextParams(Model):
 
 @register_stage
 class EmbedText(StageSpec):
-    """Encode the content prompt (and the negative one) with the text encoder."""
+    """Encode the content prompt (and the negative one, and the empty one) with the text encoder."""
 
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: the empty prompt's embedding too
     produces: ClassVar[str] = "content/text"
     roles: ClassVar[dict[str, Role]] = {"text_encoder": TEXT_ENCODER}
 
@@ -83,20 +85,34 @@ class Gen1Params(Model):
     window: PositiveInt = Field(default=16, description="Frames per window; longer clips go window by window.")
     overlap: int = Field(default=2, ge=0, description="Frames neighbouring windows share (cross-faded).")
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="The depth ControlNet's strength.")
+    start: Literal["sdedit", "inversion"] = Field(
+        default="sdedit",
+        description="Where denoising starts: the source latents noised to the strength (sdedit), or DDIM-inverted "
+        "to it under the same depth (inversion, one more UNet pass per step; keeps more of the source).",
+    )
 
     @model_validator(mode="after")
-    def _windows_fit(self) -> Gen1Params:
+    def _check(self) -> Gen1Params:
         if 2 * self.overlap > self.window:
             raise ValueError(f"overlap {self.overlap} is more than half the window of {self.window} frames; lower it")
+        if int(self.num_steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} of {self.num_steps} steps takes no step; raise either")
+        if "first" not in self.frame_keys or any(k in ("mid", "last") or (isinstance(k, int) and k > 0) for k in self.frame_keys):
+            raise ValueError(f"frame_keys {list(self.frame_keys)} must include 'first' (the anchor every window shares) "
+                             "and may not read later frames ('mid', 'last', positive offsets): the anchor would then "
+                             "be edited differently in each window")  # fmt: skip
         return self
 
 
 class _Gen1(StageSpec):
-    version: ClassVar[str] = "1"
+    # 2: windows kept whole (1 trimmed the anchor twice), the clip's depth range mapped to [-1, 1], the clean
+    # source after the last blended step, inversion on the empty prompt.
+    version: ClassVar[str] = "2"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
         "latents": ("latents",), "depth": ("depth",), "content": ("content/text",),
     }  # fmt: skip
     produces: ClassVar[str] = "latents"
+    optional_reads: ClassVar[dict[str, str]] = {"mask": "mask"}
     demo: ClassVar[dict[str, Any]] = {"num_steps": 6, "window": 4, "overlap": 1}
 
     stage: Literal["denoise_latents"] = "denoise_latents"

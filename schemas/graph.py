@@ -200,15 +200,18 @@ def _pick_model(spec: StageSpec, role: str, models: Mapping[str, str | None]) ->
 
 def _pick_sources(spec: StageSpec, sources: Mapping[str, str]) -> dict[str, str]:
     """Source slot -> the pipeline source it reads (by default the source named like the slot)."""
-    unknown = set(spec.sources) - set(spec.reads)
+    readable = {**spec.reads, **spec.optional_reads}
+    unknown = set(spec.sources) - set(readable)
     if unknown:
         raise GraphError(
             f"stage {spec.id!r} ({spec.tag}) reads no source {sorted(unknown)[0]!r}; "
-            f"its sources are: {', '.join(spec.reads) or 'none'}"
+            f"its sources are: {', '.join(readable) or 'none'}"
         )
     picked = {}
-    for slot, kind in spec.reads.items():
+    for slot, kind in readable.items():
         name = spec.sources.get(slot, slot)
+        if slot in spec.optional_reads and slot not in spec.sources and name not in sources:
+            continue  # an optional source the pipeline does not give
         if name not in sources:
             raise GraphError(
                 f"stage {spec.id!r} ({spec.tag}) reads the {kind} source {name!r}, which the pipeline does not "

@@ -10,6 +10,7 @@ declaration the DAG engine reads:
 - ``produces``: the kind it writes;
 - ``roles``: the models it needs, by role (``unet``, ``vae``, ``image_encoder``, ``depth``, ...);
 - ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
+- ``optional_reads``: sources it reads only when the pipeline declares one for the slot (a mask);
 - ``exports``: what it adds to the run's outputs (a video file, the metrics table);
 - ``same_model_slots``: inputs whose producer must use the same models (an edit and its inversion);
 - ``demo``: params ``reelflow demo`` sets so the stage runs in seconds on a CPU with tiny models;
@@ -51,7 +52,7 @@ def register_stage(cls: type[StageSpec]) -> type[StageSpec]:
         if kind not in KINDS:
             raise RegistryError(f"stage {stage_tag(*key)} uses the artifact kind {kind!r}, which no method registers; "
                                 f"register it with register_kind (known: {', '.join(sorted(KINDS))})")  # fmt: skip
-    for slot, kind in cls.reads.items():
+    for slot, kind in {**cls.reads, **cls.optional_reads}.items():
         if kind not in SOURCE_KINDS:
             raise RegistryError(f"stage {stage_tag(*key)} reads source {slot!r} of kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")
     STAGE_TYPES[key] = cls
@@ -95,6 +96,7 @@ class StageSpec(Model):
     produces: ClassVar[str] = ""
     roles: ClassVar[dict[str, Role]] = {}
     reads: ClassVar[dict[str, str]] = {}
+    optional_reads: ClassVar[dict[str, str]] = {}
     exports: ClassVar[tuple[Export, ...]] = ()
     same_model_slots: ClassVar[tuple[str, ...]] = ()
     demo: ClassVar[dict[str, Any]] = {}

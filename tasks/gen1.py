@@ -3,16 +3,18 @@ stored depth, window by window, every window's cross-frame attention also readin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from reelflow.core.attention.processor import install_frame_processors
-from reelflow.core.editing.gen1 import Structure, edit_timesteps, gen1_denoise, sdedit_start
+from reelflow.core.editing.gen1 import Blend, Structure, edit_timesteps, gen1_denoise, gen1_invert, sdedit_start
 from reelflow.core.guidance.structure import structure_level
+from reelflow.core.sources import read_image
 from reelflow.core.text import encode_prompts
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
@@ -31,14 +33,17 @@ ANCHOR = 0  # the frame every window's video-mode attention also reads
 
 @stage_task("embed_content", "text")
 def embed_content(call: StageCall) -> ArtifactRef:
-    """Prompt embeddings ``embeds (2, L, D)``: the negative prompt's, then the prompt's."""
+    """Prompt embeddings ``embeds (2, L, D)`` (the negative prompt's, then the prompt's) and the empty prompt's
+    ``empty (1, L, D)`` (what an inversion is conditioned on)."""
     return run_stage(call, _embed)
 
 
 def _embed(ctx: StageContext) -> TextContent:
     p = ctx.call.stage.params
-    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [p.negative_prompt, p.prompt])
-    ctx.writer.write_array("embeds", embeds.float().cpu().numpy(), dims=("prompt", "token", "embedding"), dtype=np.float32)
+    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [p.negative_prompt, p.prompt, ""])
+    dims = ("prompt", "token", "embedding")
+    ctx.writer.write_array("embeds", embeds[:2].float().cpu().numpy(), dims=dims, dtype=np.float32)
+    ctx.writer.write_array("empty", embeds[2:].float().cpu().numpy(), dims=dims, dtype=np.float32)
     return TextContent(prompt=p.prompt, negative_prompt=p.negative_prompt)
 
 
@@ -58,26 +63,54 @@ def _denoise(ctx: StageContext) -> Latents:
     p: Gen1Params = ctx.call.stage.params
     latents, depth = ctx.input("latents")["latents"], ctx.input("depth")["depth"]
     embeds = torch.from_numpy(ctx.array("content", "embeds", "float32"))
+    empty = torch.from_numpy(ctx.array("content", "empty", "float32"))
     unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
     controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
     out = ctx.writer.create_array("latents", shape=latents.shape, dtype=np.float32, dims=("frame", "latent_channel", "y", "x"))
-    _write_levelled(ctx, depth, p.t_s)
+    span = _write_levelled(ctx, depth, p.t_s)
+
+    mask = _mask(ctx, tuple(latents.shape[-2:]))
 
     def compute(window: Window) -> np.ndarray:
         z0 = torch.from_numpy(read_window(latents, window).astype(np.float32))
-        z = sdedit_start(z0, _noise(ctx.call.seed, window.frames, z0.shape[1:]), float(scheduler.alphas_cumprod[timesteps[0]]))
         levelled = structure_level(torch.from_numpy(read_window(depth, window).astype(np.float32)), p.t_s)
-        structure = Structure(levelled, controlnet, p.conditioning_scale)
+        structure = Structure(levelled, controlnet, p.conditioning_scale, span)
+        noise = _noise(ctx.call.seed, window.frames, z0.shape[1:])
+        z, source = _start(p, unet, z0, empty, structure, scheduler, timesteps, noise)
         edited = gen1_denoise(unet, z, embeds, structure, scheduler, p.num_steps, timesteps, omega=p.omega,
-                              omega_t=p.omega_t)  # fmt: skip
-        return window.own(edited.numpy())
+                              omega_t=p.omega_t, blend=Blend(mask, source) if mask is not None else None)  # fmt: skip
+        return edited.numpy()  # on window.frames, the anchor first; the stitcher keeps the window's own
 
     with _video_mode(unet, p.frame_keys):
         run_windows(ctx, WindowPlan(p.window, p.overlap, anchor=ANCHOR), out, compute)
     _publish(ctx, p)
     ctx.record(timesteps=[int(t) for t in timesteps])
     return Latents()
+
+
+def _start(
+    p: Gen1Params, unet: Any, z0: torch.Tensor, empty: torch.Tensor, structure: Structure, scheduler: Any,
+    timesteps: torch.Tensor, noise: torch.Tensor,
+) -> tuple[torch.Tensor, Callable[[int, float], torch.Tensor]]:  # fmt: skip
+    """The latents the edit starts from, and the source's latents at each level it reaches (for blending);
+    inversion is conditioned on the empty prompt (``empty`` ``(1, L, D)``), as no prompt describes the source."""
+    if p.start == "inversion":
+        levels = gen1_invert(unet, z0, empty, structure, scheduler, p.num_steps, timesteps)
+        return levels[-1], lambda index, alpha_prod: levels[len(levels) - 2 - index]
+    last = len(timesteps) - 1  # after the last step the source is its clean latents, as diffusers' inpainting
+    start = sdedit_start(z0, noise, float(scheduler.alphas_cumprod[timesteps[0]]))
+    return start, lambda index, alpha_prod: z0 if index == last else sdedit_start(z0, noise, alpha_prod)
+
+
+def _mask(ctx: StageContext, latent_size: tuple[int, int]) -> torch.Tensor | None:
+    """The optional mask (white: edit) averaged onto the latent grid, ``(1, 1, h, w)``: give it at the size of
+    the frames the pipeline decodes (it is squashed, not cropped)."""
+    if "mask" not in ctx.call.sources:
+        return None
+    with ctx.open_source("mask") as handle:
+        mask = torch.from_numpy(read_image("mask", handle, mask=True))[None, None]
+    return F.interpolate(mask, size=latent_size, mode="area").clamp(0.0, 1.0)
 
 
 @contextmanager
@@ -98,11 +131,17 @@ def _noise(seed: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + f)) for f in frames])
 
 
-def _write_levelled(ctx: StageContext, depth: Any, t_s: int) -> None:
-    """The clip's depth at structure level ``t_s`` as the stage sees it, ``structure (F, H, W)``, a chunk at a time."""
+def _write_levelled(ctx: StageContext, depth: Any, t_s: int) -> tuple[float, float]:
+    """The clip's depth at structure level ``t_s`` as the stage sees it, ``structure (F, H, W)``, a chunk at a
+    time; returns its range over the clip (the concat condition maps it to [-1, 1])."""
     out = ctx.writer.create_array("structure", shape=depth.shape, dtype=np.float16, dims=("frame", "y", "x"))
+    low, high = float("inf"), float("-inf")
     for start in range(0, depth.shape[0], 16):
-        out[start : start + 16] = structure_level(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s).numpy()
+        levelled = structure_level(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s)
+        out[start : start + 16] = levelled.numpy()
+        low, high = min(low, float(levelled.min())), max(high, float(levelled.max()))
+    ctx.record(structure_range=[low, high])
+    return low, high
 
 
 def _publish(ctx: StageContext, p: Gen1Params) -> None:

@@ -83,3 +83,53 @@ def test_the_controlnet_path_conditions_on_the_depth_image() -> None:
     one = denoise(unet, z, depth, embeds, omega=7.5, omega_t=1.0, controlnet=controlnet)
     other = denoise(unet, z, 1 - depth, embeds, omega=7.5, omega_t=1.0, controlnet=controlnet)
     assert one.shape == z.shape and not torch.allclose(one, other, atol=1e-5)
+
+
+class ConstantUnet:
+    """A 'UNet' whose noise prediction does not depend on the latents: DDIM inversion then denoising with it
+    must return the clean latents exactly, so every level of the walk lines up."""
+
+    device, dtype, attn_processors = torch.device("cpu"), torch.float32, {}
+
+    def __call__(self, sample, t, encoder_hidden_states, **kwargs):
+        one = sample[:1, :4]
+        eps = torch.sin(torch.arange(one.numel(), dtype=torch.float32) * 0.37 + t).view(one.shape)
+        return type("Out", (), {"sample": eps.expand(sample.shape[0], -1, -1, -1)})()
+
+
+def test_inversion_then_denoising_returns_the_source_and_the_blend_levels_line_up() -> None:
+    from reelflow.core.editing.gen1 import Blend, gen1_invert
+
+    scheduler, unet = sd15_scheduler(), ConstantUnet()
+    z0, depth, embeds = inputs()
+    timesteps = edit_timesteps(scheduler, 10, 0.5)
+    levels = gen1_invert(unet, z0, embeds[:1], Structure(depth), scheduler, 10, timesteps)
+    assert len(levels) == len(timesteps) + 1
+    # omega = 1, omega_t = 0: the conditional per-frame prediction, the one the inversion used (same eps here).
+    back = gen1_denoise(unet, levels[-1], embeds, Structure(depth), scheduler, 10, timesteps, omega=1.0, omega_t=0.0)
+    torch.testing.assert_close(back, z0, rtol=1e-4, atol=1e-4)
+    seen: list[torch.Tensor] = []
+
+    def source(index: int, alpha_prod: float) -> torch.Tensor:
+        seen.append(levels[len(levels) - 2 - index])
+        return seen[-1]
+
+    keep_all = Blend(torch.zeros(1, 1, 8, 8), source)  # mask 0: every step returns the source's own level
+    kept = gen1_denoise(unet, levels[-1], embeds, Structure(depth), scheduler, 10, timesteps, omega=7.5, omega_t=0.0,
+                        blend=keep_all)  # fmt: skip
+    torch.testing.assert_close(kept, z0)
+    assert len(seen) == len(timesteps)
+
+
+def test_the_concat_condition_maps_the_clips_range_to_minus_one_one() -> None:
+    depth = torch.rand(3, 64, 64) * 0.4 + 0.3
+    channel = Structure(depth, span=(float(depth.min()), float(depth.max()))).concat_channel((64, 64))
+    assert channel.min() == pytest.approx(-1.0) and channel.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("keys", [("self",), ("self", "first", "mid"), ("first", 1)])
+def test_frame_keys_that_would_change_the_anchor_between_windows_are_refused(keys) -> None:
+    from reelflow.schemas.gen1 import Gen1Params
+
+    with pytest.raises(ValueError, match="must include 'first'"):
+        Gen1Params(frame_keys=keys)

@@ -106,6 +106,13 @@ def test_demo_runs_videoshop_on_the_tiny_svd_with_an_edited_frame_made_from_the_
     assert list((tmp_path / "demo" / "output").glob("source.videoshop.mp4"))
 
 
+def test_demo_runs_the_gen1_sweep_on_tiny_depth_and_controlnet(capsys, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--preset", "gen1-controlnet")
+    assert code == 0 and "gen1-controlnet: completed" in out and "estimate_depth" in out
+    assert "denoise_latents_0" in out and "denoise_latents_1" in out  # t_s 0 and 3 from one depth
+    assert len(list((tmp_path / "demo" / "output").glob("source.gen1-controlnet.*.mp4"))) == 2
+
+
 def test_demo_runs_the_whole_pipeline_then_serves_it_from_cache(capsys, tmp_path: Path) -> None:
     workdir = tmp_path / "demo dir #1"  # a space and a '#' must survive the spec overrides
     code, out, _ = run_cli(capsys, "demo", "--workdir", str(workdir))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 import torch
@@ -15,11 +14,11 @@ from reelflow.core.tiny_gen1 import build_tiny_controlnet, build_tiny_sd_depth
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
-from reelflow.schemas.calls import SourceRef, StoreSpec
+from reelflow.flows.sources import hash_sources, source_urls
+from reelflow.schemas.calls import StoreSpec
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.settings import Settings
-from reelflow.storage.keys import content_key
 from reelflow.storage.store import ArtifactStore
 from reelflow.tasks import task_for
 
@@ -46,8 +45,9 @@ def _names(preset: str) -> set[str]:
 
 
 def planned(spec_, clip: Path, store: str) -> dict:
-    source = SourceRef(url=str(clip), key=content_key(fsspec.filesystem("file"), str(clip)))
-    stages = plan_run(spec_, sources={"video": source}, store=StoreSpec(url=store), run_id="r", default_dtype="float32")
+    spec_ = load_spec(spec_.model_dump(mode="json"), [f"input={clip}"])
+    sources = hash_sources(spec_, source_urls(spec_), Settings())
+    stages = plan_run(spec_, sources=sources, store=StoreSpec(url=store), run_id="r", default_dtype="float32")
     return {p.id: p for p in stages}
 
 
@@ -82,3 +82,47 @@ def test_a_four_channel_unet_is_refused_for_the_concat_method(models, clip: Path
     given = spec("gen1-depth2img", {**models, "sd_depth": models["sd"]}, f"input={clip}", f"store={tmp_path / 's'}")
     with pytest.raises(SpecError, match="needs 5 input channels .* use method gen1_controlnet"):
         prepare_run(given, Settings())
+
+
+def test_a_black_mask_keeps_the_source_trajectory_and_a_white_one_edits_everywhere(
+    models, clip: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    for name, value in (("keep", 0), ("edit", 255)):
+        Image.new("L", (64, 64), value).save(tmp_path / f"{name}.png")
+    store = str(tmp_path / "store")
+    results = {}
+    for name in ("keep", "edit", None):
+        extra = (f"sources={{mask: {{kind: mask, path: {tmp_path / f'{name}.png'}}}}}",) if name else ()
+        stages = planned(spec("gen1-controlnet", models, *extra), clip, store)
+        refs = run(stages)
+        results[name] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)["latents"][:]
+    np.testing.assert_allclose(results["edit"], results[None], rtol=1e-5, atol=1e-5)
+    encoded = ArtifactStore(store).open("encode_latents", refs["encode_latents"].key)["latents"][:].astype(np.float32)
+    # Kept: the source's own trajectory at the schedule's last level (sqrt(abar) z0 + sqrt(1 - abar) n), next to z0.
+    assert np.abs(results["keep"] - encoded).mean() < 0.1 < np.abs(results[None] - encoded).mean()
+
+
+def test_an_inversion_start_differs_from_sdedit_and_stays_closer_to_the_source(models, clip: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    latents = {}
+    for start in ("sdedit", "inversion"):
+        refs = run(planned(spec("gen1-depth2img", models, f"stages.denoise_latents.params.start={start}",
+                                "stages.denoise_latents.params.strength=0.4"), clip, store))  # fmt: skip
+        latents[start] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents"].key)["latents"][:]
+    assert not np.allclose(latents["sdedit"], latents["inversion"])
+
+
+def test_windows_with_the_shared_anchor_give_per_frame_edits_their_own_frames(models, clip: Path, tmp_path: Path) -> None:
+    """With omega_t = 0 every frame is edited alone, from noise seeded by its own index, so cutting the clip
+    into windows (the anchor prepended to each) must change nothing: each frame lands in its own slot."""
+    store = str(tmp_path / "store")
+    edits = {}
+    for window, overlap in ((4, 1), (16, 0)):
+        refs = run(planned(spec("gen1-controlnet", models, "stages.denoise_latents.params.omega_t=0",
+                                f"stages.denoise_latents.params.window={window}",
+                                f"stages.denoise_latents.params.overlap={overlap}"), clip, store))  # fmt: skip
+        edits[window] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)
+    assert edits[4].attrs["windows"]["count"] == 2 and edits[16].attrs["windows"]["count"] == 1
+    np.testing.assert_allclose(edits[4]["latents"][:], edits[16]["latents"][:], rtol=1e-5, atol=1e-5)
