@@ -1,6 +1,7 @@
 """Tiny random models for Gen-1 style editing: a Stable-Diffusion-style bundle whose UNet takes depth
-as a fifth input channel (the layout of stable-diffusion-2-depth), and a depth ControlNet for the
-tiny bundle's UNet. Same formats as the real ones (diffusers layout, safetensors), each a pure
+as a fifth input channel (the layout of stable-diffusion-2-depth), a depth ControlNet for the tiny
+bundle's UNet, and an image-variation bundle whose UNet cross-attends to one CLIP image embedding
+(the layout of lambdalabs/sd-image-variations-diffusers). Same formats as the real ones (diffusers layout, safetensors), each a pure
 function of its seed, so tests and ``reelflow demo`` run the real loading code with no download.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import ControlNetModel, StableDiffusionImageVariationPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPImageProcessor
 
 from reelflow.core.tiny import (
+    CLIP_IMAGE_SIZE,
     _builder_readme,
     _seeded,
     _tiny_text_encoder,
@@ -19,6 +22,7 @@ from reelflow.core.tiny import (
     _write_staged,
     _write_tokenizer_files,
     sd15_scheduler,
+    tiny_clip_vision,
     tiny_tokenizer,
     tiny_unet,
 )
@@ -62,3 +66,28 @@ def build_tiny_controlnet(out_dir: str | Path, seed: int = 0) -> Path:
         _seeded(seed, 3, _controlnet).save_pretrained(staging, safe_serialization=True)
 
     return _write_staged(Path(out_dir), write, _builder_readme("depth ControlNet", "build_tiny_controlnet", seed))
+
+
+def build_tiny_image_variations(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny image-variation bundle: VAE, UNet (cross-attention width 32), a CLIP image encoder projecting
+    to 32, its image processor and the DDIM config, as StableDiffusionImageVariationPipeline saves them."""
+
+    def write(staging: Path) -> None:
+        crop = {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
+        pipeline = StableDiffusionImageVariationPipeline(
+            vae=_seeded(seed, 0, _tiny_vae), image_encoder=_seeded(seed, 1, lambda: _projecting_to(32)),
+            unet=_seeded(seed, 2, tiny_unet), scheduler=sd15_scheduler(), safety_checker=None,
+            feature_extractor=CLIPImageProcessor(size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size=crop),
+            requires_safety_checker=False,
+        )  # fmt: skip
+        pipeline.save_pretrained(staging, safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("image-variation SD bundle", "build_tiny_image_variations", seed))
+
+
+def _projecting_to(width: int):  # noqa: ANN202
+    from transformers import CLIPVisionModelWithProjection
+
+    config = tiny_clip_vision().config
+    config.projection_dim = width
+    return CLIPVisionModelWithProjection(config).eval()

@@ -2,7 +2,8 @@
 Synthesis with Diffusion Models"): a clip's structure (depth, at a structure level ``t_s``) with new
 content, smoothed in time by temporal guidance (``omega_t``).
 
-``embed_content`` (method ``text``) embeds the content prompt; ``denoise_latents`` (method ``gen1``:
+``embed_content`` embeds the content: a prompt (method ``text``) or, as Gen-1 does, a reference
+image's CLIP embedding (method ``reference``, for an image-variation UNet); ``denoise_latents`` (method ``gen1``:
 depth concatenated to the latents of a depth UNet such as stable-diffusion-2-depth; method
 ``gen1_controlnet``: a depth ControlNet beside an SD 1.5 UNet) edits the clip's latents from the
 stored depth (``estimate_depth``), so sweeping ``t_s`` or ``omega_t`` (``each:``) never reruns depth.
@@ -27,6 +28,8 @@ TEXT_ENCODER = Role(description="the CLIP text encoder and its tokenizer")
 DEPTH_UNET = Role(description="a UNet taking depth as a fifth input channel (with its scheduler config)", tiny="sd-depth")
 UNET = Role(description="the denoising UNet (with its scheduler config)")
 CONTROLNET = Role(description="a depth ControlNet for the UNet", tiny="sd-controlnet")
+IMAGE_ENCODER = Role(description="the CLIP image encoder with projection (and its image processor)",
+                     tiny="sd-image-variations")
 
 
 class TextContent(Attrs):
@@ -37,6 +40,20 @@ class TextContent(Attrs):
 
 
 register_kind("content/text", TextContent, "prompt embeddings (unconditional, conditional) for cross-attention")
+
+
+class ReferenceContent(Attrs):
+    """The reference image a content embedding was made from."""
+
+    image_size: tuple[int, int] = Field(description="The reference image as given, (width, height).")
+    embedding_dim: int = Field(description="Width of the CLIP image embedding.")
+
+
+register_kind(
+    "content/reference",
+    ReferenceContent,
+    "a reference image's CLIP image embedding as one cross-attention token (unconditional: zeros)",
+)
 
 
 class EmbedTextParams(Model):
@@ -55,6 +72,25 @@ class EmbedText(StageSpec):
     stage: Literal["embed_content"] = "embed_content"
     method: Literal["text"] = Field(default="text", description="Content from a prompt.")
     params: EmbedTextParams = Field(description="The content prompt.")
+
+
+class EmbedReferenceParams(Model):
+    """No options: the image encoder's own processor sizes and normalises the reference."""
+
+
+@register_stage
+class EmbedReference(StageSpec):
+    """Embed the reference image with CLIP: Gen-1's content pathway, for a UNet that cross-attends to image
+    embeddings (an image-variation UNet such as lambdalabs/sd-image-variations-diffusers)."""
+
+    version: ClassVar[str] = "1"
+    produces: ClassVar[str] = "content/reference"
+    roles: ClassVar[dict[str, Role]] = {"image_encoder": IMAGE_ENCODER}
+    reads: ClassVar[dict[str, str]] = {"reference": "image"}
+
+    stage: Literal["embed_content"] = "embed_content"
+    method: Literal["reference"] = Field(default="reference", description="Content from a reference image.")
+    params: EmbedReferenceParams = Field(default_factory=EmbedReferenceParams, description="None.")
 
 
 class Gen1Params(Model):
@@ -109,7 +145,7 @@ class _Gen1(StageSpec):
     # source after the last blended step, inversion on the empty prompt.
     version: ClassVar[str] = "2"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
-        "latents": ("latents",), "depth": ("depth",), "content": ("content/text",),
+        "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
     }  # fmt: skip
     produces: ClassVar[str] = "latents"
     optional_reads: ClassVar[dict[str, str]] = {"mask": "mask"}
@@ -142,5 +178,9 @@ METHOD = Method(
     name="gen1",
     description="Gen-1 style editing (Esser et al. 2023): depth structure, prompt content, temporal guidance.",
     implementations=("reelflow.tasks.gen1",),
-    tiny={"sd-depth": "reelflow.core.tiny_gen1:build_tiny_sd_depth", "sd-controlnet": "reelflow.core.tiny_gen1:build_tiny_controlnet"},
+    tiny={
+        "sd-depth": "reelflow.core.tiny_gen1:build_tiny_sd_depth",
+        "sd-controlnet": "reelflow.core.tiny_gen1:build_tiny_controlnet",
+        "sd-image-variations": "reelflow.core.tiny_gen1:build_tiny_image_variations",
+    },
 )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from reelflow.core.attention.processor import install_frame_processors
 from reelflow.core.editing.gen1 import Blend, Structure, edit_timesteps, gen1_denoise, gen1_invert, sdedit_start
@@ -18,7 +19,7 @@ from reelflow.core.sources import read_image
 from reelflow.core.text import encode_prompts
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
-from reelflow.schemas.gen1 import Gen1Params, TextContent
+from reelflow.schemas.gen1 import Gen1Params, ReferenceContent, TextContent
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.tasks.artifacts import contact_sheet, publish_markdown
@@ -45,6 +46,27 @@ def _embed(ctx: StageContext) -> TextContent:
     ctx.writer.write_array("embeds", embeds[:2].float().cpu().numpy(), dims=dims, dtype=np.float32)
     ctx.writer.write_array("empty", embeds[2:].float().cpu().numpy(), dims=dims, dtype=np.float32)
     return TextContent(prompt=p.prompt, negative_prompt=p.negative_prompt)
+
+
+@stage_task("embed_content", "reference")
+def embed_reference(call: StageCall) -> ArtifactRef:
+    """The reference image's CLIP embedding as one cross-attention token, ``embeds (2, 1, D)`` (zeros, then the
+    embedding: the image-variation UNet's unconditional input is zeros) and ``empty (1, 1, D)`` (zeros)."""
+    return run_stage(call, _embed_reference)
+
+
+def _embed_reference(ctx: StageContext) -> ReferenceContent:
+    with ctx.open_source("reference") as handle:
+        image = read_image("reference", handle)
+    encoder, processor = ctx.model("image_encoder"), ctx.model("image_encoder", "feature_extractor")
+    pixels = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        embedding = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds.float().cpu()[:, None]
+    dims = ("prompt", "token", "embedding")
+    ctx.writer.write_array("embeds", torch.cat([torch.zeros_like(embedding), embedding]).numpy(), dims=dims, dtype=np.float32)
+    ctx.writer.write_array("empty", torch.zeros_like(embedding).numpy(), dims=dims, dtype=np.float32)
+    ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
+    return ReferenceContent(image_size=(image.shape[1], image.shape[0]), embedding_dim=int(embedding.shape[-1]))
 
 
 @stage_task("denoise_latents", "gen1")

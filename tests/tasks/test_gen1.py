@@ -126,3 +126,25 @@ def test_windows_with_the_shared_anchor_give_per_frame_edits_their_own_frames(mo
         edits[window] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)
     assert edits[4].attrs["windows"]["count"] == 2 and edits[16].attrs["windows"]["count"] == 1
     np.testing.assert_allclose(edits[4]["latents"][:], edits[16]["latents"][:], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_content_is_the_image_variation_pipelines_embedding_and_reaches_the_edit(
+    models, clip: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionImageVariationPipeline
+    from PIL import Image
+
+    from reelflow.core.tiny_gen1 import build_tiny_image_variations
+
+    variations = build_tiny_image_variations(tmp_path / "variations")
+    store, edits = str(tmp_path / "store"), {}
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
+        given = {**models, "variations": variations}
+        refs = run(planned(spec("gen1-reference", given, f"sources.reference.path={tmp_path / f'{name}.png'}"), clip, store))
+        content = ArtifactStore(store).open("embed_content", refs["embed_content"].key)
+        edits[name] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents"].key)["latents"][:]
+    pipe = StableDiffusionImageVariationPipeline.from_pretrained(variations, safety_checker=None)
+    theirs = pipe._encode_image(Image.open(tmp_path / "blue.png"), "cpu", 1, True)  # (uncond zeros; image), (2, 1, D)
+    np.testing.assert_allclose(content["embeds"][:], theirs.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(edits["red"], edits["blue"])  # the content reaches the UNet's cross-attention
