@@ -111,7 +111,8 @@ class Gen1Params(Model):
     t_s: int = Field(
         default=0, ge=0, le=10,
         description="Structure level: 0 follows the depth exactly; each level halves the finest depth detail kept "
-        "(blur and 2x downsampling), letting shapes change more.",
+        "(blur and 2x downsampling) where the UNet reads it (the latent grid for a depth UNet, the frame for a "
+        "ControlNet), letting shapes change more.",
     )  # fmt: skip
     frame_keys: tuple[FrameKey, ...] = Field(
         default=("self", "first"),
@@ -142,8 +143,8 @@ class Gen1Params(Model):
 
 class _Gen1(StageSpec):
     # 2: windows kept whole (1 trimmed the anchor twice), the clip's depth range mapped to [-1, 1], the clean
-    # source after the last blended step, inversion on the empty prompt.
-    version: ClassVar[str] = "2"
+    # source after the last blended step, inversion on the empty prompt. 3: t_s on the latent grid for a depth UNet.
+    version: ClassVar[str] = "3"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
         "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
     }  # fmt: skip

@@ -90,13 +90,15 @@ def _denoise(ctx: StageContext) -> Latents:
     controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
     out = ctx.writer.create_array("latents", shape=latents.shape, dtype=np.float32, dims=("frame", "latent_channel", "y", "x"))
-    span = _write_levelled(ctx, depth, p.t_s)
+    # The structure level acts where the UNet reads depth: on the latent grid for a depth UNet, at frame size for a ControlNet.
+    size = None if controlnet is not None else tuple(latents.shape[-2:])
+    span = _write_levelled(ctx, depth, p.t_s, size)
 
     mask = _mask(ctx, tuple(latents.shape[-2:]))
 
     def compute(window: Window) -> np.ndarray:
         z0 = torch.from_numpy(read_window(latents, window).astype(np.float32))
-        levelled = structure_level(torch.from_numpy(read_window(depth, window).astype(np.float32)), p.t_s)
+        levelled = condition_depth(torch.from_numpy(read_window(depth, window).astype(np.float32)), p.t_s, size)
         structure = Structure(levelled, controlnet, p.conditioning_scale, span)
         noise = _noise(ctx.call.seed, window.frames, z0.shape[1:])
         z, source = _start(p, unet, z0, empty, structure, scheduler, timesteps, noise)
@@ -153,13 +155,21 @@ def _noise(seed: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + f)) for f in frames])
 
 
-def _write_levelled(ctx: StageContext, depth: Any, t_s: int) -> tuple[float, float]:
-    """The clip's depth at structure level ``t_s`` as the stage sees it, ``structure (F, H, W)``, a chunk at a
-    time; returns its range over the clip (the concat condition maps it to [-1, 1])."""
-    out = ctx.writer.create_array("structure", shape=depth.shape, dtype=np.float16, dims=("frame", "y", "x"))
+def condition_depth(depth: torch.Tensor, t_s: int, size: tuple[int, int] | None) -> torch.Tensor:
+    """``depth`` ``(F, H, W)`` averaged onto ``size`` (the latent grid; None keeps it) and degraded to level ``t_s``."""
+    if size is not None and tuple(depth.shape[-2:]) != size:
+        depth = F.interpolate(depth[:, None], size=size, mode="area")[:, 0]
+    return structure_level(depth, t_s)
+
+
+def _write_levelled(ctx: StageContext, depth: Any, t_s: int, size: tuple[int, int] | None) -> tuple[float, float]:
+    """The clip's depth as the UNet reads it (at structure level ``t_s``, on ``size``), ``structure (F, h, w)``,
+    a chunk at a time; returns its range over the clip (the concat condition maps it to [-1, 1])."""
+    shape = (depth.shape[0], *(size or depth.shape[1:]))
+    out = ctx.writer.create_array("structure", shape=shape, dtype=np.float16, dims=("frame", "y", "x"))
     low, high = float("inf"), float("-inf")
     for start in range(0, depth.shape[0], 16):
-        levelled = structure_level(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s)
+        levelled = condition_depth(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s, size)
         out[start : start + 16] = levelled.numpy()
         low, high = min(low, float(levelled.min())), max(high, float(levelled.max()))
     ctx.record(structure_range=[low, high])

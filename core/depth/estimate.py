@@ -179,6 +179,7 @@ def _transformers_predictor(model: PreTrainedModel, processor: Any = None) -> Pr
     if processor is None:
         raise ModelError(f"the transformers depth model {type(model).__name__} needs its image processor "
                          "(the model's `image_processor` component) to know its input size, mean and std")  # fmt: skip
+    _check_processor(processor)
     size = processor.size
     normalise = getattr(processor, "do_normalize", True)
     preprocessing = Preprocessing(
@@ -196,6 +197,23 @@ def _transformers_predictor(model: PreTrainedModel, processor: Any = None) -> Pr
         return 1.0 / depth.clamp(min=1e-6) if metric else depth
 
     return Predictor(f"transformers:{type(model).__name__}", preprocessing, forward, model.device, model.dtype)
+
+
+def _check_processor(processor: Any) -> None:
+    """Refuse image-processor settings the batched preprocessing does not reproduce (it resizes bicubically,
+    rescales by 1/255 and never pads), rather than predicting on differently prepared frames."""
+    problems = []
+    if getattr(processor, "do_resize", True) is False:
+        problems.append("do_resize is off")
+    if int(getattr(processor, "resample", 3)) != 3:
+        problems.append(f"resample is {processor.resample}, not bicubic (3)")
+    if getattr(processor, "do_rescale", True) and abs(float(getattr(processor, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        problems.append(f"rescale_factor is {processor.rescale_factor}, not 1/255")
+    if getattr(processor, "do_pad", False):
+        problems.append("do_pad is on")
+    if problems:
+        raise ModelError(f"the depth model's image processor ({type(processor).__name__}) has settings reelflow's "
+                         f"depth preprocessing does not reproduce: {'; '.join(problems)}")  # fmt: skip
 
 
 def _midas_predictor(model: Any) -> Predictor:

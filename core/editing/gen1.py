@@ -42,7 +42,7 @@ OnStep = Callable[[int, int, torch.Tensor], None]
 class Structure:
     """How depth reaches the UNet: ``concat`` (extra input channel) or ``controlnet`` (residuals)."""
 
-    depth: torch.Tensor  # (F, H, W) in [0, 1], already at structure level t_s
+    depth: torch.Tensor  # (F, H, W) in [0, 1] at frame size, or (F, h, w) on the latent grid; at its structure level
     controlnet: Any = None
     scale: float = 1.0  # the ControlNet's conditioning scale
     span: tuple[float, float] = (0.0, 1.0)  # the clip's depth range at this structure level
@@ -50,7 +50,9 @@ class Structure:
     def concat_channel(self, latent_size: tuple[int, int]) -> torch.Tensor:
         """``(F, 1, h, w)`` depth at latent size, the clip's range mapped to ``[-1, 1]``: Depth2Img's form, with one
         scale and shift for the whole clip instead of one per image, so the condition does not flicker."""
-        small = F.interpolate(self.depth[:, None].float(), size=latent_size, mode="bicubic", align_corners=False)
+        small = self.depth[:, None].float()
+        if tuple(small.shape[-2:]) != tuple(latent_size):
+            small = F.interpolate(small, size=latent_size, mode="bicubic", align_corners=False)
         low, high = self.span
         return ((small - low) / max(high - low, 1e-6)).clamp(0.0, 1.0) * 2.0 - 1.0
 

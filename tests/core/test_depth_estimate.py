@@ -109,3 +109,16 @@ def test_tiny_depth_models_are_a_pure_function_of_the_seed(builder, tmp_path: Pa
     assert is_tiny_bundle(first)
     assert all((first / f).read_bytes() == (again / f).read_bytes() for f in files)
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("setting", "said"), [({"do_pad": True}, "do_pad is on"), ({"resample": 2}, "resample is 2"),
+                                               ({"rescale_factor": 1 / 127.5}, "rescale_factor is")])
+def test_processor_settings_the_preprocessing_does_not_reproduce_are_refused(setting: dict, said: str) -> None:
+    from transformers import DPTImageProcessor
+
+    from reelflow.core.depth.estimate import _check_processor
+    from reelflow.schemas.errors import ModelError
+
+    _check_processor(DPTImageProcessor())
+    with pytest.raises(ModelError, match=said):
+        _check_processor(DPTImageProcessor(**setting))

@@ -230,12 +230,13 @@ def test_frames_made_by_a_stage_take_the_times_of_the_frames_they_descend_from(
     np.testing.assert_allclose(depth["timestamp"][:], np.array([6, 8, 10, 12]) / 24, rtol=0, atol=1e-12)
 
 
-def test_a_midas_model_runs_through_the_same_stage(clip: Path, tmp_path: Path) -> None:
-    tiny = pytest.importorskip("reelflow.core.tiny_depth")
-    if not hasattr(tiny, "build_tiny_midas"):
-        pytest.skip("the tiny MiDaS builder (reelflow.core.tiny_depth.build_tiny_midas) is not there yet")
-    model = tiny.build_tiny_midas(tmp_path / "midas")
+@pytest.mark.parametrize(("builder", "architecture"), [("build_tiny_midas", "dpt_large_384"),
+                                                      ("build_tiny_midas_beit", "dpt_beit_large_512")])
+def test_a_midas_model_runs_through_the_same_stage(clip: Path, tmp_path: Path, builder: str, architecture: str) -> None:
+    from reelflow.core import tiny_depth
+
+    model = getattr(tiny_depth, builder)(tmp_path / "midas")
     _, depth = run(clip, model, str(tmp_path / "store"))
-    assert depth.attrs["backend"] == "midas:dpt_large_384" and depth.attrs["input_size"] == [64, 96]
+    assert depth.attrs["backend"] == f"midas:{architecture}" and depth.attrs["input_size"] == [64, 96]
     stored = np.asarray(depth["depth"][:], np.float32)
     assert stored.shape == (FRAMES, HEIGHT, WIDTH) and stored.min() == 0.0 and stored.max() == 1.0

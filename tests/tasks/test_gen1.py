@@ -72,10 +72,16 @@ def test_a_sweep_of_t_s_reuses_the_depth_and_stores_each_structure_level(models,
     assert not np.allclose(latents["latents"][:], store.open("denoise_latents", refs["denoise_latents_1"].key)["latents"][:])
 
 
-def test_the_depth_unet_method_runs_the_concat_path(models, clip: Path, tmp_path: Path) -> None:
-    refs = run(planned(spec("gen1-depth2img", models), clip, str(tmp_path / "store")))
-    edited = ArtifactStore(str(tmp_path / "store")).open("denoise_latents", refs["denoise_latents"].key)
-    assert edited["latents"].shape == (6, 4, 8, 8) and np.isfinite(edited["latents"][:]).all()
+def test_the_depth_unet_reads_the_structure_level_on_the_latent_grid(models, clip: Path, tmp_path: Path) -> None:
+    store, edits = str(tmp_path / "store"), {}
+    for t_s in (0, 1):
+        refs = run(planned(spec("gen1-depth2img", models, f"stages.denoise_latents.params.t_s={t_s}"), clip, store))
+        edits[t_s] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents"].key)
+    structure = {t_s: torch.from_numpy(np.asarray(edit["structure"][:], np.float32)) for t_s, edit in edits.items()}
+    assert structure[0].shape == (6, 8, 8)  # what the UNet's depth channel sees, before the [-1, 1] map
+    assert (laplacian_energy(structure[1]) < 0.8 * laplacian_energy(structure[0])).all()  # one level already shows
+    assert edits[0].attrs["structure_range"][0] < edits[0].attrs["structure_range"][1]
+    assert not np.allclose(edits[0]["latents"][:], edits[1]["latents"][:])
 
 
 def test_a_four_channel_unet_is_refused_for_the_concat_method(models, clip: Path, tmp_path: Path) -> None:
