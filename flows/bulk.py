@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import apply_run_options, check_environment, edit_video, resolve_spec, spec_param
-from reelflow.flows.sources import source_overrides, source_urls
+from reelflow.flows.sources import source_overrides, source_urls, without_absent_optional_sources
 from reelflow.schemas.base import Model
 from reelflow.schemas.calls import SourceRef, StoreSpec
 from reelflow.schemas.errors import ModelError, SourceError, SpecError, StageFailed
@@ -133,6 +133,7 @@ def bulk_edit(
     for clip in clips:
         try:
             clip_spec = clip_pipeline(pipeline, clip, store=store, output=_output_dir(root, clip))
+            clip_spec = without_absent_optional_sources(clip_spec, settings)
         except SpecError as exc:
             results[clip.url] = ClipResult(clip=clip.url, status="failed", error=f"{type(exc).__name__}: {exc}")
             continue

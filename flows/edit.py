@@ -17,7 +17,7 @@ from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 from reelflow.deployments import preset_names, spec_path
 from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_models
 from reelflow.flows.runners import default_task_runner, supervised, task_runner
-from reelflow.flows.sources import check_sources, hash_sources
+from reelflow.flows.sources import check_sources, hash_sources, without_absent_optional_sources
 from reelflow.schemas.calls import SourceRef, StoreSpec
 from reelflow.schemas.errors import SpecError, StageFailed
 from reelflow.schemas.kinds import Metrics
@@ -161,6 +161,7 @@ def check_concurrency_limit(name: str) -> None:
 def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
     """Check the inputs, hash the sources, plan every stage key and run the stages' preflight checks
     (a method refusing its input says so here, before any model loads); nothing heavy runs here."""
+    spec = without_absent_optional_sources(spec, settings)
     store, urls = check_inputs(spec, settings)
     sources = hash_sources(spec, urls, settings)
     run_id = str(flow_run.id or uuid.uuid4())

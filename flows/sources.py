@@ -4,7 +4,9 @@ The video is the source ``video`` (the spec's ``input``). Every other source a s
 from its ``path`` (the CLI's ``--source NAME=PATH``) or, when it has none, from its ``sidecar``
 pattern beside the video (``{stem}.edit.png``), which is how each clip of a bulk edit gets its own.
 All of them are checked (present, not empty, readable as their kind) before any model loads, and
-hashed into the keys of the stages that read them.
+hashed into the keys of the stages that read them. A source only read optionally (a stage's
+``optional_reads``, such as a mask) whose file is not there is left out of that run instead, so in a
+bulk edit the clips that bring one use it and the others do without.
 """
 
 from __future__ import annotations
@@ -44,6 +46,38 @@ def _location(spec: PipelineSpec, name: str) -> str:
         f"pipeline {spec.name!r} reads the {source.kind} source {name!r} but gives no file for it; "
         f"pass --source {name}=PATH, or set `sources.{name}.path` or a `sidecar` pattern"
     )
+
+
+def without_absent_optional_sources(spec: PipelineSpec, settings: Settings) -> PipelineSpec:
+    """``spec`` without the sources that only optional slots read and whose file is not there."""
+    absent = [name for name in _optional_sources(spec) if not _present(spec, name, settings)]
+    if not absent:
+        return spec
+    raw = spec.model_dump(mode="json")
+    raw["sources"] = {name: source for name, source in raw["sources"].items() if name not in absent}
+    for stage in raw["stages"]:
+        stage["sources"] = {slot: name for slot, name in stage.get("sources", {}).items() if name not in absent}
+    from reelflow.schemas.loading import validate_spec
+
+    return validate_spec(raw)
+
+
+def _optional_sources(spec: PipelineSpec) -> list[str]:
+    """Declared sources that every stage reading them reads through an optional slot."""
+    required = {name for node in spec.graph.order() for slot, name in node.sources.items()
+                if slot not in type(node.spec).optional_reads}  # fmt: skip
+    optional = {name for node in spec.graph.order() for name in node.sources.values()}
+    return sorted(optional - required)
+
+
+def _present(spec: PipelineSpec, name: str, settings: Settings) -> bool:
+    source = spec.sources[name]
+    if source.path:
+        return True  # given explicitly: checked, and refused if missing, like any other
+    if not source.sidecar or not spec.input:
+        return False
+    fs, path = url_to_fs(sidecar_url(spec.input, source.sidecar), settings.storage_options)
+    return fs.isfile(path)
 
 
 def sidecar_url(video: str, pattern: str) -> str:
