@@ -275,7 +275,7 @@ def stages(args: argparse.Namespace) -> int:
         package = DECLARED_IN.get(cls.__module__, cls.__module__)
         print(f"{stage_tag(stage, method):<28} -> {cls.produces:<26} version {cls.version}  package {package}")
         for slot, kinds in cls.slots.items():
-            print(f"    input  {slot} <- {'|'.join(kinds)}")
+            print(f"    input  {slot} <- {'|'.join(kinds)}" + (" (optional)" if slot in cls.optional_slots else ""))
         for slot, kind in cls.reads.items():
             print(f"    source {slot}: {kind}")
         for slot, kind in cls.optional_reads.items():

@@ -7,12 +7,15 @@ image's CLIP embedding (method ``reference``, for an image-variation UNet); ``de
 depth concatenated to the latents of a depth UNet such as stable-diffusion-2-depth; method
 ``gen1_controlnet``: a depth ControlNet beside an SD 1.5 UNet) edits the clip's latents from the
 stored depth (``estimate_depth``), so sweeping ``t_s`` or ``omega_t`` (``each:``) never reruns depth.
+Edits start from the source latents noised to their strength (SDEdit) or, when an ``invert_latents``
+stage of the same method is in the pipeline, from its stored DDIM inversion, shared by every edit.
 With a ``mask`` source (white: edit) only the masked region changes; outside it every step keeps the
 source's own trajectory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -40,6 +43,18 @@ class TextContent(Attrs):
 
 
 register_kind("content/text", TextContent, "prompt embeddings (unconditional, conditional) for cross-attention")
+
+
+class Gen1Inversion(Attrs):
+    """What a Gen-1 inversion leaves for its edits: the schedule it climbed and the structure it used."""
+
+    num_steps: int = Field(description="DDIM steps of the full schedule.")
+    strength: float = Field(description="The edit's strength: the inversion climbs to where its denoising starts.")
+    timesteps: list[int] = Field(description="The timesteps climbed, ascending.")
+    t_s: int = Field(description="The structure level the inversion saw.")
+
+
+register_kind("inversion/gen1", Gen1Inversion, "DDIM inversion latents of every level under the clip's depth (Gen-1)")
 
 
 class ReferenceContent(Attrs):
@@ -122,11 +137,6 @@ class Gen1Params(Model):
     window: PositiveInt = Field(default=16, description="Frames per window; longer clips go window by window.")
     overlap: int = Field(default=2, ge=0, description="Frames neighbouring windows share (cross-faded).")
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="The depth ControlNet's strength.")
-    start: Literal["sdedit", "inversion"] = Field(
-        default="sdedit",
-        description="Where denoising starts: the source latents noised to the strength (sdedit), or DDIM-inverted "
-        "to it under the same depth (inversion, one more UNet pass per step; keeps more of the source).",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> Gen1Params:
@@ -141,13 +151,61 @@ class Gen1Params(Model):
         return self
 
 
-class _Gen1(StageSpec):
-    # 2: windows kept whole (1 trimmed the anchor twice), the clip's depth range mapped to [-1, 1], the clean
-    # source after the last blended step, inversion on the empty prompt. 3: t_s on the latent grid for a depth UNet.
-    version: ClassVar[str] = "3"
+class Gen1InvertParams(Model):
+    """DDIM inversion under the clip's depth, frame by frame and without content, up to the edits' start."""
+
+    num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule; the edits' own.")
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, description="The edits' strength: how far up to invert.")
+    t_s: int = Field(default=0, ge=0, le=10, description="Structure level of the depth the inversion sees.")
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="The depth ControlNet's strength.")
+    chunk_size: PositiveInt = Field(default=8, description="Frames per UNet call (frames are inverted alone).")
+
+    @model_validator(mode="after")
+    def _takes_a_step(self) -> Gen1InvertParams:
+        if int(self.num_steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} of {self.num_steps} steps takes no step; raise either")
+        return self
+
+
+class _Gen1Invert(StageSpec):
+    version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
         "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
     }  # fmt: skip
+    produces: ClassVar[str] = "inversion/gen1"
+    demo: ClassVar[dict[str, Any]] = {"num_steps": 6}
+
+    stage: Literal["invert_latents"] = "invert_latents"
+    params: Gen1InvertParams = Field(default_factory=Gen1InvertParams, description="Inversion options.")
+
+
+@register_stage
+class InvertGen1(_Gen1Invert):
+    """Invert the clip's latents under its depth (concatenated to a depth UNet's input), every level stored."""
+
+    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET}
+    method: Literal["gen1"] = Field(default="gen1", description="DDIM inversion with a depth UNet.")
+
+
+@register_stage
+class InvertGen1ControlNet(_Gen1Invert):
+    """Invert the clip's latents under its depth (through a depth ControlNet), every level stored."""
+
+    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "controlnet": CONTROLNET}
+    method: Literal["gen1_controlnet"] = Field(default="gen1_controlnet", description="DDIM inversion with a depth ControlNet.")
+
+
+class _Gen1(StageSpec):
+    # 2: windows kept whole (1 trimmed the anchor twice), the clip's depth range mapped to [-1, 1], the clean
+    # source after the last blended step, inversion on the empty prompt. 3: t_s on the latent grid for a depth UNet.
+    # 4: the inversion is a stage of its own (the optional `inversion` input) instead of `start: inversion`.
+    version: ClassVar[str] = "4"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {
+        "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
+        "inversion": ("inversion/gen1",),
+    }  # fmt: skip
+    optional_slots: ClassVar[tuple[str, ...]] = ("inversion",)
+    same_model_slots: ClassVar[tuple[str, ...]] = ("inversion",)
     produces: ClassVar[str] = "latents"
     optional_reads: ClassVar[dict[str, str]] = {"mask": "mask"}
     demo: ClassVar[dict[str, Any]] = {"num_steps": 6, "window": 4, "overlap": 1}
@@ -157,6 +215,15 @@ class _Gen1(StageSpec):
 
     def seeded(self) -> bool:
         return True  # the SDEdit noise
+
+    def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
+        inversion = producers.get("inversion")
+        if inversion is None:
+            return
+        for name in ("num_steps", "strength"):
+            if getattr(inversion.params, name) != getattr(self.params, name):
+                raise ValueError(f"it starts from {inversion.id!r}, inverted with {name} {getattr(inversion.params, name)}, "
+                                 f"but edits with {getattr(self.params, name)}; set both to the same")  # fmt: skip
 
 
 @register_stage

@@ -59,6 +59,8 @@ def resolve_graph(
 def _check_same_models(nodes: Mapping[str, Node]) -> None:
     for node in nodes.values():
         for slot in node.spec.same_model_slots:
+            if slot not in node.inputs:
+                continue  # an optional input left unwired
             source = nodes[node.inputs[slot]]
             for role in sorted(set(node.models) & set(source.models)):
                 if source.models[role] != node.models[role]:
@@ -137,12 +139,17 @@ def _wire(spec: StageSpec, by_id: Mapping[str, StageSpec]) -> dict[str, str]:
             f"stage {spec.id!r} ({spec.tag}) has no input {sorted(unknown)[0]!r}; "
             f"its inputs are: {', '.join(spec.slots) or 'none'}"
         )
-    wired = {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()}
+    wired = {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()
+             if slot in spec.inputs or slot not in spec.optional_slots or _fitting(spec, kinds, by_id)}  # fmt: skip
     try:
         spec.check_inputs({slot: by_id[src] for slot, src in wired.items()})
     except ValueError as exc:
         raise GraphError(f"stage {spec.id!r}: {exc}") from None
     return wired
+
+
+def _fitting(spec: StageSpec, kinds: tuple[str, ...], by_id: Mapping[str, StageSpec]) -> list[str]:
+    return [s.id for s in by_id.values() if s.produces in kinds and s.id != spec.id]
 
 
 def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping[str, StageSpec]) -> str:
@@ -160,7 +167,7 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
                 f"{' or '.join(kinds)}"
             )
         return source
-    candidates = [s.id for s in by_id.values() if s.produces in kinds and s.id != spec.id]
+    candidates = _fitting(spec, kinds, by_id)
     if len(candidates) == 1:
         return candidates[0]
     hint = f"candidates: {', '.join(candidates)}" if candidates else f"add a stage that produces {' or '.join(kinds)}"

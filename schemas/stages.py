@@ -7,6 +7,7 @@ declaration the DAG engine reads:
 
 - ``version``: bumped when the numerics change, so stage keys change;
 - ``slots``: input name -> the artifact kinds it accepts (see :mod:`reelflow.schemas.kinds`);
+- ``optional_slots``: inputs that may stay unwired (wired when given, or when exactly one stage fits);
 - ``produces``: the kind it writes;
 - ``roles``: the models it needs, by role (``unet``, ``vae``, ``image_encoder``, ``depth``, ...);
 - ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
@@ -93,6 +94,7 @@ class StageSpec(Model):
 
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {}
+    optional_slots: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[str] = ""
     roles: ClassVar[dict[str, Role]] = {}
     reads: ClassVar[dict[str, str]] = {}

@@ -19,7 +19,7 @@ from reelflow.core.sources import read_image
 from reelflow.core.text import encode_prompts
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
-from reelflow.schemas.gen1 import Gen1Params, ReferenceContent, TextContent
+from reelflow.schemas.gen1 import Gen1Inversion, Gen1InvertParams, Gen1Params, ReferenceContent, TextContent
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.tasks.artifacts import contact_sheet, publish_markdown
@@ -85,7 +85,6 @@ def _denoise(ctx: StageContext) -> Latents:
     p: Gen1Params = ctx.call.stage.params
     latents, depth = ctx.input("latents")["latents"], ctx.input("depth")["depth"]
     embeds = torch.from_numpy(ctx.array("content", "embeds", "float32"))
-    empty = torch.from_numpy(ctx.array("content", "empty", "float32"))
     unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
     controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
@@ -100,8 +99,7 @@ def _denoise(ctx: StageContext) -> Latents:
         z0 = torch.from_numpy(read_window(latents, window).astype(np.float32))
         levelled = condition_depth(torch.from_numpy(read_window(depth, window).astype(np.float32)), p.t_s, size)
         structure = Structure(levelled, controlnet, p.conditioning_scale, span)
-        noise = _noise(ctx.call.seed, window.frames, z0.shape[1:])
-        z, source = _start(p, unet, z0, empty, structure, scheduler, timesteps, noise)
+        z, source = _start(ctx, window, z0, scheduler, timesteps)
         edited = gen1_denoise(unet, z, embeds, structure, scheduler, p.num_steps, timesteps, omega=p.omega,
                               omega_t=p.omega_t, blend=Blend(mask, source) if mask is not None else None)  # fmt: skip
         return edited.numpy()  # on window.frames, the anchor first; the stitcher keeps the window's own
@@ -114,17 +112,77 @@ def _denoise(ctx: StageContext) -> Latents:
 
 
 def _start(
-    p: Gen1Params, unet: Any, z0: torch.Tensor, empty: torch.Tensor, structure: Structure, scheduler: Any,
-    timesteps: torch.Tensor, noise: torch.Tensor,
+    ctx: StageContext, window: Window, z0: torch.Tensor, scheduler: Any, timesteps: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[int, float], torch.Tensor]]:  # fmt: skip
-    """The latents the edit starts from, and the source's latents at each level it reaches (for blending);
-    inversion is conditioned on the empty prompt (``empty`` ``(1, L, D)``), as no prompt describes the source."""
-    if p.start == "inversion":
-        levels = gen1_invert(unet, z0, empty, structure, scheduler, p.num_steps, timesteps)
-        return levels[-1], lambda index, alpha_prod: levels[len(levels) - 2 - index]
+    """The latents the window's edit starts from, and the source's latents at each level it reaches (for
+    blending): the stored inversion's when the stage reads one, else the SDEdit trajectory of seeded noise."""
+    if "inversion" in ctx.call.inputs:
+        levels = ctx.input("inversion")["levels"]
+        count = levels.shape[0]
+        at = lambda k: torch.from_numpy(_window_level(levels, k, window))  # noqa: E731
+        return at(count - 1), lambda index, alpha_prod: at(count - 2 - index)
+    noise = _noise(ctx.call.seed, window.frames, z0.shape[1:])
     last = len(timesteps) - 1  # after the last step the source is its clean latents, as diffusers' inpainting
     start = sdedit_start(z0, noise, float(scheduler.alphas_cumprod[timesteps[0]]))
     return start, lambda index, alpha_prod: z0 if index == last else sdedit_start(z0, noise, alpha_prod)
+
+
+def _window_level(levels: Any, k: int, window: Window) -> np.ndarray:
+    """Level ``k`` of a stored inversion ``(K+1, F, 4, h, w)`` on ``window.frames`` (the anchor first)."""
+    own = np.asarray(levels[k, window.start : window.stop], np.float32)
+    if window.anchor is None:
+        return own
+    return np.concatenate([np.asarray(levels[k, window.anchor : window.anchor + 1], np.float32), own])
+
+
+@stage_task("invert_latents", "gen1")
+def invert_latents(call: StageCall) -> ArtifactRef:
+    """DDIM inversion under the clip's depth, ``levels (K+1, F, 4, h, w)`` (clean first). Resumable by chunk."""
+    return run_stage(call, _invert, resumable=True)
+
+
+@stage_task("invert_latents", "gen1_controlnet")
+def invert_latents_controlnet(call: StageCall) -> ArtifactRef:
+    """DDIM inversion under the clip's depth through a ControlNet, ``levels (K+1, F, 4, h, w)``. Resumable by chunk."""
+    return run_stage(call, _invert, resumable=True)
+
+
+def _invert(ctx: StageContext) -> Gen1Inversion:
+    p: Gen1InvertParams = ctx.call.stage.params
+    latents, depth = ctx.input("latents")["latents"], ctx.input("depth")["depth"]
+    empty = torch.from_numpy(ctx.array("content", "empty", "float32"))
+    unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
+    controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
+    timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
+    size = None if controlnet is not None else tuple(latents.shape[-2:])
+    span = _span(depth, p.t_s, size)
+    count = latents.shape[0]
+    levels = ctx.writer.create_array("levels", shape=(len(timesteps) + 1, *latents.shape), dtype=np.float32,
+                                     dims=("level", "frame", "latent_channel", "y", "x"),
+                                     chunks=(1, min(count, p.chunk_size), *latents.shape[1:]))  # fmt: skip
+    ctx.progress.start(count)
+    # Per-frame processors, held under the model lock: each frame is inverted alone (image mode).
+    with _video_mode(unet, ("self",)):
+        for start in range(0, count, p.chunk_size):
+            stop = min(start + p.chunk_size, count)
+            if not ctx.writer.is_done(f"frames-{start}"):
+                z0 = torch.from_numpy(np.asarray(latents[start:stop], np.float32))
+                levelled = condition_depth(torch.from_numpy(np.asarray(depth[start:stop], np.float32)), p.t_s, size)
+                walked = gen1_invert(unet, z0, empty, Structure(levelled, controlnet, p.conditioning_scale, span),
+                                     scheduler, p.num_steps, timesteps)  # fmt: skip
+                levels[:, start:stop] = torch.stack(walked).numpy()
+                ctx.writer.mark_done(f"frames-{start}")
+            ctx.progress.advance(stop - start)
+    return Gen1Inversion(num_steps=p.num_steps, strength=p.strength, timesteps=[int(t) for t in timesteps.flip(0)], t_s=p.t_s)
+
+
+def _span(depth: Any, t_s: int, size: tuple[int, int] | None) -> tuple[float, float]:
+    """The clip's depth range as the UNet reads it (structure level ``t_s``, on ``size``), a chunk at a time."""
+    low, high = float("inf"), float("-inf")
+    for start in range(0, depth.shape[0], 16):
+        levelled = condition_depth(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s, size)
+        low, high = min(low, float(levelled.min())), max(high, float(levelled.max()))
+    return low, high
 
 
 def _mask(ctx: StageContext, latent_size: tuple[int, int]) -> torch.Tensor | None:
@@ -186,6 +244,7 @@ def _publish(ctx: StageContext, p: Gen1Params) -> None:
         f"**depth at structure level {p.t_s}** (every {step}th frame)\n\n{picture}"), description="Gen-1 edit")  # fmt: skip
 
 
+@stage_check("invert_latents", "gen1")
 @stage_check("denoise_latents", "gen1")
 def _check_depth_unet(ctx: PreflightContext) -> None:
     """Refuses, before any model loads, a UNet that does not take depth as an input channel."""
@@ -197,6 +256,7 @@ def _check_depth_unet(ctx: PreflightContext) -> None:
     _check_scheduler(ctx)
 
 
+@stage_check("invert_latents", "gen1_controlnet")
 @stage_check("denoise_latents", "gen1_controlnet")
 def _check_controlnet(ctx: PreflightContext) -> None:
     config = ctx.model_config("controlnet") or {}

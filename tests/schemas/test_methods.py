@@ -44,7 +44,7 @@ def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_severa
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero', 'videoshop'"]),
+        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero', 'gen1', 'gen1_controlnet', 'videoshop'"]),
         ("stages.decode_video.method=fast", ["stage 'decode_video' has no method 'fast'", "leave `method` out"]),
         ("stages.invert_latents.stage=invert_latent", ["'invert_latent' is not a stage", "'invert_latents'"]),
     ],

@@ -110,14 +110,39 @@ def test_a_black_mask_keeps_the_source_trajectory_and_a_white_one_edits_everywhe
     assert np.abs(results["keep"] - encoded).mean() < 0.1 < np.abs(results[None] - encoded).mean()
 
 
-def test_an_inversion_start_differs_from_sdedit_and_stays_closer_to_the_source(models, clip: Path, tmp_path: Path) -> None:
+def with_inversion(spec_):
+    """The pipeline with an invert_latents stage of its edit's method, which the edits then start from."""
+    raw = spec_.model_dump(mode="json", exclude_unset=True)
+    edit = next(stage for stage in raw["stages"] if stage["stage"] == "denoise_latents")
+    params = {name: edit.get("params", {})[name] for name in ("num_steps", "strength") if name in edit.get("params", {})}
+    raw["stages"].insert(raw["stages"].index(edit), {
+        "stage": "invert_latents", "method": edit["method"], "models": edit.get("models", {}), "model": edit.get("model"),
+        "inputs": {"latents": "encode_latents", "depth": "estimate_depth", "content": "embed_content"}, "params": params,
+    })  # fmt: skip
+    return load_spec(raw)
+
+
+def test_edits_start_from_a_stored_inversion_shared_by_a_sweep(models, clip: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "store")
-    latents = {}
-    for start in ("sdedit", "inversion"):
-        refs = run(planned(spec("gen1-depth2img", models, f"stages.denoise_latents.params.start={start}",
-                                "stages.denoise_latents.params.strength=0.4"), clip, store))  # fmt: skip
-        latents[start] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents"].key)["latents"][:]
-    assert not np.allclose(latents["sdedit"], latents["inversion"])
+    sweep = "stages.denoise_latents.each=[{t_s: 0}, {t_s: 2}]"
+    stages = planned(with_inversion(spec("gen1-controlnet", models, sweep, "stages.denoise_latents.params.strength=0.4")),
+                     clip, store)  # fmt: skip
+    assert stages["denoise_latents_0"].call.inputs["inversion"].key == stages["denoise_latents_1"].call.inputs["inversion"].key
+    refs = run(stages)
+    inversion = ArtifactStore(store).open("invert_latents", refs["invert_latents"].key)
+    encoded = ArtifactStore(store).open("encode_latents", refs["encode_latents"].key)["latents"][:].astype(np.float32)
+    assert inversion["levels"].shape == (3, 6, 4, 8, 8)  # int(5 * 0.4) = 2 steps, and the clean latents
+    np.testing.assert_allclose(inversion["levels"][0], encoded, rtol=0, atol=0)
+    sdedit = run(planned(spec("gen1-controlnet", models, sweep, "stages.denoise_latents.params.strength=0.4"), clip, store))
+    edited = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)["latents"][:]
+    assert not np.allclose(edited, ArtifactStore(store).open("denoise_latents", sdedit["denoise_latents_0"].key)["latents"][:])
+
+
+def test_an_inversion_with_another_schedule_is_refused(models) -> None:
+    raw = with_inversion(spec("gen1-controlnet", models)).model_dump(mode="json", exclude_unset=True)
+    next(stage for stage in raw["stages"] if stage["stage"] == "denoise_latents")["params"]["strength"] = 0.4
+    with pytest.raises(SpecError, match="inverted with strength 0.8, but edits with 0.4; set both to the same"):
+        load_spec(raw)
 
 
 def test_windows_with_the_shared_anchor_give_per_frame_edits_their_own_frames(models, clip: Path, tmp_path: Path) -> None:
