@@ -142,13 +142,17 @@ class Gen1Params(Model):
     def _check(self) -> Gen1Params:
         if 2 * self.overlap > self.window:
             raise ValueError(f"overlap {self.overlap} is more than half the window of {self.window} frames; lower it")
-        if int(self.num_steps * self.strength) < 1:
-            raise ValueError(f"strength {self.strength} of {self.num_steps} steps takes no step; raise either")
+        _check_takes_a_step(self.num_steps, self.strength)
         if "first" not in self.frame_keys or any(k in ("mid", "last") or (isinstance(k, int) and k > 0) for k in self.frame_keys):
             raise ValueError(f"frame_keys {list(self.frame_keys)} must include 'first' (the anchor every window shares) "
                              "and may not read later frames ('mid', 'last', positive offsets): the anchor would then "
                              "be edited differently in each window")  # fmt: skip
         return self
+
+
+def _check_takes_a_step(num_steps: int, strength: float) -> None:
+    if int(num_steps * strength) < 1:
+        raise ValueError(f"strength {strength} of {num_steps} steps takes no step; raise either")
 
 
 class Gen1InvertParams(Model):
@@ -162,8 +166,7 @@ class Gen1InvertParams(Model):
 
     @model_validator(mode="after")
     def _takes_a_step(self) -> Gen1InvertParams:
-        if int(self.num_steps * self.strength) < 1:
-            raise ValueError(f"strength {self.strength} of {self.num_steps} steps takes no step; raise either")
+        _check_takes_a_step(self.num_steps, self.strength)
         return self
 
 

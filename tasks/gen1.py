@@ -179,10 +179,15 @@ def _invert(ctx: StageContext) -> Gen1Inversion:
 def _span(depth: Any, t_s: int, size: tuple[int, int] | None) -> tuple[float, float]:
     """The clip's depth range as the UNet reads it (structure level ``t_s``, on ``size``), a chunk at a time."""
     low, high = float("inf"), float("-inf")
-    for start in range(0, depth.shape[0], 16):
-        levelled = condition_depth(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s, size)
+    for _, levelled in _levelled_chunks(depth, t_s, size):
         low, high = min(low, float(levelled.min())), max(high, float(levelled.max()))
     return low, high
+
+
+def _levelled_chunks(depth: Any, t_s: int, size: tuple[int, int] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, depth as the UNet reads it)`` for 16 frames at a time, so memory stays flat with the clip."""
+    for start in range(0, depth.shape[0], 16):
+        yield start, condition_depth(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s, size)
 
 
 def _mask(ctx: StageContext, latent_size: tuple[int, int]) -> torch.Tensor | None:
@@ -223,15 +228,13 @@ def condition_depth(depth: torch.Tensor, t_s: int, size: tuple[int, int] | None)
 def _write_levelled(ctx: StageContext, depth: Any, t_s: int, size: tuple[int, int] | None) -> tuple[float, float]:
     """The clip's depth as the UNet reads it (at structure level ``t_s``, on ``size``), ``structure (F, h, w)``,
     a chunk at a time; returns its range over the clip (the concat condition maps it to [-1, 1])."""
-    shape = (depth.shape[0], *(size or depth.shape[1:]))
-    out = ctx.writer.create_array("structure", shape=shape, dtype=np.float16, dims=("frame", "y", "x"))
-    low, high = float("inf"), float("-inf")
-    for start in range(0, depth.shape[0], 16):
-        levelled = condition_depth(torch.from_numpy(np.asarray(depth[start : start + 16], np.float32)), t_s, size)
-        out[start : start + 16] = levelled.numpy()
-        low, high = min(low, float(levelled.min())), max(high, float(levelled.max()))
-    ctx.record(structure_range=[low, high])
-    return low, high
+    out = ctx.writer.create_array("structure", shape=(depth.shape[0], *(size or depth.shape[1:])), dtype=np.float16,
+                                  dims=("frame", "y", "x"))  # fmt: skip
+    for start, levelled in _levelled_chunks(depth, t_s, size):
+        out[start : start + len(levelled)] = levelled.numpy()
+    span = _span(depth, t_s, size)
+    ctx.record(structure_range=list(span))
+    return span
 
 
 def _publish(ctx: StageContext, p: Gen1Params) -> None:

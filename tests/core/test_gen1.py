@@ -133,3 +133,30 @@ def test_frame_keys_that_would_change_the_anchor_between_windows_are_refused(key
 
     with pytest.raises(ValueError, match="must include 'first'"):
         Gen1Params(frame_keys=keys)
+
+
+def test_per_frame_editing_is_diffusers_controlnet_pipeline() -> None:
+    """omega_t = 0 from noise (strength 1): each frame is edited exactly as StableDiffusionControlNetPipeline would."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from reelflow.core.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(0)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
+    for parameter in controlnet.parameters():
+        if not parameter.any():
+            torch.nn.init.normal_(parameter, std=0.05)
+    z, depth, embeds = inputs()
+    stock = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=controlnet,
+        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    stock.set_progress_bar_config(disable=True)
+    theirs = stock(prompt_embeds=embeds[1:].expand(FRAMES, -1, -1), negative_prompt_embeds=embeds[:1].expand(FRAMES, -1, -1),
+                   image=depth[:, None].expand(-1, 3, -1, -1), height=64, width=64, num_inference_steps=5,
+                   guidance_scale=7.5, latents=z.clone(), output_type="latent").images  # fmt: skip
+    install_frame_processors(pipe.unet, frame_keys=("self", "first"), cross_attention=False)
+    ours = gen1_denoise(pipe.unet, z, embeds, Structure(depth, controlnet), pipe.scheduler, 5,
+                        edit_timesteps(pipe.scheduler, 5, 1.0), omega=7.5, omega_t=0.0)  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
