@@ -1,7 +1,8 @@
 """Tiny random models for Gen-1 style editing: a Stable-Diffusion-style bundle whose UNet takes depth
 as a fifth input channel (the layout of stable-diffusion-2-depth), a depth ControlNet for the tiny
 bundle's UNet, and an image-variation bundle whose UNet cross-attends to one CLIP image embedding
-(the layout of lambdalabs/sd-image-variations-diffusers). Same formats as the real ones (diffusers layout, safetensors), each a pure
+(the layout of lambdalabs/sd-image-variations-diffusers), and an IP-Adapter for the tiny bundle's UNet
+with its image encoder (the layout of h94/IP-Adapter). Same formats as the real ones (diffusers layout, safetensors), each a pure
 function of its seed, so tests and ``reelflow demo`` run the real loading code with no download.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from diffusers import ControlNetModel, StableDiffusionImageVariationPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor
 
@@ -91,3 +93,41 @@ def _projecting_to(width: int):  # noqa: ANN202
     config = tiny_clip_vision().config
     config.projection_dim = width
     return CLIPVisionModelWithProjection(config).eval()
+
+
+IP_ADAPTER_WEIGHTS = "models/ip-adapter_sd15.safetensors"  # where h94/IP-Adapter keeps the SD 1.5 adapter
+IP_ADAPTER_TOKENS = 4
+
+
+def build_tiny_ip_adapter(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random IP-Adapter for the tiny bundle's UNet as h94/IP-Adapter lays one out:
+    ``models/ip-adapter_sd15.safetensors`` (``image_proj.*``, ``ip_adapter.<2k+1>.to_{k,v}_ip.weight``) and
+    ``models/image_encoder/`` (a CLIP vision model projecting to 32, no image processor: the loader builds CLIP's)."""
+
+    def write(staging: Path) -> None:
+        weights = staging / IP_ADAPTER_WEIGHTS
+        weights.parent.mkdir(parents=True)
+        save_file(_seeded_state(seed, _ip_adapter_state), weights)
+        _seeded(seed, 5, lambda: _projecting_to(32)).save_pretrained(weights.parent / "image_encoder", safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("IP-Adapter", "build_tiny_ip_adapter", seed))
+
+
+def _seeded_state(seed: int, build) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1009 + 4)
+        return build()
+
+
+def _ip_adapter_state(image_embed_dim: int = 32) -> dict[str, torch.Tensor]:
+    unet = tiny_unet()
+    width = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(IP_ADAPTER_TOKENS * width, image_embed_dim) * 0.2,
+             "image_proj.proj.bias": torch.randn(IP_ADAPTER_TOKENS * width) * 0.1,
+             "image_proj.norm.weight": 1.0 + torch.randn(width) * 0.1, "image_proj.norm.bias": torch.randn(width) * 0.1}  # fmt: skip
+    for index, name in enumerate(unet.attn_processors):  # the authors' numbering: every attention layer, cross odd
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            state[f"ip_adapter.{index}.to_k_ip.weight"] = torch.randn(hidden, width) * 0.3
+            state[f"ip_adapter.{index}.to_v_ip.weight"] = torch.randn(hidden, width) * 0.3
+    return {k: v.contiguous() for k, v in state.items()}

@@ -281,7 +281,8 @@ def stages(args: argparse.Namespace) -> int:
         for slot, kind in cls.optional_reads.items():
             print(f"    source {slot}: {kind} (optional)")
         for role, declared in cls.roles.items():
-            print(f"    model  {role}: {'|'.join(declared.families)}  {declared.description}")
+            optional = " (optional)" if role in cls.optional_roles else ""
+            print(f"    model  {role}: {'|'.join(declared.families)}  {declared.description}{optional}")
         for export in cls.exports:
             print(f"    export {export.kind}" + (f" .{export.suffix}" if export.suffix else ""))
     return 0

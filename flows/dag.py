@@ -20,9 +20,9 @@ from pathlib import Path
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
 
-from reelflow.core.models import fingerprint_model, get_family, infer_family, is_bundle
+from reelflow.core.models import check_weight_name, fingerprint_model, get_family, infer_family, is_bundle
 from reelflow.schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall, StoreSpec
-from reelflow.schemas.errors import SpecError
+from reelflow.schemas.errors import ModelError, SpecError
 from reelflow.schemas.graph import Node
 from reelflow.schemas.manifest import StageRecord
 from reelflow.schemas.pipeline import ModelSpec, PipelineSpec
@@ -76,7 +76,7 @@ def plan_run(
             method=node.spec.method,
             version=node.spec.version,
             params=node.spec.params.model_dump(mode="json"),
-            models={role: f"{m.fingerprint}|{m.dtype}" for role, m in roles.items()},
+            models={role: "|".join(filter(None, (m.fingerprint, m.dtype, m.weight_name))) for role, m in roles.items()},
             inputs={slot: ref.key for slot, ref in inputs.items()} | {f"source:{s}": f.key for s, f in files.items()},
             seed=spec.seed if node.spec.seeded() else None,
         )
@@ -111,11 +111,15 @@ def resolve_model(
             )
         family = next(iter(families))
     family = get_family(family).name
+    try:
+        check_weight_name(family, model.weight_name)
+    except ModelError as exc:
+        raise SpecError(f"model {name!r} ({model.id}): {exc}") from None
     fingerprint = fingerprint_model(model.id, model.revision, family=family, cache_dir=cache_dir)
     commit = fingerprint.rpartition("@")[2] if fingerprint.startswith("hub:") else None
     bundle = family == "diffusers" and is_bundle(model.id, model.revision, cache_dir)
     return ResolvedModel(id=model.id, revision=commit, family=family, bundle=bundle, dtype=model.dtype or default_dtype,
-                         fingerprint=fingerprint)  # fmt: skip
+                         fingerprint=fingerprint, weight_name=model.weight_name)  # fmt: skip
 
 
 def _fitting(node: Node, role: str, name: str, model: ResolvedModel) -> ResolvedModel:

@@ -26,6 +26,7 @@ class ResolvedModel(Model):
     bundle: bool = Field(default=False, description="A diffusers bundle, whose roles load as its subfolders.")
     dtype: DType
     fingerprint: str
+    weight_name: str | None = Field(default=None, description="The one weight file read, for families that name one.")
 
 
 class SourceRef(Model):

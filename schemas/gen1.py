@@ -3,7 +3,9 @@ Synthesis with Diffusion Models"): a clip's structure (depth, at a structure lev
 content, smoothed in time by temporal guidance (``omega_t``).
 
 ``embed_content`` embeds the content: a prompt (method ``text``) or, as Gen-1 does, a reference
-image's CLIP embedding (method ``reference``, for an image-variation UNet); ``denoise_latents`` (method ``gen1``:
+image's CLIP embedding, for an image-variation UNet (method ``reference``) or for an SD 1.5 UNet
+through an IP-Adapter (method ``ip_adapter``, with a prompt beside it; the edit then names the same
+adapter in its optional ``ip_adapter`` role); ``denoise_latents`` (method ``gen1``:
 depth concatenated to the latents of a depth UNet such as stable-diffusion-2-depth; method
 ``gen1_controlnet``: a depth ControlNet beside an SD 1.5 UNet) edits the clip's latents from the
 stored depth (``estimate_depth``), so sweeping ``t_s`` or ``omega_t`` (``each:``) never reruns depth.
@@ -33,6 +35,8 @@ UNET = Role(description="the denoising UNet (with its scheduler config)")
 CONTROLNET = Role(description="a depth ControlNet for the UNet", tiny="sd-controlnet")
 IMAGE_ENCODER = Role(description="the CLIP image encoder with projection (and its image processor)",
                      tiny="sd-image-variations")
+IP_ADAPTER = Role(families=("ip_adapter",), description="an IP-Adapter (its weights and its CLIP image encoder)",
+                  tiny="ip-adapter")
 
 
 class TextContent(Attrs):
@@ -69,6 +73,14 @@ register_kind(
     ReferenceContent,
     "a reference image's CLIP image embedding as one cross-attention token (unconditional: zeros)",
 )
+
+
+class IPAdapterContent(TextContent, ReferenceContent):
+    """The prompts and the reference image an IP-Adapter content embedding was made from."""
+
+
+register_kind("content/ip_adapter", IPAdapterContent, "prompt embeddings and a reference image's CLIP image embedding "
+              "for an IP-Adapter (unconditional: zeros)")  # fmt: skip
 
 
 class EmbedTextParams(Model):
@@ -108,6 +120,28 @@ class EmbedReference(StageSpec):
     params: EmbedReferenceParams = Field(default_factory=EmbedReferenceParams, description="None.")
 
 
+class EmbedIPAdapterParams(EmbedTextParams):
+    prompt: str = Field(default="", description="Text beside the reference image; empty lets the image alone set the content.")
+
+
+@register_stage
+class EmbedIPAdapter(StageSpec):
+    """Embed the prompts with the text encoder and the reference image with the IP-Adapter's CLIP image encoder:
+    content for an SD 1.5 UNet through an IP-Adapter (the edit names the same adapter)."""
+
+    version: ClassVar[str] = "1"
+    produces: ClassVar[str] = "content/ip_adapter"
+    roles: ClassVar[dict[str, Role]] = {"text_encoder": TEXT_ENCODER, "ip_adapter": IP_ADAPTER}
+    reads: ClassVar[dict[str, str]] = {"reference": "image"}
+
+    stage: Literal["embed_content"] = "embed_content"
+    method: Literal["ip_adapter"] = Field(default="ip_adapter", description="Content from a reference image and a prompt.")
+    params: EmbedIPAdapterParams = Field(default_factory=EmbedIPAdapterParams, description="The prompts.")
+
+
+CONTENT = ("content/text", "content/reference", "content/ip_adapter")
+
+
 class Gen1Params(Model):
     """Structure, content and temporal guidance of one edit."""
 
@@ -137,6 +171,11 @@ class Gen1Params(Model):
     window: PositiveInt = Field(default=16, description="Frames per window; longer clips go window by window.")
     overlap: int = Field(default=2, ge=0, description="Frames neighbouring windows share (cross-faded).")
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="The depth ControlNet's strength.")
+    ip_adapter_scale: float = Field(
+        default=1.0, ge=0.0, le=2.0,
+        description="How strongly an IP-Adapter's reference image steers the content (its image tokens' weight in "
+        "cross-attention); only with content from embed_content:ip_adapter.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> Gen1Params:
@@ -172,9 +211,7 @@ class Gen1InvertParams(Model):
 
 class _Gen1Invert(StageSpec):
     version: ClassVar[str] = "1"
-    slots: ClassVar[dict[str, tuple[str, ...]]] = {
-        "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
-    }  # fmt: skip
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",), "depth": ("depth",), "content": CONTENT}
     produces: ClassVar[str] = "inversion/gen1"
     demo: ClassVar[dict[str, Any]] = {"num_steps": 6}
 
@@ -204,11 +241,11 @@ class _Gen1(StageSpec):
     # 4: the inversion is a stage of its own (the optional `inversion` input) instead of `start: inversion`.
     version: ClassVar[str] = "4"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
-        "latents": ("latents",), "depth": ("depth",), "content": ("content/text", "content/reference"),
-        "inversion": ("inversion/gen1",),
+        "latents": ("latents",), "depth": ("depth",), "content": CONTENT, "inversion": ("inversion/gen1",),
     }  # fmt: skip
     optional_slots: ClassVar[tuple[str, ...]] = ("inversion",)
-    same_model_slots: ClassVar[tuple[str, ...]] = ("inversion",)
+    optional_roles: ClassVar[tuple[str, ...]] = ("ip_adapter",)
+    same_model_slots: ClassVar[tuple[str, ...]] = ("inversion", "content")
     produces: ClassVar[str] = "latents"
     optional_reads: ClassVar[dict[str, str]] = {"mask": "mask"}
     demo: ClassVar[dict[str, Any]] = {"num_steps": 6, "window": 4, "overlap": 1}
@@ -220,6 +257,17 @@ class _Gen1(StageSpec):
         return True  # the SDEdit noise
 
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
+        content = producers.get("content")
+        adapted = content is not None and content.produces == "content/ip_adapter"
+        if adapted and "ip_adapter" not in self.models:
+            raise ValueError(f"its content {content.id!r} is for an IP-Adapter; name the same adapter here with "
+                             f"`models: {{ip_adapter: {content.models.get('ip_adapter', '...')}}}`")  # fmt: skip
+        if not adapted and "ip_adapter" in self.models:
+            raise ValueError("it names an ip_adapter but its content is not an IP-Adapter's; embed the reference with "
+                             "`embed_content` method ip_adapter, or leave the ip_adapter role out")  # fmt: skip
+        if not adapted and self.params.ip_adapter_scale != Gen1Params.model_fields["ip_adapter_scale"].default:
+            raise ValueError(f"ip_adapter_scale {self.params.ip_adapter_scale} weighs an IP-Adapter's image tokens, but "
+                             "this edit has none; leave it out or give it content from embed_content method ip_adapter")  # fmt: skip
         inversion = producers.get("inversion")
         if inversion is None:
             return
@@ -233,7 +281,7 @@ class _Gen1(StageSpec):
 class DenoiseGen1(_Gen1):
     """Edit the clip's latents under its depth (concatenated to the latents) with new content."""
 
-    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET}
+    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET, "ip_adapter": IP_ADAPTER}
     method: Literal["gen1"] = Field(default="gen1", description="Gen-1 with a depth UNet (depth as an input channel).")
 
 
@@ -241,7 +289,7 @@ class DenoiseGen1(_Gen1):
 class DenoiseGen1ControlNet(_Gen1):
     """Edit the clip's latents under its depth (through a depth ControlNet) with new content."""
 
-    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "controlnet": CONTROLNET}
+    roles: ClassVar[dict[str, Role]] = {"unet": UNET, "controlnet": CONTROLNET, "ip_adapter": IP_ADAPTER}
     method: Literal["gen1_controlnet"] = Field(default="gen1_controlnet", description="Gen-1 with a depth ControlNet.")
 
 
@@ -253,5 +301,6 @@ METHOD = Method(
         "sd-depth": "reelflow.core.tiny_gen1:build_tiny_sd_depth",
         "sd-controlnet": "reelflow.core.tiny_gen1:build_tiny_controlnet",
         "sd-image-variations": "reelflow.core.tiny_gen1:build_tiny_image_variations",
+        "ip-adapter": "reelflow.core.tiny_gen1:build_tiny_ip_adapter",
     },
 )

@@ -177,14 +177,15 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
 
 
 def _pick_models(spec: StageSpec, models: Mapping[str, str | None]) -> dict[str, str]:
-    """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits."""
+    """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits; an
+    optional role only from ``models:``."""
     unknown = set(spec.models) - set(spec.roles)
     if unknown:
         raise GraphError(
             f"stage {spec.id!r} ({spec.tag}) has no model role {sorted(unknown)[0]!r}; "
             f"its roles are: {', '.join(spec.roles) or 'none'}"
         )
-    return {role: _pick_model(spec, role, models) for role in spec.roles}
+    return {role: _pick_model(spec, role, models) for role in spec.roles if role not in spec.optional_roles or role in spec.models}
 
 
 def _pick_model(spec: StageSpec, role: str, models: Mapping[str, str | None]) -> str:

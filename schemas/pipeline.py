@@ -66,6 +66,20 @@ class ModelSpec(Model):
         description="The tiny model `reelflow demo` puts in its place (a name `reelflow models tiny --kind` knows); "
         "None: the one its roles name.",
     )
+    weight_name: str | None = Field(
+        default=None,
+        description="The one weight file to read, for a repo that publishes several side by side (family ip_adapter: "
+        "'models/ip-adapter_sd15.safetensors'); a safetensors path inside the model.",
+    )
+
+
+    @field_validator("weight_name")
+    @classmethod
+    def _check_weight_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith(".safetensors") or value.startswith("/") or ".." in value.split("/")):
+            raise ValueError(f"weight_name {value!r} must be a .safetensors file inside the model, e.g. "
+                             "'models/ip-adapter_sd15.safetensors' (weights load as safetensors only)")  # fmt: skip
+        return value
 
 
 class SourceSpec(Model):

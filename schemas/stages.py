@@ -10,6 +10,7 @@ declaration the DAG engine reads:
 - ``optional_slots``: inputs that may stay unwired (wired when given, or when exactly one stage fits);
 - ``produces``: the kind it writes;
 - ``roles``: the models it needs, by role (``unet``, ``vae``, ``image_encoder``, ``depth``, ...);
+- ``optional_roles``: roles it fills only when the stage's ``models:`` names a model for them (an adapter);
 - ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
 - ``optional_reads``: sources it reads only when the pipeline declares one for the slot (a mask);
 - ``exports``: what it adds to the run's outputs (a video file, the metrics table);
@@ -53,6 +54,9 @@ def register_stage(cls: type[StageSpec]) -> type[StageSpec]:
         if kind not in KINDS:
             raise RegistryError(f"stage {stage_tag(*key)} uses the artifact kind {kind!r}, which no method registers; "
                                 f"register it with register_kind (known: {', '.join(sorted(KINDS))})")  # fmt: skip
+    if set(cls.optional_roles) - set(cls.roles):
+        raise RegistryError(f"stage {stage_tag(*key)} declares optional roles it does not have: "
+                            f"{', '.join(sorted(set(cls.optional_roles) - set(cls.roles)))}")  # fmt: skip
     for slot, kind in {**cls.reads, **cls.optional_reads}.items():
         if kind not in SOURCE_KINDS:
             raise RegistryError(f"stage {stage_tag(*key)} reads source {slot!r} of kind {kind!r}; kinds: {', '.join(SOURCE_KINDS)}")
@@ -97,6 +101,7 @@ class StageSpec(Model):
     optional_slots: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[str] = ""
     roles: ClassVar[dict[str, Role]] = {}
+    optional_roles: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[dict[str, str]] = {}
     optional_reads: ClassVar[dict[str, str]] = {}
     exports: ClassVar[tuple[Export, ...]] = ()

@@ -1,10 +1,11 @@
-"""embed_content (text) and denoise_latents (gen1, gen1_controlnet): Gen-1 style editing from a clip's
-stored depth, window by window, every window's cross-frame attention also reading one anchor frame."""
+"""embed_content (text, reference, ip_adapter), invert_latents and denoise_latents (gen1, gen1_controlnet):
+Gen-1 style editing from a clip's stored depth, window by window, every window's cross-frame attention
+also reading one anchor frame."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from reelflow.core.attention.ip_adapter import ip_adapter
 from reelflow.core.attention.processor import install_frame_processors
 from reelflow.core.editing.gen1 import Blend, Structure, edit_timesteps, gen1_denoise, gen1_invert, sdedit_start
 from reelflow.core.guidance.structure import structure_level
@@ -19,7 +21,14 @@ from reelflow.core.sources import read_image
 from reelflow.core.text import encode_prompts
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
-from reelflow.schemas.gen1 import Gen1Inversion, Gen1InvertParams, Gen1Params, ReferenceContent, TextContent
+from reelflow.schemas.gen1 import (
+    Gen1Inversion,
+    Gen1InvertParams,
+    Gen1Params,
+    IPAdapterContent,
+    ReferenceContent,
+    TextContent,
+)
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.tasks.artifacts import contact_sheet, publish_markdown
@@ -41,11 +50,28 @@ def embed_content(call: StageCall) -> ArtifactRef:
 
 def _embed(ctx: StageContext) -> TextContent:
     p = ctx.call.stage.params
-    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [p.negative_prompt, p.prompt, ""])
-    dims = ("prompt", "token", "embedding")
-    ctx.writer.write_array("embeds", embeds[:2].float().cpu().numpy(), dims=dims, dtype=np.float32)
-    ctx.writer.write_array("empty", embeds[2:].float().cpu().numpy(), dims=dims, dtype=np.float32)
+    _write_prompts(ctx, p.prompt, p.negative_prompt)
     return TextContent(prompt=p.prompt, negative_prompt=p.negative_prompt)
+
+
+EMBED_DIMS = ("prompt", "token", "embedding")
+
+
+def _write_prompts(ctx: StageContext, prompt: str, negative_prompt: str) -> None:
+    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [negative_prompt, prompt, ""])
+    ctx.writer.write_array("embeds", embeds[:2].float().cpu().numpy(), dims=EMBED_DIMS, dtype=np.float32)
+    ctx.writer.write_array("empty", embeds[2:].float().cpu().numpy(), dims=EMBED_DIMS, dtype=np.float32)
+
+
+def _write_reference(ctx: StageContext, encoder: Any, processor: Any) -> tuple[np.ndarray, torch.Tensor]:
+    """The reference image (also stored, ``image (y, x, rgb)``) and its CLIP image embedding ``(1, 1, E)``."""
+    with ctx.open_source("reference") as handle:
+        image = read_image("reference", handle)
+    pixels = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        embedding = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds.float().cpu()[:, None]
+    ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
+    return image, embedding
 
 
 @stage_task("embed_content", "reference")
@@ -56,17 +82,27 @@ def embed_reference(call: StageCall) -> ArtifactRef:
 
 
 def _embed_reference(ctx: StageContext) -> ReferenceContent:
-    with ctx.open_source("reference") as handle:
-        image = read_image("reference", handle)
-    encoder, processor = ctx.model("image_encoder"), ctx.model("image_encoder", "feature_extractor")
-    pixels = processor(images=Image.fromarray(image), return_tensors="pt").pixel_values
-    with torch.inference_mode():
-        embedding = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds.float().cpu()[:, None]
-    dims = ("prompt", "token", "embedding")
-    ctx.writer.write_array("embeds", torch.cat([torch.zeros_like(embedding), embedding]).numpy(), dims=dims, dtype=np.float32)
-    ctx.writer.write_array("empty", torch.zeros_like(embedding).numpy(), dims=dims, dtype=np.float32)
-    ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
+    image, embedding = _write_reference(ctx, ctx.model("image_encoder"), ctx.model("image_encoder", "feature_extractor"))
+    ctx.writer.write_array("embeds", torch.cat([torch.zeros_like(embedding), embedding]).numpy(), dims=EMBED_DIMS, dtype=np.float32)
+    ctx.writer.write_array("empty", torch.zeros_like(embedding).numpy(), dims=EMBED_DIMS, dtype=np.float32)
     return ReferenceContent(image_size=(image.shape[1], image.shape[0]), embedding_dim=int(embedding.shape[-1]))
+
+
+@stage_task("embed_content", "ip_adapter")
+def embed_ip_adapter(call: StageCall) -> ArtifactRef:
+    """Prompt embeddings as method ``text`` writes them, and the reference image's CLIP image embedding for an
+    IP-Adapter, ``image_embeds (2, 1, E)`` (zeros, the unconditional input as diffusers gives it, then the embedding)."""
+    return run_stage(call, _embed_ip_adapter)
+
+
+def _embed_ip_adapter(ctx: StageContext) -> IPAdapterContent:
+    p = ctx.call.stage.params
+    _write_prompts(ctx, p.prompt, p.negative_prompt)
+    image, embedding = _write_reference(ctx, ctx.model("ip_adapter", "image_encoder"), ctx.model("ip_adapter", "feature_extractor"))
+    ctx.writer.write_array("image_embeds", torch.cat([torch.zeros_like(embedding), embedding]).numpy(),
+                           dims=("prompt", "image", "embedding"), dtype=np.float32)  # fmt: skip
+    return IPAdapterContent(prompt=p.prompt, negative_prompt=p.negative_prompt, image_size=(image.shape[1], image.shape[0]),
+                            embedding_dim=int(embedding.shape[-1]))  # fmt: skip
 
 
 @stage_task("denoise_latents", "gen1")
@@ -87,6 +123,8 @@ def _denoise(ctx: StageContext) -> Latents:
     embeds = torch.from_numpy(ctx.array("content", "embeds", "float32"))
     unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
     controlnet = ctx.model("controlnet") if "controlnet" in ctx.call.stage.roles else None
+    adapter = ctx.model("ip_adapter") if "ip_adapter" in ctx.call.models else None
+    image_embeds = torch.from_numpy(ctx.array("content", "image_embeds", "float32")) if adapter is not None else None
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
     out = ctx.writer.create_array("latents", shape=latents.shape, dtype=np.float32, dims=("frame", "latent_channel", "y", "x"))
     # The structure level acts where the UNet reads depth: on the latent grid for a depth UNet, at frame size for a ControlNet.
@@ -101,10 +139,11 @@ def _denoise(ctx: StageContext) -> Latents:
         structure = Structure(levelled, controlnet, p.conditioning_scale, span)
         z, source = _start(ctx, window, z0, scheduler, timesteps)
         edited = gen1_denoise(unet, z, embeds, structure, scheduler, p.num_steps, timesteps, omega=p.omega,
-                              omega_t=p.omega_t, blend=Blend(mask, source) if mask is not None else None)  # fmt: skip
+                              omega_t=p.omega_t, blend=Blend(mask, source) if mask is not None else None,
+                              image_embeds=image_embeds)  # fmt: skip
         return edited.numpy()  # on window.frames, the anchor first; the stitcher keeps the window's own
 
-    with _video_mode(unet, p.frame_keys):
+    with _video_mode(unet, p.frame_keys, adapter, p.ip_adapter_scale):
         run_windows(ctx, WindowPlan(p.window, p.overlap, anchor=ANCHOR), out, compute)
     _publish(ctx, p)
     ctx.record(timesteps=[int(t) for t in timesteps])
@@ -201,10 +240,10 @@ def _mask(ctx: StageContext, latent_size: tuple[int, int]) -> torch.Tensor | Non
 
 
 @contextmanager
-def _video_mode(unet: Any, frame_keys: tuple) -> Iterator[None]:
-    """The shared UNet with cross-frame self-attention for the stage, its own processors restored after
-    (cross-attention processors are left alone: an IP-Adapter's carry its image tokens)."""
-    with model_lock(unet):
+def _video_mode(unet: Any, frame_keys: tuple, adapter: Any = None, scale: float = 1.0) -> Iterator[None]:
+    """The shared UNet with cross-frame self-attention (and an IP-Adapter on its cross-attention) for the stage,
+    as it was restored after."""
+    with model_lock(unet), ip_adapter(unet, adapter, scale) if adapter is not None else nullcontext():
         original = dict(unet.attn_processors)
         install_frame_processors(unet, frame_keys=frame_keys, cross_attention=False)
         try:

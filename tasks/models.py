@@ -55,5 +55,6 @@ def load_role(model: ResolvedModel | None, role: str, component: str | None, set
         device=resolve_device(settings),
         cache_dir=settings.model_cache_dir,
         fingerprint=model.fingerprint,
+        weight_name=model.weight_name,
         **options,
     )

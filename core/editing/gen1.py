@@ -5,7 +5,8 @@ Gen-1 (Esser et al. 2023, "Structure and Content-Guided Video Synthesis with Dif
 closed; this is its open counterpart (methods.md 4.2). Structure ``s`` is the clip's depth, degraded
 to the structure level ``t_s`` (core.guidance.structure), given to the UNet either concatenated to
 the latents (a depth UNet such as stable-diffusion-2-depth, 5 input channels) or through a depth
-ControlNet. Content ``c`` conditions cross-attention. Every step makes three predictions: the
+ControlNet. Content ``c`` conditions cross-attention: text, one CLIP image token (an image-variation
+UNet), or text and a CLIP image embedding through an IP-Adapter (core.attention.ip_adapter). Every step makes three predictions: the
 image mode (each frame alone) without and with content, and the video mode (self-attention also
 reading an anchor frame, core.attention.processor) with content; core.guidance.temporal combines
 them with ``omega`` and ``omega_t``. The video pass is skipped when ``omega_t = 0``.
@@ -17,7 +18,8 @@ every step keeps the source's own trajectory outside it (latent blending, method
 ``z <- M z + (1 - M) z_src(t)``.
 
 Notation: ``z`` latents ``(F, 4, h, w)``; ``structure`` depth in ``[0, 1]`` ``(F, H, W)`` at frame size;
-``embeds`` ``(2, L, D)`` (unconditional, conditional); ``omega``, ``omega_t`` as in Gen-1.
+``embeds`` ``(2, L, D)`` (unconditional, conditional); ``image_embeds`` ``(2, 1, E)`` the same for an
+IP-Adapter (zeros, then the reference's embedding); ``omega``, ``omega_t`` as in Gen-1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from reelflow.core.attention.ip_adapter import image_embed_kwargs
 from reelflow.core.attention.processor import set_cross_frame, set_num_frames
 from reelflow.core.guidance.temporal import temporal_guidance
 from reelflow.core.inversion.ddim import ddim_inversion_step
@@ -97,16 +100,19 @@ def gen1_denoise(
     omega_t: float,
     blend: Blend | None = None,
     on_step: OnStep | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise ``z`` over ``timesteps`` (a tail of a ``num_steps`` DDIM schedule) with Gen-1's guidance.
 
     The UNet must carry ``FrameAttnProcessor`` on its self-attention layers (video mode); this
-    switches them to image mode for the per-frame passes and back.
+    switches them to image mode for the per-frame passes and back. With ``image_embeds`` it must
+    carry an IP-Adapter too (:func:`~reelflow.core.attention.ip_adapter.ip_adapter`).
     """
     # 1. conditioning that does not change between steps
     frames = z.shape[0]
     device, dtype = unet.device, unet.dtype
     uncond, cond = (e.to(device, dtype).expand(frames, -1, -1) for e in embeds[:, None])
+    images = image_embeds.repeat_interleave(frames, dim=0) if image_embeds is not None else None  # (2F, 1, E)
     concat = structure.concat_channel(tuple(z.shape[-2:])).to(device, dtype) if structure.controlnet is None else None
     control = structure.control_image().to(device, dtype) if structure.controlnet is not None else None
     set_num_frames(unet, frames)
@@ -114,11 +120,12 @@ def gen1_denoise(
     for i, t in enumerate(timesteps):
         both = torch.cat([uncond, cond])
         residuals = _control(structure, z, int(t), both, concat, control)
-        image = _predict(unet, z, int(t), both, concat, residuals, cross_frame=False)
+        image = _predict(unet, z, int(t), both, concat, residuals, images, cross_frame=False)
         eps_uncond, eps_image = image.chunk(2)
         eps_video = eps_image
         if omega_t != 0.0:  # the ControlNet's attention stays per frame: its conditional half serves again
-            eps_video = _predict(unet, z, int(t), cond, concat, _second_half(residuals), cross_frame=True)
+            video_images = images[frames:] if images is not None else None
+            eps_video = _predict(unet, z, int(t), cond, concat, _second_half(residuals), video_images, cross_frame=True)
         eps = temporal_guidance(eps_uncond, eps_image, eps_video, omega=omega, omega_t=omega_t)
         z = ddim_denoise_step(eps, t, z, scheduler, num_steps)
         if blend is not None:
@@ -142,7 +149,7 @@ def gen1_invert(
     levels = [z0]
     for t in timesteps.flip(0):
         residuals = _control(structure, levels[-1], int(t), embeds, concat, control)
-        eps = _predict(unet, levels[-1], int(t), embeds, concat, residuals, cross_frame=False)
+        eps = _predict(unet, levels[-1], int(t), embeds, concat, residuals, None, cross_frame=False)
         levels.append(ddim_inversion_step(eps, t, levels[-1], scheduler, num_steps))
     set_cross_frame(unet, True)
     return levels
@@ -176,10 +183,13 @@ def _second_half(residuals: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None
 
 def _predict(
     unet: Any, z: torch.Tensor, t: int, embeds: torch.Tensor, concat: torch.Tensor | None,
-    residuals: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None, *, cross_frame: bool,
+    residuals: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None, image_embeds: torch.Tensor | None, *,
+    cross_frame: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """The UNet's noise prediction for ``z`` repeated once per row block of ``embeds``, in one mode."""
+    """The UNet's noise prediction for ``z`` repeated once per row block of ``embeds``, in one mode (with an
+    IP-Adapter's ``image_embeds``, one row per row of ``embeds``)."""
     extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]} if residuals else {}
+    extra |= image_embed_kwargs(image_embeds, unet)
     set_cross_frame(unet, cross_frame)
     with torch.inference_mode():
         return unet(_inputs(z, embeds.shape[0] // z.shape[0], concat, unet), t, encoder_hidden_states=embeds, **extra).sample.float().cpu()

@@ -6,7 +6,7 @@ account; whether the hub libraries may reach the network is the caller's environ
 (``HF_HUB_OFFLINE``).
 
 :data:`FAMILIES` maps a family name to its loader: ``diffusers``, ``transformers``, ``timm``,
-``torchvision``, ``midas`` (MiDaS DPT depth checkpoints). :func:`fingerprint_model` names a model's
+``torchvision``, ``midas`` (MiDaS DPT depth checkpoints), ``ip_adapter`` (IP-Adapter weights and their image encoder). :func:`fingerprint_model` names a model's
 version without loading weights, for stage keys: a directory by content, a hub id by the commit its
 revision points at.
 :func:`load_model` loads exactly that version (the planned fingerprint pins it) and keeps it in a
@@ -35,6 +35,7 @@ from reelflow.core.models.identity import (
     resolve_revision,
 )
 from reelflow.core.models.identity import fingerprint as _fingerprint
+from reelflow.core.models.ip_adapter_family import IPAdapterFamily
 from reelflow.core.models.midas_family import MidasFamily
 from reelflow.core.models.timm_family import TimmFamily
 from reelflow.core.models.torchvision_family import TorchvisionFamily
@@ -46,6 +47,7 @@ __all__ = [
     "FAMILIES",
     "ModelFamily",
     "ModelSource",
+    "check_weight_name",
     "clear_model_cache",
     "fingerprint_model",
     "get_family",
@@ -62,13 +64,13 @@ CACHE_SIZE = 8
 # Checked in this order by infer_family; their layouts do not overlap.
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
-    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily())
+    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily(), IPAdapterFamily())
 }
 
 # Stable Diffusion callers invert and sample with DDIM whatever scheduler a bundle ships.
 _SD_CLASSES: dict[str, type] = {"scheduler": DDIMScheduler}
 
-_CacheKey = tuple[str, str, str | None, str | None, str, str, str | None]
+_CacheKey = tuple[str, str, str | None, str | None, str, str, str | None, str | None]
 _cache: OrderedDict[_CacheKey, Any] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -149,6 +151,7 @@ def load_model(
     device: str = "cpu",
     cache_dir: str | None = None,
     fingerprint: str | None = None,
+    weight_name: str | None = None,
 ) -> Any:
     """Load a model (or one component of it) from the process cache, or into it.
 
@@ -173,6 +176,8 @@ def load_model(
         cache_dir: Hub cache to read from instead of the default.
         fingerprint: The model's fingerprint when the run was planned. A hub id then loads that
             commit, whatever its branch points at now; a local model must still have it.
+        weight_name: The one weight file to read, for a family whose repos publish several side by
+            side (``ip_adapter``: ``models/ip-adapter_sd15.safetensors``); other families take none.
 
     Raises:
         ModelError: Unknown family, component or dtype; a model id that is not a directory or a hub
@@ -182,19 +187,35 @@ def load_model(
     loader = get_family(family)
     torch_dtype(dtype)
     override = loader.class_override(cls)
+    check_weight_name(family, weight_name)
     source, version = _locate(model_id, revision, cache_dir, fingerprint)
-    key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir)
+    key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir, weight_name)
+    named = {"weight_name": weight_name} if loader.takes_weight_name else {}
     with _cache_lock:
         # Loading under the lock means two stages asking for one UNet load it once; loads are rare.
         if key not in _cache:
             _cache[key] = loader.load(
-                source, component=component, cls=override, dtype=dtype, device=device
+                source, component=component, cls=override, dtype=dtype, device=device, **named
             )
             while len(_cache) > CACHE_SIZE:
                 _cache.popitem(last=False)
         _cache.move_to_end(key)
         loaded = _cache[key]
     return loader.handout(loaded)
+
+
+def check_weight_name(family: str, weight_name: str | None) -> None:
+    """Refuse a ``weight_name`` for a family that reads its model whole, and a missing one where it is needed.
+
+    Raises:
+        ModelError: Either mismatch; the message names the fix.
+    """
+    takes = get_family(family).takes_weight_name
+    if weight_name is not None and not takes:
+        raise ModelError(f"a {family} model is read whole, so it takes no weight_name ({weight_name!r}); leave it unset")
+    if weight_name is None and takes:
+        raise ModelError(f"a {family} model names the file to read with `weight_name` "
+                         "(e.g. models/ip-adapter_sd15.safetensors)")  # fmt: skip
 
 
 def load_component(

@@ -191,6 +191,7 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     libraries: ClassVar[tuple[ModuleType, ...]] = ()  # where a class override named by string is found
+    takes_weight_name: ClassVar[bool] = False  # whether the model names one weight file of several (load's weight_name)
 
     def class_override(self, cls: type | str | None) -> type | None:
         """A caller's class override as a class; a name is looked up in :attr:`libraries` only.
@@ -226,7 +227,8 @@ class ModelFamily(ABC):
     ) -> Any:
         """Load the model (or one component of it) from ``source``, ready for inference.
 
-        ``cls`` overrides the class the files would choose (see :meth:`class_override`).
+        ``cls`` overrides the class the files would choose (see :meth:`class_override`). A family
+        that :attr:`takes_weight_name` also receives ``weight_name``, the file the model names.
 
         Raises:
             ModelError: Unknown component or class, missing or mismatched files.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
@@ -160,3 +162,43 @@ def test_per_frame_editing_is_diffusers_controlnet_pipeline() -> None:
     ours = gen1_denoise(pipe.unet, z, embeds, Structure(depth, controlnet), pipe.scheduler, 5,
                         edit_timesteps(pipe.scheduler, 5, 1.0), omega=7.5, omega_t=0.0)  # fmt: skip
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_per_frame_editing_with_an_ip_adapter_is_diffusers_pipeline_with_its_loaded_adapter(tmp_path) -> None:
+    """The reference image's tokens reach every pass as diffusers' IP-Adapter loading gives them; at scale 0 they add nothing."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from reelflow.core.attention.ip_adapter import ip_adapter
+    from reelflow.core.models import load_model
+    from reelflow.core.tiny import tiny_pipeline
+    from reelflow.core.tiny_gen1 import IP_ADAPTER_WEIGHTS, build_tiny_ip_adapter
+
+    pipe, adapter_dir = tiny_pipeline(0), build_tiny_ip_adapter(tmp_path / "ip")
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
+    z, depth, embeds = inputs()
+    image = torch.cat([torch.zeros(1, 1, 32), torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3))])
+    ours_unet = UNet2DConditionModel.from_config(pipe.unet.config).eval()
+    ours_unet.load_state_dict(pipe.unet.state_dict())
+    stock = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=controlnet,
+        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    stock.set_progress_bar_config(disable=True)
+    stock.load_ip_adapter(str(adapter_dir), subfolder="models", weight_name="ip-adapter_sd15.safetensors", image_encoder_folder=None)
+    stock.set_ip_adapter_scale(0.7)
+    theirs = stock(prompt_embeds=embeds[1:].expand(FRAMES, -1, -1), negative_prompt_embeds=embeds[:1].expand(FRAMES, -1, -1),
+                   ip_adapter_image_embeds=[image.repeat_interleave(FRAMES, dim=0)], image=depth[:, None].expand(-1, 3, -1, -1),
+                   height=64, width=64, num_inference_steps=5, guidance_scale=7.5, latents=z.clone(), output_type="latent").images  # fmt: skip
+    weights = load_model(str(adapter_dir), family="ip_adapter", weight_name=IP_ADAPTER_WEIGHTS)
+    install_frame_processors(ours_unet, frame_keys=("self", "first"), cross_attention=False)
+
+    def edit(scale: float | None) -> torch.Tensor:
+        with ip_adapter(ours_unet, weights, scale or 0.0) if scale is not None else contextlib.nullcontext():
+            install_frame_processors(ours_unet, frame_keys=("self", "first"), cross_attention=False)
+            return gen1_denoise(ours_unet, z, embeds, Structure(depth, controlnet), sd15_scheduler(), 5,
+                                edit_timesteps(pipe.scheduler, 5, 1.0), omega=7.5, omega_t=0.0,
+                                image_embeds=image if scale is not None else None)  # fmt: skip
+
+    torch.testing.assert_close(edit(0.7), theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(edit(0.0), edit(None), rtol=1e-5, atol=1e-5)

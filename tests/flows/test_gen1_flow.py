@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reelflow.core.tiny_depth import build_tiny_depth_anything
-from reelflow.core.tiny_gen1 import build_tiny_controlnet
+from reelflow.core.tiny_gen1 import build_tiny_controlnet, build_tiny_ip_adapter
 from reelflow.deployments import spec_path
 from reelflow.flows.edit import edit_video
 from reelflow.schemas.loading import load_spec
@@ -16,8 +16,12 @@ pytestmark = pytest.mark.flow
 
 
 def test_sweeping_t_s_again_reuses_the_depth_and_the_edits_already_made(tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(tmp_path / "reference.png")
     models = (f"models.sd.id={tiny_bundle}", f"models.controlnet.id={build_tiny_controlnet(tmp_path / 'cn')}",
-              f"models.depth.id={build_tiny_depth_anything(tmp_path / 'depth')}")  # fmt: skip
+              f"models.depth.id={build_tiny_depth_anything(tmp_path / 'depth')}",
+              f"models.ip_adapter.id={build_tiny_ip_adapter(tmp_path / 'ip')}", f"sources.reference.path={tmp_path / 'reference.png'}")  # fmt: skip
     small = ("stages.decode_video.params.num_frames=4", "stages.decode_video.params.width=64",
              "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
              "stages.denoise_latents.params.num_steps=4", "stages.denoise_latents.params.window=4",
@@ -48,9 +52,12 @@ def test_in_a_bulk_edit_only_the_clips_with_a_mask_use_one(tiny_bundle: Path, cl
     for name in ("a", "b"):
         shutil.copy(clip, library / f"{name}.mp4")
     Image.new("L", (64, 64), 0).save(library / "a.mask.png")  # a keeps its source everywhere; b has no mask
+    for name in ("a", "b"):
+        Image.new("RGB", (32, 32), (200, 120, 40)).save(library / f"{name}.reference.png")  # each clip brings its reference
     overrides = [f"models.sd.id={tiny_bundle}", f"models.controlnet.id={build_tiny_controlnet(tmp_path / 'cn')}",
                  f"models.depth.id={build_tiny_depth_anything(tmp_path / 'depth')}",
-                 "sources={mask: {kind: mask, sidecar: '{stem}.mask.png'}}", "stages.decode_video.params.num_frames=4",
+                 f"models.ip_adapter.id={build_tiny_ip_adapter(tmp_path / 'ip')}",
+                 "sources.mask={kind: mask, sidecar: '{stem}.mask.png'}", "stages.decode_video.params.num_frames=4",
                  "stages.decode_video.params.width=64", "stages.decode_video.params.height=64",
                  "stages.decode_video.params.multiple=8", "stages.denoise_latents.params.num_steps=4",
                  "stages.denoise_latents.params.window=4", "stages.denoise_latents.params.overlap=0",
@@ -59,7 +66,7 @@ def test_in_a_bulk_edit_only_the_clips_with_a_mask_use_one(tiny_bundle: Path, cl
     report = bulk_edit(library=str(library / "*.mp4"), spec=spec, output=str(tmp_path / "out"))
     assert [row.status for row in report.clips] == ["completed", "completed"]
     manifests = {path.name.split(".")[0]: json.loads(path.read_text()) for path in (tmp_path / "out").rglob("*.manifest.json")}
-    assert set(manifests["a"]["sources"]) == {"mask"} and manifests["b"]["sources"] == {}
+    assert set(manifests["a"]["sources"]) == {"mask", "reference"} and set(manifests["b"]["sources"]) == {"reference"}
     keys = {clip: {s["name"]: s["key"] for s in m["stages"]} for clip, m in manifests.items()}
     assert keys["a"]["estimate_depth"] == keys["b"]["estimate_depth"]
     assert keys["a"]["denoise_latents_0"] != keys["b"]["denoise_latents_0"]

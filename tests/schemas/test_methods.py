@@ -32,10 +32,10 @@ def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_severa
     raw = load_spec(spec_path("videoshop")).model_dump(mode="json", exclude_unset=True)
     entry = next(stage for stage in raw["stages"] if stage["stage"] == "embed_content")
     del entry["method"]
-    with pytest.raises(GraphError, match=r"stage 'embed_content' has several methods \('image', 'reference', 'text'\); set `method:`"):
+    with pytest.raises(GraphError, match=r"stage 'embed_content' has several methods \('image', 'ip_adapter', 'reference', 'text'\); set `method:`"):
         load_spec(raw)
     # With one implementation left, the tag is implied.
-    only = {key: cls for key, cls in STAGE_TYPES.items() if key not in (("embed_content", "text"), ("embed_content", "reference"))}
+    only = {key: cls for key, cls in STAGE_TYPES.items() if key[0] != "embed_content" or key[1] == "image"}
     monkeypatch.setattr(pipeline, "STAGE_TYPES", only)
     monkeypatch.setattr("reelflow.schemas.stages.STAGE_TYPES", only)
     assert pipeline._tag_of(entry) == "embed_content:image"
@@ -89,6 +89,13 @@ def test_roles_default_to_the_only_model_and_can_be_mapped_one_by_one() -> None:
                                       "stages.denoise_latents.model=sd"])  # fmt: skip
     assert spec.graph.nodes["encode_latents"].models == {"vae": "vae_ft"}
     assert spec.graph.nodes["decode_latents_0"].models == {"vae": "vae_ft"}
+
+
+def test_an_optional_role_is_filled_only_when_the_stage_names_its_model() -> None:
+    adapted = load_spec(spec_path("gen1-controlnet"))
+    assert adapted.graph.nodes["denoise_latents_0"].models == {"unet": "sd", "controlnet": "controlnet", "ip_adapter": "ip_adapter"}
+    plain = load_spec(spec_path("gen1-depth2img"))  # `model: sd` fills the roles it must, not the adapter
+    assert set(next(n for n in plain.graph.order() if n.spec.stage == "denoise_latents").models) == {"unet"}
 
 
 @pytest.mark.parametrize(

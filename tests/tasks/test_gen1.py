@@ -10,7 +10,7 @@ import torch
 
 from reelflow.core.guidance.structure import laplacian_energy
 from reelflow.core.tiny_depth import build_tiny_depth_anything
-from reelflow.core.tiny_gen1 import build_tiny_controlnet, build_tiny_sd_depth
+from reelflow.core.tiny_gen1 import build_tiny_controlnet, build_tiny_ip_adapter, build_tiny_sd_depth
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
@@ -30,18 +30,22 @@ SMALL = ("stages.decode_video.params.num_frames=6", "stages.decode_video.params.
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> dict[str, Path]:
+    from PIL import Image
+
     root = tmp_path_factory.mktemp("gen1-models")
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(root / "reference.png")
     return {"sd": tiny_bundle, "sd_depth": build_tiny_sd_depth(root / "sd-depth"),
-            "controlnet": build_tiny_controlnet(root / "controlnet"), "depth": build_tiny_depth_anything(root / "depth")}  # fmt: skip
+            "controlnet": build_tiny_controlnet(root / "controlnet"), "depth": build_tiny_depth_anything(root / "depth"),
+            "ip_adapter": build_tiny_ip_adapter(root / "ip-adapter"), "reference": root / "reference.png"}  # fmt: skip
 
 
 def spec(preset: str, models: dict[str, Path], *extra: str):
-    ids = [f"models.{name}.id={path}" for name, path in models.items() if name in _names(preset)]
-    return load_spec(spec_path(preset), [*ids, *SMALL, *extra])
-
-
-def _names(preset: str) -> set[str]:
-    return set(load_spec(spec_path(preset)).models)
+    """The preset on the tiny models, small; a reference image it reads is ``models["reference"]`` unless given."""
+    declared = load_spec(spec_path(preset))
+    ids = [f"models.{name}.id={path}" for name, path in models.items() if name in declared.models]
+    given = any(e.startswith("sources.reference") for e in extra)
+    reference = [f"sources.reference.path={models['reference']}"] if "reference" in declared.sources and not given else []
+    return load_spec(spec_path(preset), [*ids, *reference, *SMALL, *extra])
 
 
 def planned(spec_, clip: Path, store: str) -> dict:
@@ -100,7 +104,7 @@ def test_a_black_mask_keeps_the_source_trajectory_and_a_white_one_edits_everywhe
     store = str(tmp_path / "store")
     results = {}
     for name in ("keep", "edit", None):
-        extra = (f"sources={{mask: {{kind: mask, path: {tmp_path / f'{name}.png'}}}}}",) if name else ()
+        extra = (f"sources.mask={{kind: mask, path: {tmp_path / f'{name}.png'}}}",) if name else ()
         stages = planned(spec("gen1-controlnet", models, *extra), clip, store)
         refs = run(stages)
         results[name] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)["latents"][:]
@@ -111,12 +115,14 @@ def test_a_black_mask_keeps_the_source_trajectory_and_a_white_one_edits_everywhe
 
 
 def with_inversion(spec_):
-    """The pipeline with an invert_latents stage of its edit's method, which the edits then start from."""
+    """The pipeline with an invert_latents stage of its edit's method, which the edits then start from (inverted
+    without content, so without the edit's IP-Adapter)."""
     raw = spec_.model_dump(mode="json", exclude_unset=True)
     edit = next(stage for stage in raw["stages"] if stage["stage"] == "denoise_latents")
     params = {name: edit.get("params", {})[name] for name in ("num_steps", "strength") if name in edit.get("params", {})}
     raw["stages"].insert(raw["stages"].index(edit), {
-        "stage": "invert_latents", "method": edit["method"], "models": edit.get("models", {}), "model": edit.get("model"),
+        "stage": "invert_latents", "method": edit["method"], "model": edit.get("model"),
+        "models": {role: name for role, name in edit.get("models", {}).items() if role != "ip_adapter"},
         "inputs": {"latents": "encode_latents", "depth": "estimate_depth", "content": "embed_content"}, "params": params,
     })  # fmt: skip
     return load_spec(raw)
@@ -179,3 +185,42 @@ def test_reference_content_is_the_image_variation_pipelines_embedding_and_reache
     theirs = pipe._encode_image(Image.open(tmp_path / "blue.png"), "cpu", 1, True)  # (uncond zeros; image), (2, 1, D)
     np.testing.assert_allclose(content["embeds"][:], theirs.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(edits["red"], edits["blue"])  # the content reaches the UNet's cross-attention
+
+
+def test_ip_adapter_content_is_diffusers_image_embedding_and_the_reference_steers_the_edit(
+    models, clip: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    store, edits = str(tmp_path / "store"), {}
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
+        refs = run(planned(spec("gen1-controlnet", models, f"sources.reference.path={tmp_path / f'{name}.png'}",
+                                "stages.denoise_latents.each=[{}]"), clip, store))  # fmt: skip
+        content = ArtifactStore(store).open("embed_content", refs["embed_content"].key)
+        edits[name] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)["latents"][:]
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd"], safety_checker=None)
+    pipe.load_ip_adapter(str(models["ip_adapter"]), subfolder="models", weight_name="ip-adapter_sd15.safetensors")
+    image, uncond = pipe.encode_image(Image.open(tmp_path / "blue.png"), "cpu", 1)  # diffusers' own CLIP preprocessing
+    np.testing.assert_allclose(content["image_embeds"][:], torch.cat([uncond, image])[:, None].detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert content.attrs["image_size"] == [40, 30] and content["embeds"].shape[0] == 2
+    assert not np.allclose(edits["red"], edits["blue"])  # the reference reaches the UNet through the adapter
+
+
+def test_an_ip_adapter_is_named_on_both_sides_or_neither(models) -> None:
+    with pytest.raises(SpecError, match="its content 'embed_content' is for an IP-Adapter; name the same adapter here"):
+        spec("gen1-controlnet", models, "stages.denoise_latents.models={unet: sd, controlnet: controlnet}")
+    with pytest.raises(SpecError, match="ip_adapter_scale 0.5 weighs an IP-Adapter's image tokens, but this edit has none"):
+        spec("gen1-depth2img", models, "stages.denoise_latents.params.ip_adapter_scale=0.5")
+    with pytest.raises(SpecError, match="uses model 'other' as its ip_adapter but reads 'content' from 'embed_content'"):
+        spec("gen1-controlnet", models, f"models.other={{id: {models['ip_adapter']}, family: ip_adapter, "
+                                        "weight_name: models/ip-adapter_sd15.safetensors}",
+             "stages.denoise_latents.models.ip_adapter=other")  # fmt: skip
+
+
+def test_a_weight_name_is_refused_on_a_model_read_whole(models, clip: Path, tmp_path: Path) -> None:
+    given = spec("gen1-controlnet", models, "models.controlnet.weight_name=x.safetensors", f"input={clip}",
+                 f"store={tmp_path / 's'}")  # fmt: skip
+    with pytest.raises(SpecError, match="model 'controlnet' .*: a diffusers model is read whole, so it takes no weight_name"):
+        prepare_run(given, Settings())

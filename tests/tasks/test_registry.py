@@ -71,3 +71,19 @@ def test_a_plugin_declaring_a_stage_it_never_implements_fails_at_import(tmp_path
                             text=True, timeout=120)  # fmt: skip
     assert failed.returncode != 0
     assert "RegistryError: no implementation for frobnicate_frames (declared in halfdone)" in failed.stderr
+
+
+def test_an_optional_role_the_stage_does_not_have_is_refused() -> None:
+    from typing import ClassVar, Literal
+
+    from reelflow.schemas.stages import Role, StageSpec, register_stage
+
+    class Adapted(StageSpec):
+        produces: ClassVar[str] = "latents"
+        roles: ClassVar[dict[str, Role]] = {"unet": Role()}
+        optional_roles: ClassVar[tuple[str, ...]] = ("adapter",)
+        stage: Literal["adapt_latents"] = "adapt_latents"
+
+    with pytest.raises(RegistryError, match="stage adapt_latents declares optional roles it does not have: adapter"):
+        register_stage(Adapted)
+    assert ("adapt_latents", None) not in STAGE_TYPES
