@@ -75,7 +75,7 @@ def plan_run(
             stage=node.spec.stage,
             method=node.spec.method,
             version=node.spec.version,
-            params=node.spec.params.model_dump(mode="json"),
+            params=node.spec.key_params(),
             models={role: "|".join(filter(None, (m.fingerprint, m.dtype, m.weight_name))) for role, m in roles.items()},
             inputs={slot: ref.key for slot, ref in inputs.items()} | {f"source:{s}": f.key for s, f in files.items()},
             seed=spec.seed if node.spec.seeded() else None,

@@ -244,7 +244,6 @@ class _Gen1(StageSpec):
         "latents": ("latents",), "depth": ("depth",), "content": CONTENT, "inversion": ("inversion/gen1",),
     }  # fmt: skip
     optional_slots: ClassVar[tuple[str, ...]] = ("inversion",)
-    optional_roles: ClassVar[tuple[str, ...]] = ("ip_adapter",)
     same_model_slots: ClassVar[tuple[str, ...]] = ("inversion", "content")
     produces: ClassVar[str] = "latents"
     optional_reads: ClassVar[dict[str, str]] = {"mask": "mask"}
@@ -256,9 +255,19 @@ class _Gen1(StageSpec):
     def seeded(self) -> bool:
         return True  # the SDEdit noise
 
+    def key_params(self) -> dict[str, Any]:
+        params = super().key_params()
+        if "ip_adapter" not in self.models:
+            del params["ip_adapter_scale"]  # inert without an adapter (refused unless default), so older keys hold
+        return params
+
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
         content = producers.get("content")
         adapted = content is not None and content.produces == "content/ip_adapter"
+        if adapted and "ip_adapter" not in self.roles:
+            raise ValueError(f"its content {content.id!r} is for an IP-Adapter, which method {self.method} does not take "
+                             "(no IP-Adapter is published for its UNet); use method gen1_controlnet on SD 1.5, or "
+                             "content from embed_content method text")  # fmt: skip
         if adapted and "ip_adapter" not in self.models:
             raise ValueError(f"its content {content.id!r} is for an IP-Adapter; name the same adapter here with "
                              f"`models: {{ip_adapter: {content.models.get('ip_adapter', '...')}}}`")  # fmt: skip
@@ -266,8 +275,9 @@ class _Gen1(StageSpec):
             raise ValueError("it names an ip_adapter but its content is not an IP-Adapter's; embed the reference with "
                              "`embed_content` method ip_adapter, or leave the ip_adapter role out")  # fmt: skip
         if not adapted and self.params.ip_adapter_scale != Gen1Params.model_fields["ip_adapter_scale"].default:
+            fix = " or give it content from embed_content method ip_adapter" if "ip_adapter" in self.roles else ""
             raise ValueError(f"ip_adapter_scale {self.params.ip_adapter_scale} weighs an IP-Adapter's image tokens, but "
-                             "this edit has none; leave it out or give it content from embed_content method ip_adapter")  # fmt: skip
+                             f"this edit has none; leave it out{fix}")  # fmt: skip
         inversion = producers.get("inversion")
         if inversion is None:
             return
@@ -281,7 +291,7 @@ class _Gen1(StageSpec):
 class DenoiseGen1(_Gen1):
     """Edit the clip's latents under its depth (concatenated to the latents) with new content."""
 
-    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET, "ip_adapter": IP_ADAPTER}
+    roles: ClassVar[dict[str, Role]] = {"unet": DEPTH_UNET}
     method: Literal["gen1"] = Field(default="gen1", description="Gen-1 with a depth UNet (depth as an input channel).")
 
 
@@ -290,6 +300,7 @@ class DenoiseGen1ControlNet(_Gen1):
     """Edit the clip's latents under its depth (through a depth ControlNet) with new content."""
 
     roles: ClassVar[dict[str, Role]] = {"unet": UNET, "controlnet": CONTROLNET, "ip_adapter": IP_ADAPTER}
+    optional_roles: ClassVar[tuple[str, ...]] = ("ip_adapter",)  # content from a reference image, on SD 1.5
     method: Literal["gen1_controlnet"] = Field(default="gen1_controlnet", description="Gen-1 with a depth ControlNet.")
 
 

@@ -72,7 +72,6 @@ class ModelSpec(Model):
         "'models/ip-adapter_sd15.safetensors'); a safetensors path inside the model.",
     )
 
-
     @field_validator("weight_name")
     @classmethod
     def _check_weight_name(cls, value: str | None) -> str | None:

@@ -160,6 +160,11 @@ class StageSpec(Model):
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
         """Raise ValueError when this stage cannot use what its wired producers will make."""
 
+    def key_params(self) -> dict[str, Any]:
+        """The params that enter the stage key: all of them, as JSON. A stage leaves out only a param that cannot
+        change its output as wired (an adapter's weight without the adapter), so adding one keeps old keys."""
+        return self.params.model_dump(mode="json")
+
 
 SD_VAE = Role(families=("diffusers",), description="the VAE of the latent space")
 

@@ -21,6 +21,7 @@ from reelflow.core.sources import read_image
 from reelflow.core.text import encode_prompts
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
+from reelflow.schemas.errors import ModelError
 from reelflow.schemas.gen1 import (
     Gen1Inversion,
     Gen1InvertParams,
@@ -97,8 +98,14 @@ def embed_ip_adapter(call: StageCall) -> ArtifactRef:
 
 def _embed_ip_adapter(ctx: StageContext) -> IPAdapterContent:
     p = ctx.call.stage.params
+    encoder, adapter = ctx.model("ip_adapter", "image_encoder"), ctx.model("ip_adapter")
+    if encoder.config.projection_dim != adapter.image_embed_dim:
+        raise ModelError(f"IP-Adapter {ctx.call.models['ip_adapter'].weight_name} takes {adapter.image_embed_dim}-wide image "
+                         f"embeddings but the image_encoder/ beside it gives {encoder.config.projection_dim} (the SD 1.5 "
+                         "vit-G adapters want the encoder in sdxl_models/); pick an adapter trained on the encoder "
+                         "beside it, such as models/ip-adapter_sd15.safetensors")  # fmt: skip
     _write_prompts(ctx, p.prompt, p.negative_prompt)
-    image, embedding = _write_reference(ctx, ctx.model("ip_adapter", "image_encoder"), ctx.model("ip_adapter", "feature_extractor"))
+    image, embedding = _write_reference(ctx, encoder, ctx.model("ip_adapter", "feature_extractor"))
     ctx.writer.write_array("image_embeds", torch.cat([torch.zeros_like(embedding), embedding]).numpy(),
                            dims=("prompt", "image", "embedding"), dtype=np.float32)  # fmt: skip
     return IPAdapterContent(prompt=p.prompt, negative_prompt=p.negative_prompt, image_size=(image.shape[1], image.shape[0]),

@@ -31,33 +31,44 @@ IP_IMAGE_PROJ = "ip_image_proj"  # diffusers' encoder_hid_dim_type of a UNet car
 
 @contextmanager
 def ip_adapter(unet: Any, adapter: IPAdapterWeights, scale: float = 1.0) -> Iterator[None]:
-    """``adapter`` on ``unet``'s cross-attention at ``scale`` inside the block; its processors, image
-    projection and config restored after. Hold the model's lock: the UNet is shared.
+    """``adapter`` on ``unet``'s cross-attention at ``scale`` inside the block, in the UNet's dtype and on its
+    device; its processors, image projection and config restored after, also when the block raises. Hold the
+    model's lock: the UNet is shared.
 
     Raises:
-        ModelError: The adapter was made for another UNet (layer count or widths differ).
+        ModelError: The adapter was made for another UNet (layer count or widths differ); nothing is changed.
     """
-    processors = dict(unet.attn_processors)
-    projection, hid_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    if hid_type is not None:
-        raise ModelError(f"this UNet already projects its conditioning ({hid_type!r}); an IP-Adapter needs a plain "
-                         "text-conditioned UNet (SD 1.5)")  # fmt: skip
-    unet.set_attn_processor({**processors, **_adapter_processors(unet, processors, adapter, scale)})
-    unet.encoder_hid_proj = MultiIPAdapterImageProjection([_image_projection(adapter)])
-    unet.register_to_config(encoder_hid_dim_type=IP_IMAGE_PROJ)
+    if unet.config.encoder_hid_dim_type is not None:
+        raise ModelError(f"this UNet already projects its conditioning ({unet.config.encoder_hid_dim_type!r}); an "
+                         "IP-Adapter needs a plain text-conditioned UNet (SD 1.5)")  # fmt: skip
+    adapter = adapter.to(unet.device, unet.dtype)
+    processors, original = dict(unet.attn_processors), unet.encoder_hid_proj
+    installed = {**processors, **_adapter_processors(unet, processors, adapter, scale)}  # built before anything changes
+    projection = MultiIPAdapterImageProjection([_image_projection(adapter)])
     try:
+        unet.set_attn_processor(installed)
+        unet.encoder_hid_proj = projection
+        unet.register_to_config(encoder_hid_dim_type=IP_IMAGE_PROJ)
         yield
     finally:
         unet.set_attn_processor(processors)
-        unet.encoder_hid_proj = projection
-        unet.register_to_config(encoder_hid_dim_type=hid_type)
+        unet.encoder_hid_proj = original
+        unet.register_to_config(encoder_hid_dim_type=None)
 
 
-def image_embed_kwargs(image_embeds: torch.Tensor | None, like: Any) -> dict[str, Any]:
-    """The UNet keywords that hand an IP-Adapter its image embeddings ``(B, 1, E)``, or none without one."""
+def image_embed_kwargs(unet: Any, image_embeds: torch.Tensor | None) -> dict[str, Any]:
+    """The UNet keywords that hand its IP-Adapter the image embeddings ``(B, 1, E)``; none without one.
+
+    Raises:
+        ValueError: Embeddings for a UNet without an adapter (they would be ignored), or none for one with.
+    """
+    carries = getattr(getattr(unet, "config", None), "encoder_hid_dim_type", None) == IP_IMAGE_PROJ
+    if (image_embeds is not None) != carries:
+        raise ValueError("image embeddings go with an IP-Adapter on the UNet: install one with ip_adapter() and pass "
+                         "both, or neither")  # fmt: skip
     if image_embeds is None:
         return {}
-    return {"added_cond_kwargs": {"image_embeds": [image_embeds.to(like.device, like.dtype)]}}
+    return {"added_cond_kwargs": {"image_embeds": [image_embeds.to(unet.device, unet.dtype)]}}
 
 
 def _adapter_processors(
@@ -66,14 +77,16 @@ def _adapter_processors(
     cross = [name for name in processors if not name.endswith("attn1.processor")]
     if len(cross) != len(adapter.layers):
         raise ModelError(f"the IP-Adapter has {len(adapter.layers)} cross-attention layers but the UNet has {len(cross)}: "
-                         "it was made for another UNet; use the adapter for this base model (ip-adapter_sd15 for SD 1.5)")  # fmt: skip
+                         "it was made for another base model; pick the adapter file made for this UNet's "
+                         "(ip-adapter_sd15 for SD 1.5)")  # fmt: skip
     installed = {}
     for name, (to_k, to_v) in zip(cross, adapter.layers, strict=True):
         attention = unet.get_submodule(name.removesuffix(".processor"))
         hidden, width = attention.to_k.out_features, attention.to_k.in_features
         if tuple(to_k.shape) != (hidden, width):
             raise ModelError(f"the IP-Adapter's layer for {name} maps {to_k.shape[1]} to {to_k.shape[0]} features but the "
-                             f"UNet's maps {width} to {hidden}: it was made for another UNet")  # fmt: skip
+                             f"UNet's maps {width} to {hidden}: it was made for another base model; pick the adapter "
+                             "file made for this UNet's (ip-adapter_sd15 for SD 1.5)")  # fmt: skip
         processor = IPAdapterAttnProcessor2_0(hidden, width, num_tokens=(adapter.num_tokens,), scale=scale)
         processor.load_state_dict({"to_k_ip.0.weight": to_k, "to_v_ip.0.weight": to_v})
         installed[name] = processor.to(device=to_k.device, dtype=to_k.dtype)

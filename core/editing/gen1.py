@@ -189,7 +189,7 @@ def _predict(
     """The UNet's noise prediction for ``z`` repeated once per row block of ``embeds``, in one mode (with an
     IP-Adapter's ``image_embeds``, one row per row of ``embeds``)."""
     extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]} if residuals else {}
-    extra |= image_embed_kwargs(image_embeds, unet)
+    extra |= image_embed_kwargs(unet, image_embeds)
     set_cross_frame(unet, cross_frame)
     with torch.inference_mode():
         return unet(_inputs(z, embeds.shape[0] // z.shape[0], concat, unet), t, encoder_hidden_states=embeds, **extra).sample.float().cpu()

@@ -59,7 +59,7 @@ __all__ = [
     "torch_dtype",
 ]
 
-CACHE_SIZE = 8
+CACHE_SIZE = 16  # entries, weightless ones (tokenizers, schedulers, processors) too: a Gen-1 edit with an IP-Adapter holds 11
 
 # Checked in this order by infer_family; their layouts do not overlap.
 FAMILIES: dict[str, ModelFamily] = {
@@ -212,9 +212,10 @@ def check_weight_name(family: str, weight_name: str | None) -> None:
     """
     takes = get_family(family).takes_weight_name
     if weight_name is not None and not takes:
-        raise ModelError(f"a {family} model is read whole, so it takes no weight_name ({weight_name!r}); leave it unset")
+        raise ModelError(f"models of family {family} are read whole, so they take no weight_name ({weight_name!r}); "
+                         "leave it unset")  # fmt: skip
     if weight_name is None and takes:
-        raise ModelError(f"a {family} model names the file to read with `weight_name` "
+        raise ModelError(f"models of family {family} name the file to read with `models.<name>.weight_name` "
                          "(e.g. models/ip-adapter_sd15.safetensors)")  # fmt: skip
 
 

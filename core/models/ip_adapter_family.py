@@ -7,8 +7,8 @@ with projection whose image embedding the adapter was trained on. Components:
 - None: the adapter's weights, :class:`IPAdapterWeights` (safetensors only: a pickled ``.bin`` can
   run code when loaded);
 - ``image_encoder``: ``CLIPVisionModelWithProjection`` from ``image_encoder/``;
-- ``feature_extractor``: its ``CLIPImageProcessor``, from ``image_encoder/`` when it ships one, else
-  CLIP's defaults at the encoder's input size, as diffusers' ``load_ip_adapter`` builds it.
+- ``feature_extractor``: its ``CLIPImageProcessor``: CLIP's defaults at the encoder's input size, as
+  diffusers' ``load_ip_adapter`` builds it.
 
 Only the original adapter layout (a linear projection of the pooled image embedding to a few
 tokens: ``ip-adapter_sd15``, ``ip-adapter_sd15_light``) is read; the Plus and Face variants project
@@ -84,7 +84,7 @@ class IPAdapterFamily(ModelFamily):
         if component is None:
             path = source.directory([weight_name]) / weight_name
             return read_adapter(path, source.model_id).to(device, torch_dtype(dtype))
-        root = source.directory([f"{encoder}/*"])
+        root = source.directory([f"{encoder}/*.json", f"{encoder}/*.safetensors"])  # not the pickled copy beside it
         if component == ENCODER:
             return _encoder(root / encoder, source.model_id, dtype, device)
         return _processor(root / encoder)
@@ -109,17 +109,30 @@ def read_adapter(path: Path, model_id: str = "") -> IPAdapterWeights:
         variant = "a Plus or Face adapter (a resampler over CLIP's hidden states)" if image_proj else "no image projection"
         raise ModelError(f"{where} is {variant}; reelflow reads the original IP-Adapter layout (ip-adapter_sd15, "
                          "ip-adapter_sd15_light), whose image projection is one linear layer and a norm")  # fmt: skip
-    ids = sorted({int(k.split(".")[0]) for k in adapter})
+    count = len(adapter) // 2  # cross-attention layers are numbered 1, 3, 5, ...: every attention layer, cross odd
     layers = []
-    for n in ids:
+    for n in range(1, 2 * count, 2):
         try:
             layers.append((adapter[f"{n}.to_k_ip.weight"], adapter[f"{n}.to_v_ip.weight"]))
         except KeyError as exc:
             raise ModelError(f"{where} lacks {exc.args[0]!r}; the file is damaged or not an IP-Adapter") from None
-    if not layers or len(adapter) != 2 * len(layers):
-        raise ModelError(f"{where} holds {len(adapter)} ip_adapter tensors for {len(layers)} layers; expected a to_k_ip "
-                         "and a to_v_ip weight per cross-attention layer")  # fmt: skip
-    return IPAdapterWeights(image_proj, layers)
+    if not layers or len(adapter) != 2 * count:
+        raise ModelError(f"{where} holds {len(adapter)} ip_adapter tensors; expected a to_k_ip and a to_v_ip weight "
+                         "per cross-attention layer")  # fmt: skip
+    weights = IPAdapterWeights(image_proj, layers)
+    _check_shapes(weights, where)
+    return weights
+
+
+def _check_shapes(weights: IPAdapterWeights, where: str) -> None:
+    width, proj = weights.cross_attention_dim, weights.image_proj
+    tokens, rest = divmod(int(proj["proj.weight"].shape[0]), width)
+    expected = {"proj.bias": (tokens * width,), "norm.weight": (width,), "norm.bias": (width,)}
+    wrong = [name for name, shape in expected.items() if tuple(proj[name].shape) != shape]
+    wrong += [f"layer {2 * i + 1}" for i, (k, v) in enumerate(weights.layers) if k.shape[1] != width or v.shape != k.shape]
+    if rest or not tokens or wrong:
+        raise ModelError(f"{where} has tensors of inconsistent shapes ({', '.join(wrong) or 'proj.weight'}) for "
+                         f"{width}-wide cross-attention; the file is damaged or not an IP-Adapter")  # fmt: skip
 
 
 def _adapter_files(root: Path) -> list[Path]:
@@ -140,7 +153,5 @@ def _encoder(folder: Path, model_id: str, dtype: str, device: str) -> Any:
 def _processor(folder: Path) -> Any:
     from transformers import CLIPImageProcessor
 
-    if (folder / "preprocessor_config.json").is_file():
-        return CLIPImageProcessor.from_pretrained(folder)
     size = int(read_json_file(folder / "config.json").get("image_size", 224))
     return CLIPImageProcessor(size=size, crop_size=size)

@@ -202,3 +202,11 @@ def test_per_frame_editing_with_an_ip_adapter_is_diffusers_pipeline_with_its_loa
 
     torch.testing.assert_close(edit(0.7), theirs, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(edit(0.0), edit(None), rtol=1e-5, atol=1e-5)
+    # omega = omega_t = 1 keeps the video prediction alone: the reference must reach the cross-frame pass too.
+    other = torch.cat([image[:1], -image[1:]])
+    with ip_adapter(ours_unet, weights):
+        install_frame_processors(ours_unet, frame_keys=("self", "first"), cross_attention=False)
+        video = [gen1_denoise(ours_unet, z, embeds, Structure(depth, controlnet), sd15_scheduler(), 5,
+                              edit_timesteps(pipe.scheduler, 5, 1.0), omega=1.0, omega_t=1.0, image_embeds=e)
+                 for e in (image, other)]  # fmt: skip
+    assert (video[0] - video[1]).abs().max() > 1e-3

@@ -47,7 +47,7 @@ def test_the_adapter_acts_as_diffusers_loads_it_and_comes_off_again(adapter_dir:
     z, text, image = inputs()
     before = ours(z, 10, encoder_hidden_states=text).sample
     with ip_adapter(ours, load(adapter_dir), scale=0.6):
-        adapted = ours(z, 10, encoder_hidden_states=text, **image_embed_kwargs(image, ours)).sample
+        adapted = ours(z, 10, encoder_hidden_states=text, **image_embed_kwargs(ours, image)).sample
     expected = theirs(z, 10, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [image]}).sample
     torch.testing.assert_close(adapted, expected, rtol=0, atol=0)
     assert (adapted - before).abs().max() > 1e-2  # the image tokens reach the UNet
@@ -74,9 +74,9 @@ def test_the_family_reads_the_published_layout(adapter_dir: Path) -> None:
 
 
 def test_a_model_that_reads_one_file_needs_its_name_and_others_take_none(adapter_dir: Path, tiny_bundle: Path) -> None:
-    with pytest.raises(ModelError, match="names the file to read with `weight_name`"):
+    with pytest.raises(ModelError, match="models of family ip_adapter name the file to read with `models.<name>.weight_name`"):
         load_model(str(adapter_dir), family="ip_adapter")
-    with pytest.raises(ModelError, match="diffusers model is read whole"):
+    with pytest.raises(ModelError, match="models of family diffusers are read whole"):
         load_model(str(tiny_bundle), family="diffusers", component="unet", weight_name=IP_ADAPTER_WEIGHTS)
 
 
@@ -91,6 +91,9 @@ def test_plus_adapters_pickles_and_damaged_files_are_refused(adapter_dir: Path, 
         read_adapter(tmp_path / "damaged.safetensors")
     with pytest.raises(ModelError, match="safetensors only"):
         read_adapter(tmp_path / "ip-adapter_sd15.bin")
+    save_file({**state, "image_proj.norm.weight": torch.ones(48)}, tmp_path / "misshapen.safetensors")
+    with pytest.raises(ModelError, match=r"inconsistent shapes \(norm.weight\) for 32-wide cross-attention"):
+        read_adapter(tmp_path / "misshapen.safetensors")
 
 
 def test_an_adapter_for_another_unet_is_refused(adapter_dir: Path) -> None:
@@ -100,8 +103,28 @@ def test_an_adapter_for_another_unet_is_refused(adapter_dir: Path) -> None:
         with ip_adapter(tiny_unet(), fewer):
             pass
     wider = dataclasses.replace(weights, layers=[(torch.zeros(k.shape[0], 48), v) for k, v in weights.layers])
-    unet = tiny_unet()
-    with pytest.raises(ModelError, match="made for another UNet"):
-        with ip_adapter(unet, wider):
+    with pytest.raises(ModelError, match="made for another base model; pick the adapter file made for this UNet's"):
+        with ip_adapter(tiny_unet(), wider):
             pass
-    assert unet.encoder_hid_proj is None  # nothing was left half-installed
+
+
+def test_the_unet_is_restored_when_the_block_raises_and_the_adapter_follows_its_dtype(adapter_dir: Path) -> None:
+    unet = tiny_unet()
+    before = dict(unet.attn_processors)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with ip_adapter(unet, load(adapter_dir)):
+            raise RuntimeError("stage failed")
+    assert unet.encoder_hid_proj is None and unet.config.encoder_hid_dim_type is None
+    assert all(type(p) is type(before[name]) for name, p in unet.attn_processors.items())
+    half = unet.to(torch.bfloat16)
+    z, text, image = (t.to(torch.bfloat16) for t in inputs())
+    with ip_adapter(half, load(adapter_dir)):  # float32 weights on a bfloat16 UNet
+        assert half(z, 10, encoder_hidden_states=text, **image_embed_kwargs(half, image)).sample.dtype == torch.bfloat16
+
+
+def test_image_embeddings_go_with_an_adapter_or_not_at_all(adapter_dir: Path) -> None:
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="image embeddings go with an IP-Adapter on the UNet"):
+        image_embed_kwargs(unet, torch.zeros(2, 1, 32))
+    with ip_adapter(unet, load(adapter_dir)), pytest.raises(ValueError, match="pass both, or neither"):
+        image_embed_kwargs(unet, None)

@@ -197,15 +197,17 @@ def test_ip_adapter_content_is_diffusers_image_embedding_and_the_reference_steer
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
         refs = run(planned(spec("gen1-controlnet", models, f"sources.reference.path={tmp_path / f'{name}.png'}",
-                                "stages.denoise_latents.each=[{}]"), clip, store))  # fmt: skip
+                                "stages.denoise_latents.each=[{}, {ip_adapter_scale: 0}]"), clip, store))  # fmt: skip
         content = ArtifactStore(store).open("embed_content", refs["embed_content"].key)
         edits[name] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_0"].key)["latents"][:]
+        edits[name, 0] = ArtifactStore(store).open("denoise_latents", refs["denoise_latents_1"].key)["latents"][:]
     pipe = StableDiffusionPipeline.from_pretrained(models["sd"], safety_checker=None)
     pipe.load_ip_adapter(str(models["ip_adapter"]), subfolder="models", weight_name="ip-adapter_sd15.safetensors")
     image, uncond = pipe.encode_image(Image.open(tmp_path / "blue.png"), "cpu", 1)  # diffusers' own CLIP preprocessing
     np.testing.assert_allclose(content["image_embeds"][:], torch.cat([uncond, image])[:, None].detach().numpy(), rtol=1e-5, atol=1e-6)
     assert content.attrs["image_size"] == [40, 30] and content["embeds"].shape[0] == 2
     assert not np.allclose(edits["red"], edits["blue"])  # the reference reaches the UNet through the adapter
+    np.testing.assert_allclose(edits["red", 0], edits["blue", 0], rtol=1e-5, atol=1e-6)  # ...weighed by ip_adapter_scale
 
 
 def test_an_ip_adapter_is_named_on_both_sides_or_neither(models) -> None:
@@ -213,6 +215,11 @@ def test_an_ip_adapter_is_named_on_both_sides_or_neither(models) -> None:
         spec("gen1-controlnet", models, "stages.denoise_latents.models={unet: sd, controlnet: controlnet}")
     with pytest.raises(SpecError, match="ip_adapter_scale 0.5 weighs an IP-Adapter's image tokens, but this edit has none"):
         spec("gen1-depth2img", models, "stages.denoise_latents.params.ip_adapter_scale=0.5")
+    with pytest.raises(SpecError, match="is for an IP-Adapter, which method gen1 does not take .* use method gen1_controlnet"):
+        spec("gen1-depth2img", models, "stages.embed_content.method=ip_adapter", "stages.embed_content.model=null",
+             "models.ip_adapter={id: x, family: ip_adapter, weight_name: models/ip-adapter_sd15.safetensors}",
+             "stages.embed_content.models={text_encoder: sd_depth, ip_adapter: ip_adapter}",
+             "sources.reference={kind: image}")  # fmt: skip
     with pytest.raises(SpecError, match="uses model 'other' as its ip_adapter but reads 'content' from 'embed_content'"):
         spec("gen1-controlnet", models, f"models.other={{id: {models['ip_adapter']}, family: ip_adapter, "
                                         "weight_name: models/ip-adapter_sd15.safetensors}",
@@ -222,5 +229,22 @@ def test_an_ip_adapter_is_named_on_both_sides_or_neither(models) -> None:
 def test_a_weight_name_is_refused_on_a_model_read_whole(models, clip: Path, tmp_path: Path) -> None:
     given = spec("gen1-controlnet", models, "models.controlnet.weight_name=x.safetensors", f"input={clip}",
                  f"store={tmp_path / 's'}")  # fmt: skip
-    with pytest.raises(SpecError, match="model 'controlnet' .*: a diffusers model is read whole, so it takes no weight_name"):
+    with pytest.raises(SpecError, match="model 'controlnet' .*: models of family diffusers are read whole, so they take no weight_name"):
         prepare_run(given, Settings())
+
+
+def test_the_adapter_file_and_its_scale_enter_the_edits_key_only_with_an_adapter(models, clip: Path, tmp_path: Path) -> None:
+    import shutil
+
+    two = tmp_path / "two-adapters"
+    shutil.copytree(models["ip_adapter"], two)
+    shutil.copy(two / "models/ip-adapter_sd15.safetensors", two / "models/ip-adapter_sd15_light.safetensors")
+    keys = {}
+    for name in ("ip-adapter_sd15", "ip-adapter_sd15_light"):
+        stages = planned(spec("gen1-controlnet", {**models, "ip_adapter": two}, f"models.ip_adapter.weight_name=models/{name}.safetensors"),
+                         clip, str(tmp_path / "store"))  # fmt: skip
+        keys[name] = (stages["embed_content"].key, stages["denoise_latents_0"].key)
+    assert keys["ip-adapter_sd15"][0] != keys["ip-adapter_sd15_light"][0] and keys["ip-adapter_sd15"][1] != keys["ip-adapter_sd15_light"][1]
+    assert "ip_adapter_scale" in spec("gen1-controlnet", models).graph.nodes["denoise_latents_0"].spec.key_params()
+    plain = next(n for n in spec("gen1-depth2img", models).graph.order() if n.spec.stage == "denoise_latents")
+    assert "ip_adapter_scale" not in plain.spec.key_params()  # inert there: text edits keep their keys
