@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/videoshop.py
 	$(BIN)/python benchmarks/depth.py
 	$(BIN)/python benchmarks/gen1.py
+	$(BIN)/python benchmarks/flow.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -386,6 +386,25 @@ def decode_audio(source: VideoSource, start: float, end: float) -> AudioTrack | 
     return AudioTrack(samples=out, sample_rate=rate)
 
 
+def decode_audio_file(source: VideoSource) -> AudioTrack | None:
+    """Decode the whole first audio stream of ``source`` (an audio file, or a video's track on its own clock: 0 is
+    the stream's first sample). ``None`` when ``source`` has no audio stream."""
+    with _open_input(source) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        origin = float((stream.start_time or 0) * stream.time_base) if stream.time_base is not None else 0.0
+        chunks: list[np.ndarray] = []
+        try:
+            for _, chunk in _audio_chunks(container, stream, origin):
+                chunks.append(chunk)
+        except av.error.FFmpegError as err:
+            raise InputVideoError(f"{_name(source)!r} is truncated or corrupt: its audio stops after "
+                                  f"{sum(c.shape[1] for c in chunks)} samples; {_FIX_UNREADABLE}") from err  # fmt: skip
+    samples = np.concatenate(chunks, axis=1) if chunks else np.zeros((stream.codec_context.channels, 0), np.float32)
+    return AudioTrack(samples=np.ascontiguousarray(samples, np.float32), sample_rate=stream.codec_context.sample_rate)
+
+
 # --- encoding ----------------------------------------------------------------------------------
 
 

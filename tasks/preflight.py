@@ -55,7 +55,8 @@ class SourceInfo:
 @dataclass(frozen=True)
 class FramesPreview:
     """The frames a stage's output will hold: ``count`` frames of ``height`` x ``width`` pixels, made
-    from a ``source_width`` x ``source_height`` video by cropping or padding (``fit``)."""
+    from a ``source_width`` x ``source_height`` video by cropping or padding (``fit``), with or without
+    the source's sound track (``has_audio``)."""
 
     count: int
     height: int
@@ -63,6 +64,7 @@ class FramesPreview:
     source_width: int
     source_height: int
     fit: Fit
+    has_audio: bool | None = None  # whether the frames come with the source's sound track; None: not told
 
 
 class PlannedLike(Protocol):
@@ -111,6 +113,10 @@ class PreflightContext:
         self.logger: logging.Logger = LOGGER
         self._node, self._call = planned.node, planned.call
         self._previews, self._probes, self._settings = previews, probes, settings
+
+    def has_source(self, slot: str) -> bool:
+        """Whether the stage reads a file through source ``slot`` in this run (an optional one may be absent)."""
+        return slot in self._call.sources
 
     def source(self, slot: str) -> SourceInfo:
         """The probe of the file the stage reads through source ``slot`` (probed once per URL per run)."""

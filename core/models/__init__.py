@@ -6,7 +6,8 @@ account; whether the hub libraries may reach the network is the caller's environ
 (``HF_HUB_OFFLINE``).
 
 :data:`FAMILIES` maps a family name to its loader: ``diffusers``, ``transformers``, ``timm``,
-``torchvision``, ``midas`` (MiDaS DPT depth checkpoints), ``ip_adapter`` (IP-Adapter weights and their image encoder). :func:`fingerprint_model` names a model's
+``torchvision``, ``midas`` (MiDaS DPT depth checkpoints), ``ip_adapter`` (IP-Adapter weights and their
+image encoder), ``soundclip`` (CLIP-aligned audio encoders). :func:`fingerprint_model` names a model's
 version without loading weights, for stage keys: a directory by content, a hub id by the commit its
 revision points at.
 :func:`load_model` loads exactly that version (the planned fingerprint pins it) and keeps it in a
@@ -37,6 +38,7 @@ from reelflow.core.models.identity import (
 from reelflow.core.models.identity import fingerprint as _fingerprint
 from reelflow.core.models.ip_adapter_family import IPAdapterFamily
 from reelflow.core.models.midas_family import MidasFamily
+from reelflow.core.models.soundclip_family import SoundclipFamily
 from reelflow.core.models.timm_family import TimmFamily
 from reelflow.core.models.torchvision_family import TorchvisionFamily
 from reelflow.core.models.transformers_family import TransformersFamily
@@ -64,7 +66,8 @@ CACHE_SIZE = 16  # entries, weightless ones (tokenizers, schedulers, processors)
 # Checked in this order by infer_family; their layouts do not overlap.
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
-    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily(), IPAdapterFamily())
+    for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily(),
+                   IPAdapterFamily(), SoundclipFamily())
 }
 
 # Stable Diffusion callers invert and sample with DDIM whatever scheduler a bundle ships.

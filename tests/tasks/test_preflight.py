@@ -50,9 +50,9 @@ def temporary_check() -> Iterator[Callable[..., Callable]]:
     ("params", "expected"),
     [
         # the clip is 96x64 at 24 fps for 1 s
-        (("num_frames=6", "width=64", "height=64"), FramesPreview(6, 64, 64, 96, 64, "crop")),
-        (("start=0.5", "stride=3", "width=48"), FramesPreview(4, 32, 48, 96, 64, "crop")),
-        (("num_frames=5", "width=64", "height=64", "fit=pad"), FramesPreview(5, 64, 64, 96, 64, "pad")),
+        (("num_frames=6", "width=64", "height=64"), FramesPreview(6, 64, 64, 96, 64, "crop", has_audio=True)),
+        (("start=0.5", "stride=3", "width=48"), FramesPreview(4, 32, 48, 96, 64, "crop", has_audio=True)),
+        (("num_frames=5", "width=64", "height=64", "fit=pad"), FramesPreview(5, 64, 64, 96, 64, "pad", has_audio=True)),
     ],
 )
 def test_the_decode_video_preview_is_what_its_body_writes(
@@ -63,8 +63,9 @@ def test_the_decode_video_preview_is_what_its_body_writes(
     assert previews["decode_video"] == expected
     decode = next(p for p in planned if p.id == "decode_video")
     ref = task_for(decode.call.stage).fn(call=decode.call)
-    frames = ArtifactStore(store_url).open(ref.stage, ref.key)["frames"]
-    assert frames.shape[:3] == (expected.count, expected.height, expected.width)
+    decoded = ArtifactStore(store_url).open(ref.stage, ref.key)
+    assert decoded["frames"].shape[:3] == (expected.count, expected.height, expected.width)
+    assert ("audio" in decoded) == expected.has_audio
 
 
 def test_stages_without_a_check_keep_their_inputs_frames(clip: Path, tiny_bundle: Path, store_url: str) -> None:

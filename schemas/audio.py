@@ -1,0 +1,86 @@
+"""Stage declaration of ``embed_audio``: one embedding of the sound per video frame, in a space shared with
+images, for any method or metric to read (Soundini's sound guidance, audio-visual similarity).
+
+The sound is the ``audio`` source when the pipeline declares one (any file PyAV reads: WAV, FLAC,
+MP3, AAC, or a video's track), else the clip's own track as ``decode_video`` stored it. It is made
+mono at 44.1 kHz and turned into the log-mel spectrogram the CLIP-aligned audio encoders of
+Soundini and its predecessor were trained on (methods.md 5.3, quirks included); frame ``i``'s
+window of ``window_seconds`` is centred on the middle of the frame's time span and embedded by the
+``audio_encoder`` role (family ``soundclip``: Soundini's Swin, the CVPR 2022 ResNet18).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from reelflow.schemas.base import Model, PositiveInt
+from reelflow.schemas.kinds import Attrs, register_kind
+from reelflow.schemas.registry import Method
+from reelflow.schemas.stages import Role, StageSpec, register_stage
+
+AUDIO_ENCODER = Role(
+    families=("soundclip",),
+    description="a CLIP-aligned audio encoder (Soundini's Swin, the CVPR 2022 ResNet18) in its published layout",
+    tiny="soundclip-swin",
+)
+TRAINED_SECONDS = 864 * 512 / 44_100  # the encoders' input window, about 10.03 s
+
+
+class AudioEmbeddings(Attrs):
+    """What the sound was, how it was windowed per frame and what embedded it."""
+
+    sound: Literal["source", "video"] = Field(description="source: the `audio` source file; video: the clip's own track.")
+    sample_rate: int = Field(description="Rate the spectrogram was computed at (Hz).")
+    hop_length: int = Field(description="Samples between spectrogram columns.")
+    n_mels: int = Field(description="Mel bands.")
+    window_seconds: float = Field(description="Length of each frame's window.")
+    offset: float = Field(description="Where the sound's start falls on the video's clock, seconds.")
+    backend: str = Field(description="What embedded it, e.g. 'soundclip:swin_tiny'.")
+    embedding_dim: int = Field(description="Width of an embedding.")
+
+
+register_kind(
+    "audio_embeddings",
+    AudioEmbeddings,
+    "one audio embedding per frame with its window's time span, and the log-mel spectrogram of the sound",
+)
+
+
+class EmbedAudioParams(Model):
+    window_seconds: float = Field(
+        default=1.0, gt=0.0, le=round(TRAINED_SECONDS, 2),
+        description="Length of each frame's window, centred on the frame; shorter windows follow the sound more closely, "
+        "longer ones are smoother. At most the encoders' 10 s input; shorter windows are zero-padded to it, as in training.",
+    )  # fmt: skip
+    offset: float = Field(
+        default=0.0, description="Where the sound file's start falls on the video's clock, seconds (a sound that starts "
+        "2 s into the video: 2.0). Ignored for the clip's own track.",
+    )  # fmt: skip
+    batch_size: PositiveInt = Field(default=16, description="Windows per encoder call; bounds memory.")
+
+
+@register_stage
+class EmbedAudio(StageSpec):
+    """Embed the sound one window per frame, aligned to the frame's time, with a CLIP-aligned audio encoder."""
+
+    version: ClassVar[str] = "1"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {"frames": ("video_frames",)}
+    produces: ClassVar[str] = "audio_embeddings"
+    roles: ClassVar[dict[str, Role]] = {"audio_encoder": AUDIO_ENCODER}
+    optional_reads: ClassVar[dict[str, str]] = {"audio": "audio"}
+
+    stage: Literal["embed_audio"] = "embed_audio"
+    params: EmbedAudioParams = Field(default_factory=EmbedAudioParams, description="Windowing options.")
+
+
+METHOD = Method(
+    name="audio",
+    description="Per-frame audio embeddings in CLIP's space (Soundini's encoders), for any method or metric.",
+    implementations=("reelflow.tasks.audio",),
+    tiny={
+        "soundclip-swin": "reelflow.core.tiny_audio:build_tiny_soundclip_swin",
+        "soundclip-resnet": "reelflow.core.tiny_audio:build_tiny_soundclip_resnet",
+    },
+)
