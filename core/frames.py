@@ -64,6 +64,12 @@ def _fit_into(src_w: int, src_h: int, out_w: int, out_h: int, fit: Fit) -> Resiz
     return _centred(scaled_w, scaled_h, out_w, out_h)
 
 
+def centred_plan(scaled_w: int, scaled_h: int, out_w: int, out_h: int) -> ResizePlan:
+    """The plan that scales to ``(scaled_w, scaled_h)`` and crops or pads to ``(out_w, out_h)`` about the centre: every
+    plan :func:`plan_resize` makes, rebuilt from the sizes a decoded artifact records."""
+    return _centred(scaled_w, scaled_h, out_w, out_h)
+
+
 def _centred(scaled_w: int, scaled_h: int, out_w: int, out_h: int) -> ResizePlan:
     offset_x, offset_y = abs(scaled_w - out_w) // 2, abs(scaled_h - out_h) // 2
     return ResizePlan(scaled_w, scaled_h, out_w, out_h, offset_x, offset_y)

@@ -23,8 +23,12 @@ def check_source(name: str, kind: str, handle: BinaryIO) -> None:
     """Raise SourceError unless ``handle`` reads as a ``kind`` (video, image, mask or audio)."""
     if kind == "video":
         probe_video(handle)
-    elif kind in ("image", "mask"):
-        read_image(name, handle, mask=kind == "mask")
+    elif kind == "image":
+        read_image(name, handle)
+    elif kind == "mask":  # one image, or a mask video (a folder of images is checked by core.masks.probe_masks)
+        from reelflow.core.masks import probe_handle
+
+        probe_handle(name, handle)
     elif kind == "audio":
         _probe_audio(name, handle)
     else:

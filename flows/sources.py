@@ -4,13 +4,15 @@ The video is the source ``video`` (the spec's ``input``). Every other source a s
 from its ``path`` (the CLI's ``--source NAME=PATH``) or, when it has none, from its ``sidecar``
 pattern beside the video (``{stem}.edit.png``), which is how each clip of a bulk edit gets its own.
 All of them are checked (present, not empty, readable as their kind) before any model loads, and
-hashed into the keys of the stages that read them. A source only read optionally (a stage's
+hashed into the keys of the stages that read them. A mask source may also be a folder (an image
+sequence, one image per frame in name order), hashed over its files' names and bytes. A source only read optionally (a stage's
 ``optional_reads``, such as a mask) whose file is not there is left out of that run instead, so in a
 bulk edit the clips that bring one use it and the others do without.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from pathlib import PurePosixPath
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from reelflow.core.masks import probe_masks, sequence_files
 from reelflow.core.sources import check_source
 from reelflow.schemas.calls import SourceRef
 from reelflow.schemas.errors import InputVideoError, SourceError, SpecError
@@ -77,7 +80,7 @@ def _present(spec: PipelineSpec, name: str, settings: Settings) -> bool:
     if not source.sidecar or not spec.input:
         return False
     fs, path = url_to_fs(sidecar_url(spec.input, source.sidecar), settings.storage_options)
-    return fs.isfile(path)
+    return fs.isfile(path) or (source.kind == "mask" and fs.isdir(path))
 
 
 def sidecar_url(video: str, pattern: str) -> str:
@@ -94,6 +97,9 @@ def check_sources(spec: PipelineSpec, settings: Settings) -> dict[str, str]:
     kinds = spec.source_kinds
     for name, url in urls.items():
         fs, path = _existing(name, kinds[name], url, settings)
+        if kinds[name] == "mask":
+            probe_masks(fs, path)  # one image, a folder of images or a mask video
+            continue
         with fs.open(path, "rb") as handle:
             check_source(name, kinds[name], handle)
     return urls
@@ -107,13 +113,23 @@ def hash_sources(spec: PipelineSpec, urls: dict[str, str], settings: Settings) -
 def hash_source(url: str, kind: str, settings: Settings, *, name: str = VIDEO) -> SourceRef:
     fs, path = _existing(name, kind, url, settings)
     local = isinstance(fs, LocalFileSystem)
+    files = sequence_files(fs, path) if fs.isdir(path) else [path]
+    key = content_key(fs, path) if files == [path] else _folder_key(fs, files)
     return SourceRef(
         url=path if local else fs.unstrip_protocol(path),
-        key=content_key(fs, path),
+        key=key,
         kind=kind,
-        size=int(fs.size(path)),
+        size=sum(int(fs.size(f)) for f in files),
         storage_options={} if local else settings.storage_options,
     )
+
+
+def _folder_key(fs: fsspec.AbstractFileSystem, files: list[str]) -> str:
+    """sha256 over a sequence's file names (their order is the frames') and each file's content key."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{PurePosixPath(file).name}:{content_key(fs, file)};".encode())
+    return digest.hexdigest()
 
 
 def _existing(name: str, kind: str, url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -121,6 +137,10 @@ def _existing(name: str, kind: str, url: str, settings: Settings) -> tuple[fsspe
     error = InputVideoError if name == VIDEO else SourceError
     what = "input video" if name == VIDEO else f"{kind} source {name!r}"
     fix = "check the path or URL" if name == VIDEO else f"check the path, or pass --source {name}=PATH"
+    if kind == "mask" and fs.isdir(path):
+        if not sequence_files(fs, path):
+            raise error(f"{what} {url!r} is a folder without images; give one image per frame, named in frame order")
+        return fs, path
     if not fs.isfile(path):
         raise error(f"{what} {url!r} does not exist; {fix}")
     if fs.size(path) == 0:

@@ -303,6 +303,7 @@ def _check_depth_unet(ctx: PreflightContext) -> None:
                          f"UNet such as stabilityai/stable-diffusion-2-depth); this one has {config['in_channels']}: "
                          "use method gen1_controlnet with a depth ControlNet for a 4-channel UNet")  # fmt: skip
     _check_scheduler(ctx)
+    _check_mask(ctx)
 
 
 @stage_check("invert_latents", "gen1_controlnet")
@@ -312,6 +313,13 @@ def _check_controlnet(ctx: PreflightContext) -> None:
     if config and config.get("_class_name") != "ControlNetModel":
         raise ValueError(f"the controlnet role needs a ControlNetModel; its config names {config.get('_class_name')!r}")
     _check_scheduler(ctx)
+    _check_mask(ctx)
+
+
+def _check_mask(ctx: PreflightContext) -> None:
+    if ctx.spec.stage == "denoise_latents" and ctx.has_source("mask") and ctx.source("mask").num_frames != 1:
+        raise ValueError("Gen-1 blends outside one mask image for every frame; this mask source holds "
+                         f"{ctx.source('mask').num_frames} masks (a folder or a video): give one PNG")  # fmt: skip
 
 
 def _check_scheduler(ctx: PreflightContext) -> None:

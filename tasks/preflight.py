@@ -24,6 +24,7 @@ import fsspec
 from PIL import Image
 
 from reelflow.core.frames import Fit
+from reelflow.core.masks import probe_masks
 from reelflow.core.models import read_model_json
 from reelflow.core.video import VideoInfo, probe_video
 from reelflow.schemas.calls import SourceRef, StageCall
@@ -31,6 +32,7 @@ from reelflow.schemas.errors import ModelError, ReelflowError, RegistryError, Sp
 from reelflow.schemas.graph import Node
 from reelflow.schemas.settings import Settings
 from reelflow.schemas.stages import STAGE_TYPES, StageSpec, stage_tag
+from reelflow.storage.files import url_to_fs
 
 LOGGER = logging.getLogger("reelflow.preflight")
 
@@ -65,6 +67,7 @@ class FramesPreview:
     source_height: int
     fit: Fit
     has_audio: bool | None = None  # whether the frames come with the source's sound track; None: not told
+    source_frames: int | None = None  # frames in the whole source video; None: not told
 
 
 class PlannedLike(Protocol):
@@ -118,6 +121,13 @@ class PreflightContext:
         """Whether the stage reads a file through source ``slot`` in this run (an optional one may be absent)."""
         return slot in self._call.sources
 
+    def source_location(self, slot: str) -> tuple[Any, str]:
+        """``(filesystem, path)`` of the file or folder the stage reads through source ``slot`` (a mask sequence
+        is a folder), for checks that read more than a header."""
+        self.source(slot)  # the same refusal for a slot the stage does not read
+        ref = self._call.sources[slot]
+        return url_to_fs(ref.url, ref.storage_options)
+
     def source(self, slot: str) -> SourceInfo:
         """The probe of the file the stage reads through source ``slot`` (probed once per URL per run)."""
         if slot not in self._call.sources:
@@ -156,12 +166,16 @@ class PreflightContext:
 
 
 def probe_source(ref: SourceRef) -> SourceInfo:
-    """Read a source file's headers: a video's size, frame count and rate, an image's or mask's size."""
+    """Read a source's headers: a video's size, frame count and rate, an image's size, a mask source's size and
+    count (``num_frames``: 1 for one image, else one per image of a folder or frame of a video)."""
+    if ref.kind == "mask":
+        layout = probe_masks(*url_to_fs(ref.url, ref.storage_options))
+        return SourceInfo(ref.kind, ref.url, layout.width, layout.height, layout.count)
     with fsspec.open(ref.url, "rb", **ref.storage_options) as handle:
         if ref.kind == "video":
             info = probe_video(handle)
             return SourceInfo(ref.kind, ref.url, info.width, info.height, info.num_frames, info.fps, info)
-        if ref.kind in ("image", "mask"):
+        if ref.kind == "image":
             with Image.open(handle) as image:  # the header alone: size needs no decode
                 width, height = image.size
             return SourceInfo(ref.kind, ref.url, width, height)

@@ -84,7 +84,8 @@ def check_decode_video(ctx: PreflightContext) -> FramesPreview:
     ctx.logger.info("%s: %d of %d frames, %dx%d -> %dx%d (%s)", ctx.stage_id, len(span.indices), source.num_frames,
                     source.width, source.height, plan.out_w, plan.out_h, p.fit)  # fmt: skip
     return FramesPreview(count=len(span.indices), height=plan.out_h, width=plan.out_w, source_width=source.width,
-                         source_height=source.height, fit=p.fit, has_audio=source.video.has_audio)  # fmt: skip
+                         source_height=source.height, fit=p.fit, has_audio=source.video.has_audio,
+                         source_frames=source.num_frames)  # fmt: skip
 
 
 @stage_task("encode_video")

@@ -248,3 +248,16 @@ def test_the_adapter_file_and_its_scale_enter_the_edits_key_only_with_an_adapter
     assert "ip_adapter_scale" in spec("gen1-controlnet", models).graph.nodes["denoise_latents_0"].spec.key_params()
     plain = next(n for n in spec("gen1-depth2img", models).graph.order() if n.spec.stage == "denoise_latents")
     assert "ip_adapter_scale" not in plain.spec.key_params()  # inert there: text edits keep their keys
+
+
+def test_gen1_refuses_a_mask_per_frame(models, clip: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("L", (64, 64), 255).save(folder / f"{i:05d}.png")
+    given = spec("gen1-controlnet", models, f"sources.mask={{kind: mask, path: {folder}}}", f"input={clip}",
+                 f"store={tmp_path / 's'}")  # fmt: skip
+    with pytest.raises(SpecError, match="Gen-1 blends outside one mask image for every frame; this mask source holds 6"):
+        prepare_run(given, Settings())

@@ -50,9 +50,9 @@ def temporary_check() -> Iterator[Callable[..., Callable]]:
     ("params", "expected"),
     [
         # the clip is 96x64 at 24 fps for 1 s
-        (("num_frames=6", "width=64", "height=64"), FramesPreview(6, 64, 64, 96, 64, "crop", has_audio=True)),
-        (("start=0.5", "stride=3", "width=48"), FramesPreview(4, 32, 48, 96, 64, "crop", has_audio=True)),
-        (("num_frames=5", "width=64", "height=64", "fit=pad"), FramesPreview(5, 64, 64, 96, 64, "pad", has_audio=True)),
+        (("num_frames=6", "width=64", "height=64"), FramesPreview(6, 64, 64, 96, 64, "crop", has_audio=True, source_frames=24)),
+        (("start=0.5", "stride=3", "width=48"), FramesPreview(4, 32, 48, 96, 64, "crop", has_audio=True, source_frames=24)),
+        (("num_frames=5", "width=64", "height=64", "fit=pad"), FramesPreview(5, 64, 64, 96, 64, "pad", has_audio=True, source_frames=24)),
     ],
 )
 def test_the_decode_video_preview_is_what_its_body_writes(
