@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/depth.py
 	$(BIN)/python benchmarks/gen1.py
 	$(BIN)/python benchmarks/flow.py
+	$(BIN)/python benchmarks/soundini.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

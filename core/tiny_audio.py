@@ -43,3 +43,16 @@ def _build(out: Path, architecture: str, checkpoint: str, seed: int, *, prefix: 
 
     return _write_staged(out, write, _builder_readme(f"{architecture} audio encoder", f"build_tiny_soundclip_{architecture[:4]}",
                                                      seed, module="reelflow.core.tiny_audio"))  # fmt: skip
+
+
+def build_tiny_clip_vision_512(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP image encoder projecting to 512, the width of CLIP ViT-B/32's space that the audio
+    encoders share, with its image processor (the layout ``save_pretrained`` writes)."""
+    from reelflow.core.tiny import _tiny_clip_processor, _tiny_clip_vision_model
+
+    def write(staging: Path) -> None:
+        _seeded(seed, 8, lambda: _tiny_clip_vision_model(projection_dim=512)).save_pretrained(staging)
+        _tiny_clip_processor().save_pretrained(staging)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("CLIP image encoder (512)", "build_tiny_clip_vision_512",
+                                                               seed, module="reelflow.core.tiny_audio"))  # fmt: skip

@@ -1,0 +1,113 @@
+"""Soundini's sampler, measured on tiny random SD parts: the cost of one guided step (UNet and VAE decoder forward
+and backward, CLIP on augmented views, flow, background and range losses) against one unguided DDIM step, and the
+peak memory of a whole edit at 1x, 4x and 16x the clip length, each in a fresh process (a process's peak never
+goes down), chunked so it should stay flat.
+
+Run: ``.venv/bin/python benchmarks/soundini.py [--frames 4 --side 64 --chunk 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _parts(frames: int, side: int, seed: int = 0):  # noqa: ANN202
+    from reelflow.core.editing.soundini import Region
+    from reelflow.core.tiny import tiny_clip_vision, tiny_pipeline
+
+    pipe, clip = tiny_pipeline(0), tiny_clip_vision()
+    generator = torch.Generator().manual_seed(seed)
+    latent = side // 8
+    source = torch.randn(frames, 4, latent, latent, generator=generator)
+    mask = torch.zeros(frames, 1, latent, latent)
+    mask[..., latent // 4 : 3 * latent // 4, latent // 4 : 3 * latent // 4] = 1.0
+    region = Region(mask, source, torch.randn(1, 4, latent, latent, generator=generator).expand(frames, -1, -1, -1))
+    return pipe, clip, region, torch.randn(frames, 16, generator=generator)
+
+
+def _losses(clip, target, frames: int, side: int):  # noqa: ANN001, ANN202
+    import torch.nn.functional as F
+
+    from reelflow.core.guidance.sound import flow_loss, range_loss, sound_loss
+
+    zero = torch.zeros(frames - 1, 2, side, side)
+
+    def losses(pixels: torch.Tensor, seen: slice, step: int) -> torch.Tensor:
+        views = F.interpolate(torch.cat([pixels, pixels.flip(-1)]), size=(32, 32), mode="bilinear", align_corners=False)
+        loss = 1000 * sound_loss(clip(pixel_values=views).image_embeds, target[seen].repeat(2, 1)) + 50 * range_loss(pixels)
+        if len(pixels) > 1:
+            loss = loss + 5000 * flow_loss(pixels, zero[: len(pixels) - 1], zero[: len(pixels) - 1], torch.ones_like(pixels[:, :1]))
+        return loss
+
+    return losses
+
+
+def step_costs(frames: int, side: int, chunk: int, repeats: int) -> tuple[float, float]:
+    from reelflow.core.editing.gen1 import edit_timesteps
+    from reelflow.core.editing.soundini import soundini_denoise
+    from reelflow.core.sampling.ddim import ddim_denoise_step
+
+    pipe, clip, region, target = _parts(frames, side)
+    timesteps = edit_timesteps(pipe.scheduler, 10, 1.0)[:1]
+    z = region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[timesteps[0]]))
+    embeds = torch.zeros(1, 77, 32)
+    guided = unguided = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 10, timesteps, region,
+                         _losses(clip, target, frames, side), chunk=chunk)  # fmt: skip
+        guided = min(guided, time.perf_counter() - started)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, frames, chunk):
+                part = z[start : start + chunk]
+                eps = pipe.unet(part, int(timesteps[0]), encoder_hidden_states=embeds.expand(len(part), -1, -1)).sample
+                ddim_denoise_step(eps, timesteps[0], part, pipe.scheduler, 10)
+        unguided = min(unguided, time.perf_counter() - started)
+    return guided, unguided
+
+
+def peak_mib(frames: int, side: int, chunk: int) -> float:
+    """Peak resident memory of a two-step edit of ``frames`` frames, in a fresh process."""
+    code = (f"import benchmarks.soundini as b, resource, json; b.one_edit({frames}, {side}, {chunk}); "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def one_edit(frames: int, side: int, chunk: int) -> None:
+    from reelflow.core.editing.gen1 import edit_timesteps
+    from reelflow.core.editing.soundini import soundini_denoise
+
+    pipe, clip, region, target = _parts(frames, side)
+    timesteps = edit_timesteps(pipe.scheduler, 10, 0.2)
+    z = region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[timesteps[0]]))
+    soundini_denoise(pipe.unet, pipe.vae, z, torch.zeros(1, 77, 32), pipe.scheduler, 10, timesteps, region,
+                     _losses(clip, target, frames, side), chunk=chunk)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=4, help="the 1x clip length")
+    parser.add_argument("--side", type=int, default=64, help="frame side in pixels")
+    parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    guided, unguided = step_costs(args.frames, args.side, args.chunk, args.repeats)
+    print(f"{args.frames} frames of {args.side}x{args.side}, chunks of {args.chunk} (best of {args.repeats})")
+    print(f"  unguided DDIM step:  {1000 * unguided:8.1f} ms")
+    print(f"  guided step:         {1000 * guided:8.1f} ms")
+    print(f"  guided / unguided:   {guided / unguided:8.1f}x")
+    peaks = {scale: peak_mib(scale * args.frames, args.side, args.chunk) for scale in (1, 4, 16)}
+    for scale, mib in peaks.items():
+        print(f"  peak memory, {scale:>2}x length ({scale * args.frames:>3} frames): {mib:8.0f} MiB ({mib / peaks[1]:.2f}x of 1x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Stage declaration of Soundini (Lee et al. 2023, "Soundini: Sound-Guided Diffusion for Natural Video Editing";
+methods.md 5): the region of a clip re-rendered so its look follows a sound over time, temporally
+consistent, the background untouched.
+
+``denoise_latents`` method ``soundini`` runs on Stable Diffusion 1.5 in latent space: DDIM from the
+source latents noised to ``strength``, each step's noise prediction shifted by the gradient of the
+guidance losses on the step's denoised estimate decoded to pixels (sound ``L_SG`` against each
+frame's own audio window, direction ``L_DSG``, optical flow, background and range; the flow and
+background terms ramped in over ``ramp_steps``), the source noised to each level kept outside the
+mask, and the source's background pasted back at the end. Its inputs are stages any method can use:
+``embed_audio`` (the sound, one embedding per frame), ``estimate_flow`` (the source's motion),
+``decode_mask`` (the region).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+import reelflow.schemas.audio  # noqa: F401  (the kinds these stages read)
+import reelflow.schemas.flow  # noqa: F401
+import reelflow.schemas.masks  # noqa: F401
+from reelflow.schemas.base import Model, PositiveInt
+from reelflow.schemas.registry import Method
+from reelflow.schemas.stages import SD_VAE, Role, StageSpec, register_stage
+
+CLIP_IMAGE = Role(
+    families=("transformers",),
+    description="the CLIP image encoder with projection whose space the audio encoder shares (ViT-B/32 for Soundini's)",
+    tiny="clip-vision-512",
+)
+
+
+class SoundiniParams(Model):
+    """The schedule and the weights of the guidance losses (the reference prototype's by default)."""
+
+    num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule.")
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, description="How far the source is noised before denoising.")
+    sound: float = Field(default=1000.0, ge=0.0, description="Weight of L_SG: each frame's region against its own sound window.")
+    direction: float = Field(default=1000.0, ge=0.0, description="Weight of L_DSG: the change of look follows the change of sound.")
+    flow: float = Field(default=5000.0, ge=0.0, description="Weight of the optical-flow loss inside the region (ramped in).")
+    background: float = Field(default=100.0, ge=0.0, description="Weight of the L1 background loss outside the region (ramped in).")
+    range: float = Field(default=50.0, ge=0.0, description="Weight of the range loss keeping the estimate in [-1, 1].")
+    ramp_steps: PositiveInt = Field(default=50, description="Steps over which the flow and background weights rise to full.")
+    augmentations: PositiveInt = Field(default=8, le=64, description="CLIP views per frame (the first unaugmented).")
+    chunk: PositiveInt = Field(default=4, description="Frames per guided pass (plus the previous frame); bounds memory.")
+
+
+@register_stage
+class DenoiseSoundini(StageSpec):
+    """Re-render the masked region so it follows the sound, frame by frame in chunks, background kept."""
+
+    version: ClassVar[str] = "1"
+    slots: ClassVar[dict[str, tuple[str, ...]]] = {
+        "latents": ("latents",), "frames": ("video_frames",), "audio": ("audio_embeddings",), "flow": ("flow",),
+        "mask": ("masks",),
+    }  # fmt: skip
+    produces: ClassVar[str] = "frames"
+    roles: ClassVar[dict[str, Role]] = {
+        "unet": Role(description="the SD 1.5 UNet (with its scheduler config)"),
+        "text_encoder": Role(description="the CLIP text encoder, for the UNet's empty prompt"),
+        "vae": SD_VAE,
+        "clip": CLIP_IMAGE,
+    }
+    demo: ClassVar[dict[str, Any]] = {"num_steps": 4, "augmentations": 2, "chunk": 2, "ramp_steps": 2}
+
+    stage: Literal["denoise_latents"] = "denoise_latents"
+    method: Literal["soundini"] = Field(default="soundini", description="Sound-guided editing (Soundini) on SD 1.5.")
+    params: SoundiniParams = Field(default_factory=SoundiniParams, description="Schedule and loss weights.")
+
+    def seeded(self) -> bool:
+        return True  # the noise, and the CLIP augmentations
+
+
+METHOD = Method(
+    name="soundini",
+    description="Soundini (Lee et al. 2023): sound-guided editing of a masked region with flow and background losses.",
+    implementations=("reelflow.tasks.soundini",),
+    tiny={"clip-vision-512": "reelflow.core.tiny_audio:build_tiny_clip_vision_512"},
+)

@@ -1,0 +1,88 @@
+"""Soundini on tiny models through the stage seam (methods.md 5.8): the background is the source's exactly, the sound
+reaches the region, a CLIP space of the wrong width is refused before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reelflow.core.tiny import build_tiny_clip_vision
+from reelflow.core.tiny_audio import build_tiny_clip_vision_512, build_tiny_soundclip_swin
+from reelflow.deployments import spec_path
+from reelflow.flows.dag import plan_run
+from reelflow.flows.edit import prepare_run
+from reelflow.flows.sources import hash_sources, source_urls
+from reelflow.schemas.calls import StoreSpec
+from reelflow.schemas.errors import SpecError
+from reelflow.schemas.loading import load_spec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.store import ArtifactStore
+from reelflow.tasks import task_for
+
+SMALL = ("stages.decode_video.params.num_frames=4", "stages.decode_video.params.width=64",
+         "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
+         "stages.denoise_latents.params.num_steps=4", "stages.denoise_latents.params.strength=0.5",
+         "stages.denoise_latents.params.augmentations=2", "stages.denoise_latents.params.chunk=2",
+         "stages.denoise_latents.params.ramp_steps=2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("soundini")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255  # the middle of the 96x64 clip
+    Image.fromarray(mask).save(root / "mask.png")
+    return {"sd": tiny_bundle, "clip": build_tiny_clip_vision_512(root / "clip"),
+            "audio_encoder": build_tiny_soundclip_swin(root / "audio"), "mask": root / "mask.png"}  # fmt: skip
+
+
+def spec(models: dict[str, Path], clip: Path, store: Path, *extra: str):
+    ids = [f"models.{name}.id={models[name]}" for name in ("sd", "clip", "audio_encoder")]
+    return load_spec(spec_path("soundini-sd"), [*ids, f"sources.mask.path={models['mask']}", "sources.audio.path=null",
+                                                 f"input={clip}", f"store={store}", *SMALL, *extra])  # fmt: skip
+
+
+def run(spec_) -> dict:  # noqa: ANN001
+    spec_ = load_spec(spec_.model_dump(mode="json"))
+    from reelflow.flows.sources import without_absent_optional_sources
+
+    spec_ = without_absent_optional_sources(spec_, Settings())
+    sources = hash_sources(spec_, source_urls(spec_), Settings())
+    planned = plan_run(spec_, sources=sources, store=StoreSpec(url=spec_.store), run_id="r", default_dtype="float32")
+    store = ArtifactStore(spec_.store)
+    return {p.id: store.open(ref.stage, ref.key) for p in planned for ref in [task_for(p.call.stage).fn(call=p.call)]}
+
+
+def test_the_background_is_the_source_exactly_and_the_region_is_edited(models, clip: Path, tmp_path: Path) -> None:
+    out = run(spec(models, clip, tmp_path / "store"))
+    edited, source = out["denoise_latents"]["frames"][:], out["decode_video"]["frames"][:]
+    inside = out["decode_mask"]["mask"][:]
+    assert edited.shape == source.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(edited[~inside], source[~inside])
+    assert np.abs(edited[inside].astype(int) - source[inside].astype(int)).mean() > 1.0
+    assert out["denoise_latents"]["latents"].shape == (4, 4, 8, 8)
+
+
+def test_a_clip_space_of_another_width_is_refused_before_any_model_loads(models, clip: Path, tmp_path: Path) -> None:
+    narrow = build_tiny_clip_vision(tmp_path / "clip16")
+    given = load_spec(spec(models, clip, tmp_path / "store").model_dump(mode="json"), [f"models.clip.id={narrow}"])
+    with pytest.raises(SpecError, match="the clip role's image embeddings are 16-wide but the audio encoders embed into"):
+        prepare_run(given, Settings())
+
+
+def test_another_sound_gives_another_region_and_the_same_background(models, clip: Path, tmp_path: Path) -> None:
+    from tests.tasks.test_audio import write_wav
+
+    rate = 22_050
+    t = np.arange(rate) / rate
+    edits = {}
+    for name, sound in (("hum", 0.5 * np.sin(2 * np.pi * 110 * t)), ("whistle", 0.5 * np.sin(2 * np.pi * 3000 * t))):
+        wav = write_wav(tmp_path / f"{name}.wav", sound.astype(np.float32), rate)
+        out = run(spec(models, clip, tmp_path / "store", f"sources.audio.path={wav}"))
+        edits[name] = out["denoise_latents"]["frames"][:]
+        inside = out["decode_mask"]["mask"][:]
+    assert np.abs(edits["hum"][inside].astype(int) - edits["whistle"][inside].astype(int)).mean() > 0.5
+    np.testing.assert_array_equal(edits["hum"][~inside], edits["whistle"][~inside])
