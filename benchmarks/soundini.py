@@ -38,11 +38,13 @@ def _losses(clip, target, frames: int, side: int):  # noqa: ANN001, ANN202
 
     zero = torch.zeros(frames - 1, 2, side, side)
 
-    def losses(pixels: torch.Tensor, seen: slice, step: int) -> torch.Tensor:
+    def losses(pixels: torch.Tensor, seen: slice, anchored: bool, step: int) -> torch.Tensor:
         views = F.interpolate(torch.cat([pixels, pixels.flip(-1)]), size=(32, 32), mode="bilinear", align_corners=False)
-        loss = 1000 * sound_loss(clip(pixel_values=views).image_embeds, target[seen].repeat(2, 1)) + 50 * range_loss(pixels)
+        loss = 1000 * sound_loss(clip(pixel_values=views).image_embeds, target[seen].repeat(2, 1)).sum()
+        loss = loss + 50 * range_loss(pixels).sum()
         if len(pixels) > 1:
-            loss = loss + 5000 * flow_loss(pixels, zero[: len(pixels) - 1], zero[: len(pixels) - 1], torch.ones_like(pixels[:, :1]))
+            pairs = zero[: len(pixels) - 1]
+            loss = loss + 5000 * flow_loss(pixels, pairs, pairs, torch.ones_like(pixels[:, :1])).sum()
         return loss
 
     return losses

@@ -11,7 +11,7 @@ window of ``window_seconds`` is centred on the middle of the frame's time span a
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -73,6 +73,9 @@ class EmbedAudio(StageSpec):
 
     stage: Literal["embed_audio"] = "embed_audio"
     params: EmbedAudioParams = Field(default_factory=EmbedAudioParams, description="Windowing options.")
+
+    def key_params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().key_params().items() if k != "batch_size"}  # windows per call: same embeddings
 
 
 METHOD = Method(

@@ -11,7 +11,7 @@ direction does not undo, or that leaves the frame.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -62,6 +62,9 @@ class _EstimateFlow(StageSpec):
     slots: ClassVar[dict[str, tuple[str, ...]]] = FRAMES
     produces: ClassVar[str] = "flow"
     stage: Literal["estimate_flow"] = "estimate_flow"
+
+    def key_params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().key_params().items() if k != "batch_size"}  # pairs per call: same flow
 
 
 @register_stage

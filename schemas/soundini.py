@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import reelflow.schemas.audio  # noqa: F401  (the kinds these stages read)
 import reelflow.schemas.flow  # noqa: F401
@@ -33,7 +33,9 @@ CLIP_IMAGE = Role(
 
 
 class SoundiniParams(Model):
-    """The schedule and the weights of the guidance losses (the reference prototype's by default)."""
+    """The schedule and the weights of the guidance losses. The weights are the reference prototype's, which were
+    tuned for its pixel-space model; on SD latents, with the gradient through the VAE decoder, the effective pull
+    differs, so treat them as a starting point per clip. Each weight multiplies a sum of per-frame terms."""
 
     num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule.")
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="How far the source is noised before denoising.")
@@ -42,9 +44,22 @@ class SoundiniParams(Model):
     flow: float = Field(default=5000.0, ge=0.0, description="Weight of the optical-flow loss inside the region (ramped in).")
     background: float = Field(default=100.0, ge=0.0, description="Weight of the L1 background loss outside the region (ramped in).")
     range: float = Field(default=50.0, ge=0.0, description="Weight of the range loss keeping the estimate in [-1, 1].")
-    ramp_steps: PositiveInt = Field(default=50, description="Steps over which the flow and background weights rise to full.")
+    ramp: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="Fraction of the steps run over which the flow and background weights rise to full (the "
+        "prototype's 50 of its 100 steps).",
+    )  # fmt: skip
     augmentations: PositiveInt = Field(default=8, le=64, description="CLIP views per frame (the first unaugmented).")
-    chunk: PositiveInt = Field(default=4, description="Frames per guided pass (plus the previous frame); bounds memory.")
+    chunk: PositiveInt = Field(
+        default=4, description="Frames per guided pass (plus the previous frame as a fixed neighbour); bounds memory. "
+        "Frames are pulled alike in any chunk, but the neighbour is held fixed, so results change a little with it.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _takes_a_step(self) -> SoundiniParams:
+        if int(self.num_steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} of {self.num_steps} steps takes no step; raise either")
+        return self
 
 
 @register_stage
@@ -63,7 +78,7 @@ class DenoiseSoundini(StageSpec):
         "vae": SD_VAE,
         "clip": CLIP_IMAGE,
     }
-    demo: ClassVar[dict[str, Any]] = {"num_steps": 4, "augmentations": 2, "chunk": 2, "ramp_steps": 2}
+    demo: ClassVar[dict[str, Any]] = {"num_steps": 4, "augmentations": 2, "chunk": 2}
 
     stage: Literal["denoise_latents"] = "denoise_latents"
     method: Literal["soundini"] = Field(default="soundini", description="Sound-guided editing (Soundini) on SD 1.5.")

@@ -28,8 +28,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @stage_task("denoise_latents", "soundini")
 def denoise_soundini(call: StageCall) -> ArtifactRef:
-    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask) and their ``latents
-    (F, 4, h, w)`` before decoding. Resumable by step: the latents after each finished step are kept."""
+    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask), their ``latents
+    (F, 4, h, w)`` before decoding, and the latents after every step, ``steps (K, F, 4, h, w)``. Resumable by step."""
     return run_stage(call, _denoise, resumable=True)
 
 
@@ -42,19 +42,21 @@ def _denoise(ctx: StageContext) -> NoAttrs:
     unet, vae, clip = ctx.model("unet"), ctx.model("vae"), ctx.model("clip", cls="CLIPVisionModelWithProjection")
     scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
     embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])
-    count, latent_size = source.shape[0], tuple(source.shape[-2:])
-    mask = torch.from_numpy(np.asarray(masks[:], np.float32))[:, None]  # (F, 1, H, W)
-    region = Region(F.adaptive_max_pool2d(mask, latent_size), torch.from_numpy(np.asarray(source[:], np.float32)),
-                    _noise(ctx.call.seed, count, tuple(source.shape[1:])))  # fmt: skip
+    count, latent_shape = source.shape[0], tuple(source.shape[1:])
+    region = Region(_latent_masks(masks, latent_shape[-2:], p.chunk), torch.from_numpy(np.asarray(source[:], np.float32)),
+                    _noise(ctx.call.seed, count, latent_shape))  # fmt: skip
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
-    state = ctx.writer.create_array("latents", shape=source.shape, dtype=np.float32, dims=("frame", "latent_channel", "y", "x"))
+    # Every step's latents in a slot of their own: a crash mid-write leaves the last finished step whole.
+    steps = ctx.writer.create_array("steps", shape=(len(timesteps), *source.shape), dtype=np.float32,
+                                    dims=("step", "frame", "latent_channel", "y", "x"), chunks=(1, *source.shape))  # fmt: skip
     done = [i for i in range(len(timesteps)) if ctx.writer.is_done(f"step-{i}")]
     first = done[-1] + 1 if done else 0
-    z = torch.from_numpy(np.asarray(state[:], np.float32)) if done else region.noised(slice(None), float(scheduler.alphas_cumprod[timesteps[0]]))
-    losses = _losses(p, frames, mask, audio, flows, clip, ctx.call.seed)
+    z = torch.from_numpy(np.asarray(steps[first - 1], np.float32)) if done else region.noised(
+        slice(None), float(scheduler.alphas_cumprod[timesteps[0]]))  # fmt: skip
+    losses = _losses(p, frames, masks, audio, flows, clip, ctx.call.seed, max(1, round(p.ramp * len(timesteps))))
 
     def keep(i: int, latents: torch.Tensor) -> None:
-        state[:] = latents.numpy()
+        steps[first + i] = latents.numpy()
         ctx.writer.mark_done(f"step-{first + i}")
         ctx.progress.advance(1)
 
@@ -62,6 +64,7 @@ def _denoise(ctx: StageContext) -> NoAttrs:
     with model_lock(unet):
         z = soundini_denoise(unet, vae, z, embeds[:1], scheduler, p.num_steps, timesteps[first:], region, losses, chunk=p.chunk,
                              on_step=keep, first_step=first)  # fmt: skip
+    ctx.writer.write_array("latents", z.numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float32)
     out = ctx.writer.create_array("frames", shape=frames.shape, dtype=np.uint8, dims=("frame", "y", "x", "rgb"))
     for start in range(0, count, p.chunk):
         part = slice(start, min(start + p.chunk, count))
@@ -72,55 +75,65 @@ def _denoise(ctx: StageContext) -> NoAttrs:
     return NoAttrs()
 
 
+def _latent_masks(masks: Any, size: tuple[int, int], chunk: int) -> torch.Tensor:
+    """The region on the latent grid, ``(F, 1, h, w)``: a latent cell is inside when any of its pixels is (max-pooled),
+    a chunk at a time."""
+    parts = [F.adaptive_max_pool2d(torch.from_numpy(np.asarray(masks[s : s + chunk], np.float32))[:, None], size)
+             for s in range(0, masks.shape[0], chunk)]  # fmt: skip
+    return torch.cat(parts)
+
+
 def _noise(seed: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     """One noise for every frame (the reference repeats one sample across frames), from the pipeline seed."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).expand(count, *shape)
 
 
-def _losses(p: SoundiniParams, frames: Any, mask: torch.Tensor, audio: torch.Tensor, flows: dict[str, Any], clip: Any, seed: int):  # noqa: ANN202
-    """``losses(pixels, frames seen, step)``: the weighted sum the sampler descends, on the frames ``seen`` (the
-    chunk, after the previous chunk's last frame when there is one)."""
+def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flows: dict[str, Any], clip: Any, seed: int,
+            ramp_steps: int):  # noqa: ANN202
+    """``losses(pixels, frames seen, anchored, step)``: the weighted sum of per-frame terms the sampler descends. The
+    fixed neighbour (``anchored``: the first of ``pixels``) counts only in the terms that link it to the chunk
+    (direction, flow); its own terms belong to its own chunk."""
 
-    def losses(pixels: torch.Tensor, seen: slice, step: int) -> torch.Tensor:
-        where, anchored = slice(seen.start, seen.stop), seen.start > 0 and pixels.shape[0] > 1
-        region = mask[where].to(pixels)
-        total = pixels.sum() * 0.0
+    def losses(pixels: torch.Tensor, seen: slice, anchored: bool, step: int) -> torch.Tensor:
+        region = torch.from_numpy(np.asarray(masks[seen], np.float32))[:, None].to(pixels)
+        own = slice(int(anchored), None)
+        total = pixels.new_zeros(())
         if p.sound or p.direction:
             embeds = _clip_views(clip, pixels * region, p.augmentations, seed * 100_003 + step * 1_009 + seen.start)
-            target = audio[where].repeat(p.augmentations, 1)
+            n = pixels.shape[0]
             if p.sound:
-                own_rows = torch.arange(len(embeds)) % pixels.shape[0] >= int(anchored)  # the anchor's sound is its own chunk's
-                total = total + p.sound * sound_loss(embeds[own_rows], target[own_rows])
-            if p.direction and pixels.shape[0] > 1:
-                first_view = embeds[: pixels.shape[0]]
-                total = total + p.direction * direction_loss(first_view, audio[where])
-        weight = ramp(step, p.ramp_steps)
+                per_view = sound_loss(embeds, audio[seen].repeat(p.augmentations, 1)).view(p.augmentations, n)
+                total = total + p.sound * per_view.mean(0)[own].sum()
+            if p.direction:
+                total = total + p.direction * direction_loss(embeds[:n], audio[seen]).sum()
+        weight = ramp(step, ramp_steps)
         if p.flow and pixels.shape[0] > 1:
             pairs = slice(seen.start, seen.stop - 1)
             fields = {name: torch.from_numpy(np.asarray(array[pairs])) for name, array in flows.items()}
             total = total + p.flow * weight * flow_loss(pixels, fields["forward"].to(pixels), fields["backward"].to(pixels), region,
-                                                        fields["occluded_forward"], fields["occluded_backward"])  # fmt: skip
+                                                        fields["occluded_forward"], fields["occluded_backward"]).sum()  # fmt: skip
         if p.background:
-            original = to_model_range(np.asarray(frames[where])).to(pixels)
-            total = total + p.background * weight * background_l1(pixels, original, region)
+            original = to_model_range(np.asarray(frames[seen])).to(pixels)
+            total = total + p.background * weight * background_l1(pixels, original, region)[own].sum()
         if p.range:
-            total = total + p.range * range_loss(pixels)
+            total = total + p.range * range_loss(pixels)[own].sum()
         return total
 
     return losses
 
 
 def _clip_views(clip: Any, pixels: torch.Tensor, views: int, seed: int) -> torch.Tensor:
-    """CLIP image embeddings of ``views`` views of each frame (``(views * n, D)``, view-major): the first as it is, the
-    others randomly rotated, shifted and warped in perspective (p = 0.7 each), as the reference augments."""
+    """CLIP image embeddings of ``views`` views of each frame, ``(views * n, D)`` view-major: the first as it is, the
+    others each frame on its own randomly rotated and shifted (p = 0.7) and warped in perspective (p = 0.7), as the
+    reference's kornia augmentations (which pad with the border; torchvision pads with zeros here: its fill is done
+    in place, which autograd cannot follow)."""
     size = clip.config.image_size
     images = F.interpolate((pixels + 1.0) / 2.0, size=(size, size), mode="bilinear", align_corners=False)
-    # fill=None: torchvision fills in place otherwise, which autograd cannot follow (the reference pads with the border)
-    augment = v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), fill=None),
-                              v2.RandomPerspective(0.7, p=0.7, fill=None)], p=0.7)  # fmt: skip
+    augment = v2.Compose([v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), fill=None)], p=0.7),
+                          v2.RandomPerspective(0.7, p=0.7, fill=None)])  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        batch = torch.cat([images, *(augment(images) for _ in range(views - 1))])
+        batch = torch.cat([images, *(torch.cat([augment(image[None]) for image in images]) for _ in range(views - 1))])
     mean = torch.tensor(CLIP_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     parameter = next(clip.parameters())
@@ -129,9 +142,14 @@ def _clip_views(clip: Any, pixels: torch.Tensor, views: int, seed: int) -> torch
 
 @stage_check("denoise_latents", "soundini")
 def _check(ctx: PreflightContext) -> None:
-    """Refuses, before any model loads, a CLIP space of another width than the audio encoder's (512)."""
+    """Refuses, before any model loads, a CLIP space of another width than the audio encoder's (512), and a UNet that
+    does not predict noise (the guidance shift is in epsilon form)."""
     config = ctx.model_config("clip") or {}
     width = config.get("projection_dim", (config.get("vision_config") or {}).get("projection_dim", 512))
     if width != 512:
         raise ValueError(f"the clip role's image embeddings are {width}-wide but the audio encoders embed into CLIP "
                          "ViT-B/32's 512-wide space; use openai/clip-vit-base-patch32")  # fmt: skip
+    scheduler = ctx.model_config("unet", "scheduler", "scheduler_config.json") or {}
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"the UNet predicts {scheduler['prediction_type']!r}; Soundini's guidance here takes an "
+                         "epsilon-prediction model (SD 1.5)")  # fmt: skip

@@ -3,7 +3,8 @@
 
 The reference pipeline (kuai-lab/sound-guided-semantic-image-manipulation, kuai-lab/soundini):
 ``librosa.load(sr=44100)`` (mono), ``librosa.feature.melspectrogram(n_mels=128)`` (n_fft 2048, hop 512,
-Hann, centred, power 2, Slaney mel scale and norm), ``power_to_db(ref=max) / 80 + 1`` (in [0, 1]: the
+Hann, centred with reflection padding as librosa before 0.10 did when the encoders were trained,
+power 2, Slaney mel scale and norm), ``power_to_db(ref=max) / 80 + 1`` (in [0, 1]: the
 top 80 dB), a crop of 864 columns (about 10 s) or the audio left-aligned on 864 columns of zeros,
 then a resize for the encoder (see :mod:`reelflow.core.audio.encoders`). Here the mel spectrogram
 is computed by transformers' librosa-compatible ``audio_utils``; the resampling by PyAV (FFmpeg's
@@ -63,7 +64,7 @@ def log_mel(waveform: np.ndarray) -> np.ndarray:
                               max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # fmt: skip
     padded = waveform if len(waveform) >= N_FFT // 2 + 1 else np.pad(waveform, (0, N_FFT // 2 + 1 - len(waveform)))
     power = spectrogram(padded.astype(np.float64), window_function(N_FFT, "hann"), frame_length=N_FFT, hop_length=HOP,
-                        power=2.0, center=True, pad_mode="constant", mel_filters=filters, mel_floor=0.0, dtype=np.float64)  # fmt: skip
+                        power=2.0, center=True, pad_mode="reflect", mel_filters=filters, mel_floor=0.0, dtype=np.float64)  # fmt: skip
     db = 10.0 * np.log10(np.maximum(power, 1e-10))
     db -= 10.0 * np.log10(max(float(power.max()), 1e-10))
     return (np.maximum(db, -TOP_DB) / TOP_DB + 1.0).astype(np.float32)
@@ -76,11 +77,11 @@ def columns_of(seconds: np.ndarray | float) -> np.ndarray:
 
 def frame_windows(frame_starts: np.ndarray, frame_seconds: float, window_seconds: float, columns: int) -> FrameWindows:
     """Each frame's window: ``window_seconds`` centred on the middle of ``[start, start + frame_seconds)`` (times on
-    the track's clock), cut to the track's ``columns``; never empty where the frame lies on the track."""
+    the track's clock), cut to the track's ``columns``; empty (silence) for a frame whose window misses the track."""
     width = max(1, min(TRAINED_COLUMNS, int(columns_of(window_seconds))))
     centre = columns_of(np.asarray(frame_starts, np.float64) + frame_seconds / 2.0)
-    start = np.clip(centre - width // 2, 0, max(columns - 1, 0))
-    stop = np.clip(centre - width // 2 + width, start + 1, max(columns, 1))
+    start = np.clip(centre - width // 2, 0, columns)
+    stop = np.clip(centre - width // 2 + width, start, columns)
     return FrameWindows(start=start, stop=stop)
 
 

@@ -16,8 +16,9 @@ One step from ``z_t`` (``(F, 4, h, w)``, frames ``[start, stop)`` of the clip, i
 
 The gradient flows through the UNet and the decoder, as the reference's does through its pixel
 model. Memory is bounded by the chunk: each chunk is guided on its own frames plus the previous
-chunk's last frame of the same step (already updated, held fixed), so the flow loss links every
-neighbouring pair, as the prototype's sliding window of pairs does.
+chunk's last frame (its denoised estimate at this step, held fixed), so the losses that link
+neighbours (flow, direction) see every pair, as the prototype's sliding window of pairs does; the
+losses are sums of per-frame terms, so a frame is pulled as hard whichever chunk it falls in.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import torch
 
 from reelflow.core.sampling.ddim import ddim_denoise_step, step_alphas
 
-Losses = Callable[[torch.Tensor, slice, int], torch.Tensor]
-"""``losses(frames (n, 3, H, W) in [-1, 1], which clip frames they are, step index) -> scalar``."""
+Losses = Callable[[torch.Tensor, slice, bool, int], torch.Tensor]
+"""``losses(frames (n, 3, H, W) in [-1, 1], which clip frames they are, whether the first is the fixed neighbour
+from the previous chunk, step index) -> scalar``."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 
 def guided_step(
-    unet: Any, vae: Any, z: torch.Tensor, t: int, embeds: torch.Tensor, scheduler: Any, num_steps: int, losses: Losses,
-    frames: slice, step: int, anchor: torch.Tensor | None = None,
+    unet: Any, vae: Any, z: torch.Tensor, t: int, embeds: torch.Tensor, scheduler: Any, losses: Losses, frames: slice,
+    step: int, anchor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The guided epsilon for ``z`` (frames ``frames`` of the clip) at timestep ``t``, and the denoised estimate the
     losses saw (detached). ``anchor`` ``(1, 4, h, w)`` is the previous frame's estimate at this step, decoded with
@@ -74,9 +76,9 @@ def guided_step(
         estimate = fac * x0 + (1.0 - fac) * z
         if anchor is not None:
             estimate = torch.cat([anchor.to(estimate), estimate])
-        pixels = decode(vae, estimate)
+        pixels = decode(vae, estimate.to(vae.device, vae.dtype)).float()
         seen = slice(frames.start - (anchor is not None), frames.stop)
-        loss = losses(pixels, seen, step)
+        loss = losses(pixels, seen, anchor is not None, step)
         grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
     own = estimate[1:] if anchor is not None else estimate
     return (eps.detach() + math.sqrt(1.0 - abar) * grad).float().cpu(), own.detach().float().cpu()
@@ -95,8 +97,7 @@ def soundini_denoise(
         updated, anchor = torch.empty_like(z), None
         for start in range(0, count, chunk):
             frames = slice(start, min(start + chunk, count))
-            eps, estimate = guided_step(unet, vae, z[frames], int(t), embeds, scheduler, num_steps, losses, frames,
-                                        first_step + i, anchor)  # fmt: skip
+            eps, estimate = guided_step(unet, vae, z[frames], int(t), embeds, scheduler, losses, frames, first_step + i, anchor)
             anchor = estimate[-1:]
             stepped = ddim_denoise_step(eps, t, z[frames], scheduler, num_steps)
             updated[frames] = region.blend(stepped, frames, alpha_prev)

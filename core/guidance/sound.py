@@ -6,17 +6,22 @@ Notation: ``x`` frames ``(F, C, H, W)`` in [-1, 1] (the denoised estimate the lo
 in the shared CLIP space, ``forward``/``backward`` flow ``(F-1, 2, H, W)`` between neighbouring
 frames (:mod:`reelflow.core.flow.warp` for the convention).
 
-- :func:`sound_loss`, L_SG: ``mean_i 1 - cos(E_I(M_i x_i), E_A(a_i))`` (the caller embeds the masked,
-  augmented frames);
-- :func:`direction_loss`, L_DSG: ``mean_i 1 - cos(E_I(x_{i+1}) - E_I(x_i), E_A(a_{i+1}) - E_A(a_i))``: the
-  change of look follows the change of sound; pairs whose sound does not change are skipped;
+Each returns one term per frame (or per neighbouring pair), ``(F,)`` or ``(F-1,)``, each a mean over
+that frame's own pixels; the sampler sums the terms of the frames it guides, so a frame is pulled
+as hard whichever chunk it falls in.
+
+- :func:`sound_loss`, L_SG: ``1 - cos(E_I(M_i x_i), E_A(a_i))`` per row (the caller embeds the masked,
+  augmented frames and averages a frame's views);
+- :func:`direction_loss`, L_DSG: ``1 - cos(e_I(x_{i+1}) - e_I(x_i), e_A(a_{i+1}) - e_A(a_i))`` per pair, on
+  unit-length embeddings ``e``: the change of look follows the change of sound; a pair whose sound
+  does not change asks for nothing;
 - :func:`flow_loss`: each frame warped onto its neighbour by the flow between them, squared error
   inside the mask, both ways; pixels the flow marks occluded are left out (the prototype keeps them,
   and so penalises what cannot match);
 - :func:`background_l1`: mean absolute difference from the source outside the mask;
 - :func:`range_loss`: ``mean (x - clamp(x, -1, 1))^2``;
 - :func:`ramp`: the weight of the flow and background terms, from ~0 at the first step to 1 after
-  ``steps`` steps (the prototype's ``min(1, (T_eff - t) / 50)``).
+  ``steps`` steps (the prototype's ``min(1, (T_eff - t) / 50)``: half of its 100 steps).
 """
 
 from __future__ import annotations
@@ -35,35 +40,35 @@ def ramp(step: int, steps: int = RAMP_STEPS) -> float:
 
 
 def sound_loss(image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-    """L_SG: mean cosine distance between each frame's image embedding and its own window's audio embedding."""
-    return (1.0 - F.cosine_similarity(image, audio.to(image), dim=-1)).mean()
+    """L_SG per row, ``(n,)``: cosine distance between an image embedding and its frame's audio embedding."""
+    return 1.0 - F.cosine_similarity(image, audio.to(image), dim=-1)
 
 
 def direction_loss(image: torch.Tensor, audio: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L_DSG: mean cosine distance between the change of image embedding and the change of audio embedding from each
-    frame to the next; zero when no pair's sound changes (or with one frame)."""
-    d_image, d_audio = image[1:] - image[:-1], (audio[1:] - audio[:-1]).to(image)
-    moving = d_audio.norm(dim=-1) > eps
-    if not bool(moving.any()):
-        return image.sum() * 0.0
-    return (1.0 - F.cosine_similarity(d_image[moving], d_audio[moving], dim=-1)).mean()
+    """L_DSG per pair of neighbouring frames, ``(F-1,)``: cosine distance between the change of unit image embedding
+    and the change of unit audio embedding; zero for a pair whose sound does not change."""
+    image, audio = F.normalize(image, dim=-1), F.normalize(audio.to(image), dim=-1)
+    d_image, d_audio = image[1:] - image[:-1], audio[1:] - audio[:-1]
+    moving = (d_audio.norm(dim=-1) > eps).to(image)
+    return moving * (1.0 - F.cosine_similarity(d_image, d_audio, dim=-1, eps=eps))
 
 
 def flow_loss(
     x: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor, occluded_forward: torch.Tensor | None = None,
     occluded_backward: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Squared error between each frame and its neighbour warped onto it, inside the mask, both ways:
-    ``|M_i (W(x_{i+1}, f_{i->i+1}) - x_i)|^2 + |M_{i+1} (W(x_i, f_{i+1->i}) - x_{i+1})|^2``, averaged over pixels;
-    occluded pixels (``(F-1, H, W)``, True: occluded) and samples from outside the frame count for nothing."""
+    """Per pair of neighbouring frames, ``(F-1,)``: squared error between each frame and its neighbour warped onto
+    it, inside the mask, both ways, ``|M_i (W(x_{i+1}, f_{i->i+1}) - x_i)|^2 + |M_{i+1} (W(x_i, f_{i+1->i}) - x_{i+1})|^2``,
+    averaged over pixels; occluded pixels (``(F-1, H, W)``, True: occluded) and samples from outside the frame count
+    for nothing."""
     if x.shape[0] < 2:
-        return x.sum() * 0.0
+        return x.new_zeros(0)
     onto_first, inside_first = warp(x[1:], forward)
     onto_second, inside_second = warp(x[:-1], backward)
     keep_first = mask[:-1] * _visible(inside_first, occluded_forward)
     keep_second = mask[1:] * _visible(inside_second, occluded_backward)
-    first = (keep_first * (onto_first - x[:-1])).square().mean()
-    second = (keep_second * (onto_second - x[1:])).square().mean()
+    first = (keep_first * (onto_first - x[:-1])).square().flatten(1).mean(1)
+    second = (keep_second * (onto_second - x[1:])).square().flatten(1).mean(1)
     return first + second
 
 
@@ -73,10 +78,10 @@ def _visible(inside: torch.Tensor, occluded: torch.Tensor | None) -> torch.Tenso
 
 
 def background_l1(x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference from the source outside the mask."""
-    return ((1.0 - mask) * (x - source.to(x))).abs().mean()
+    """Per frame, ``(F,)``: mean absolute difference from the source outside the mask."""
+    return ((1.0 - mask) * (x - source.to(x))).abs().flatten(1).mean(1)
 
 
 def range_loss(x: torch.Tensor) -> torch.Tensor:
-    """How far the estimate strays outside [-1, 1]: ``mean (x - clamp(x, -1, 1))^2``."""
-    return (x - x.clamp(-1.0, 1.0)).square().mean()
+    """Per frame, ``(F,)``: how far the estimate strays outside [-1, 1], ``mean (x - clamp(x, -1, 1))^2``."""
+    return (x - x.clamp(-1.0, 1.0)).square().flatten(1).mean(1)

@@ -42,7 +42,7 @@ def test_outside_the_region_every_step_holds_the_source_at_its_level_exactly() -
         assert torch.equal(latents[outside], expected[outside])
         seen.append(i)
 
-    pull = lambda pixels, frames, step: pixels.square().mean()  # noqa: E731  (any guidance at all)
+    pull = lambda pixels, frames, anchored, step: pixels.square().mean()  # noqa: E731  (any guidance at all)
     soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 5, timesteps, region, pull, chunk=2, on_step=check)
     assert seen == [0, 1, 2]
 
@@ -57,9 +57,9 @@ def test_a_guided_step_lowers_the_sound_loss_against_the_unguided_step() -> None
     def loss_after_one_step(weight: float) -> float:
         recorded = {}
 
-        def losses(pixels: torch.Tensor, frames: slice, step: int) -> torch.Tensor:
+        def losses(pixels: torch.Tensor, frames: slice, anchored: bool, step: int) -> torch.Tensor:
             small = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
-            loss = sound_loss(clip(pixel_values=small).image_embeds, target[frames])
+            loss = sound_loss(clip(pixel_values=small).image_embeds, target[frames]).sum()
             recorded[step] = float(loss.detach())
             return loss * (weight if step == 0 else 0.0)
 
@@ -74,9 +74,24 @@ def test_each_chunk_is_guided_with_its_previous_frame() -> None:
     timesteps, z = start(pipe, region, 0.4, 5)
     seen = []
 
-    def losses(pixels: torch.Tensor, frames: slice, step: int) -> torch.Tensor:
-        seen.append((frames.start, frames.stop, len(pixels)))
+    def losses(pixels: torch.Tensor, frames: slice, anchored: bool, step: int) -> torch.Tensor:
+        seen.append((frames.start, frames.stop, len(pixels), anchored))
         return pixels.mean()
 
     soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 5, timesteps[:1], region, losses, chunk=2)
-    assert seen == [(0, 2, 2), (1, 3, 2)]  # the second chunk (frame 2) also decodes frame 1's estimate
+    assert seen == [(0, 2, 2, False), (1, 3, 2, True)]  # the second chunk (frame 2) also decodes frame 1's estimate
+    seen.clear()
+    soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 5, timesteps[:1], region, losses, chunk=1)
+    assert seen == [(0, 1, 1, False), (0, 2, 2, True), (1, 3, 2, True)]  # chunks of one frame know their neighbour
+
+
+def test_per_frame_losses_pull_a_frame_alike_in_any_chunk() -> None:
+    pipe, region, embeds = setup()
+    timesteps, z = start(pipe, region, 0.4, 5)
+
+    def losses(pixels: torch.Tensor, frames: slice, anchored: bool, step: int) -> torch.Tensor:
+        return 50.0 * pixels[int(anchored) :].square().flatten(1).mean(1).sum()  # each frame's own term, once
+
+    one, three = (soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 5, timesteps[:2], region, losses,
+                                   chunk=c) for c in (1, 3))  # fmt: skip
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5)

@@ -25,8 +25,7 @@ from reelflow.tasks import task_for
 SMALL = ("stages.decode_video.params.num_frames=4", "stages.decode_video.params.width=64",
          "stages.decode_video.params.height=64", "stages.decode_video.params.multiple=8",
          "stages.denoise_latents.params.num_steps=4", "stages.denoise_latents.params.strength=0.5",
-         "stages.denoise_latents.params.augmentations=2", "stages.denoise_latents.params.chunk=2",
-         "stages.denoise_latents.params.ramp_steps=2")  # fmt: skip
+         "stages.denoise_latents.params.augmentations=2", "stages.denoise_latents.params.chunk=2")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +85,30 @@ def test_another_sound_gives_another_region_and_the_same_background(models, clip
         inside = out["decode_mask"]["mask"][:]
     assert np.abs(edits["hum"][inside].astype(int) - edits["whistle"][inside].astype(int)).mean() > 0.5
     np.testing.assert_array_equal(edits["hum"][~inside], edits["whistle"][~inside])
+
+
+def test_an_edit_killed_after_a_step_resumes_there_and_ends_as_an_uninterrupted_one(
+    models, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reelflow.tasks.soundini as tasks
+
+    whole = run(spec(models, clip, tmp_path / "whole"))["denoise_latents"]
+    real, starts = tasks.soundini_denoise, []
+
+    def crashing(*args, on_step, first_step, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        starts.append(first_step)
+
+        def step_then_die(i: int, latents) -> None:  # noqa: ANN001
+            on_step(i, latents)
+            if len(starts) == 1:
+                raise RuntimeError("killed after a step")
+
+        return real(*args, on_step=step_then_die, first_step=first_step, **kwargs)
+
+    monkeypatch.setattr(tasks, "soundini_denoise", crashing)
+    with pytest.raises(RuntimeError, match="killed after a step"):
+        run(spec(models, clip, tmp_path / "resumed"))
+    resumed = run(spec(models, clip, tmp_path / "resumed"))["denoise_latents"]
+    assert starts == [0, 1]  # the second attempt began at the step after the one stored
+    np.testing.assert_allclose(resumed["latents"][:], whole["latents"][:], rtol=1e-5, atol=1e-5)
+    assert resumed["steps"].shape[0] == 2
