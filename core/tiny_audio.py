@@ -45,14 +45,33 @@ def _build(out: Path, architecture: str, checkpoint: str, seed: int, *, prefix: 
                                                      seed, module="reelflow.core.tiny_audio"))  # fmt: skip
 
 
-def build_tiny_clip_vision_512(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random CLIP image encoder projecting to 512, the width of CLIP ViT-B/32's space that the audio
-    encoders share, with its image processor (the layout ``save_pretrained`` writes)."""
-    from reelflow.core.tiny import _tiny_clip_processor, _tiny_clip_vision_model
+def build_tiny_clip_512(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP (text and image towers) projecting both to 512, the width of CLIP ViT-B/32's space
+    that the audio encoders share, with its tokenizer and image processor, in the layout ``save_pretrained`` writes
+    for ``openai/clip-vit-base-patch32``: ``CLIPVisionModelWithProjection`` and ``CLIPTextModelWithProjection``
+    both load from it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from reelflow.core.tiny import (
+        CLIP_IMAGE_SIZE,
+        MAX_LENGTH,
+        _tiny_clip_processor,
+        _write_tokenizer_files,
+        tiny_tokenizer,
+    )
 
     def write(staging: Path) -> None:
-        _seeded(seed, 8, lambda: _tiny_clip_vision_model(projection_dim=512)).save_pretrained(staging)
+        tokenizer = tiny_tokenizer()
+        text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "max_position_embeddings": MAX_LENGTH, "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+        vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "image_size": CLIP_IMAGE_SIZE, "patch_size": 8}  # fmt: skip
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+        _seeded(seed, 8, lambda: CLIPModel(config)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_tokenizer_files(staging)
         _tiny_clip_processor().save_pretrained(staging)
 
-    return _write_staged(Path(out_dir), write, _builder_readme("CLIP image encoder (512)", "build_tiny_clip_vision_512",
-                                                               seed, module="reelflow.core.tiny_audio"))  # fmt: skip
+    return _write_staged(Path(out_dir), write, _builder_readme("CLIP (512)", "build_tiny_clip_512", seed,
+                                                               module="reelflow.core.tiny_audio"))  # fmt: skip

@@ -5,7 +5,8 @@ consistent, the background untouched.
 ``denoise_latents`` method ``soundini`` runs on Stable Diffusion 1.5 in latent space: DDIM from the
 source latents noised to ``strength``, each step's noise prediction shifted by the gradient of the
 guidance losses on the step's denoised estimate decoded to pixels (sound ``L_SG`` against each
-frame's own audio window, direction ``L_DSG``, optical flow, background and range; the flow and
+frame's own audio window, or, in the text-guided variant, against a prompt's CLIP text embedding
+from ``embed_content`` method ``clip_text``; direction ``L_DSG``, optical flow, background and range; the flow and
 background terms ramped in over ``ramp_steps``), the source noised to each level kept outside the
 mask, and the source's background pasted back at the end. Its inputs are stages any method can use:
 ``embed_audio`` (the sound, one embedding per frame), ``estimate_flow`` (the source's motion),
@@ -22,14 +23,43 @@ import reelflow.schemas.audio  # noqa: F401  (the kinds these stages read)
 import reelflow.schemas.flow  # noqa: F401
 import reelflow.schemas.masks  # noqa: F401
 from reelflow.schemas.base import Model, PositiveInt
+from reelflow.schemas.kinds import Attrs, register_kind
 from reelflow.schemas.registry import Method
 from reelflow.schemas.stages import SD_VAE, Role, StageSpec, register_stage
 
 CLIP_IMAGE = Role(
     families=("transformers",),
     description="the CLIP image encoder with projection whose space the audio encoder shares (ViT-B/32 for Soundini's)",
-    tiny="clip-vision-512",
+    tiny="clip-512",
 )
+CLIP_TEXT = Role(families=("transformers",), description="the CLIP text encoder with projection (and its tokenizer)",
+                 tiny="clip-512")
+
+
+class ClipText(Attrs):
+    """The prompt a CLIP text embedding was made from."""
+
+    prompt: str = Field(description="What the region should look like.")
+
+
+register_kind("content/clip_text", ClipText, "a prompt's projected CLIP text embedding, in the space CLIP images embed into")
+
+
+class EmbedClipTextParams(Model):
+    prompt: str = Field(min_length=1, description="What the region should look like, in place of a sound.")
+
+
+@register_stage
+class EmbedClipText(StageSpec):
+    """Embed a prompt with CLIP's text tower: the target of Soundini's text-guided variant, in place of the sound."""
+
+    version: ClassVar[str] = "1"
+    produces: ClassVar[str] = "content/clip_text"
+    roles: ClassVar[dict[str, Role]] = {"clip": CLIP_TEXT}
+
+    stage: Literal["embed_content"] = "embed_content"
+    method: Literal["clip_text"] = Field(default="clip_text", description="Content from a prompt, in CLIP's space.")
+    params: EmbedClipTextParams = Field(description="The prompt.")
 
 
 class SoundiniParams(Model):
@@ -39,7 +69,7 @@ class SoundiniParams(Model):
 
     num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule.")
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="How far the source is noised before denoising.")
-    sound: float = Field(default=1000.0, ge=0.0, description="Weight of L_SG: each frame's region against its own sound window.")
+    sound: float = Field(default=1000.0, ge=0.0, description="Weight of L_SG: each frame's region against its own sound window (or the prompt).")
     direction: float = Field(default=1000.0, ge=0.0, description="Weight of L_DSG: the change of look follows the change of sound.")
     flow: float = Field(default=5000.0, ge=0.0, description="Weight of the optical-flow loss inside the region (ramped in).")
     background: float = Field(default=100.0, ge=0.0, description="Weight of the L1 background loss outside the region (ramped in).")
@@ -68,8 +98,8 @@ class DenoiseSoundini(StageSpec):
 
     version: ClassVar[str] = "1"
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
-        "latents": ("latents",), "frames": ("video_frames",), "audio": ("audio_embeddings",), "flow": ("flow",),
-        "mask": ("masks",),
+        "latents": ("latents",), "frames": ("video_frames",), "target": ("audio_embeddings", "content/clip_text"),
+        "flow": ("flow",), "mask": ("masks",),
     }  # fmt: skip
     produces: ClassVar[str] = "frames"
     roles: ClassVar[dict[str, Role]] = {
@@ -92,5 +122,5 @@ METHOD = Method(
     name="soundini",
     description="Soundini (Lee et al. 2023): sound-guided editing of a masked region with flow and background losses.",
     implementations=("reelflow.tasks.soundini",),
-    tiny={"clip-vision-512": "reelflow.core.tiny_audio:build_tiny_clip_vision_512"},
+    tiny={"clip-512": "reelflow.core.tiny_audio:build_tiny_clip_512"},
 )

@@ -1,4 +1,5 @@
-"""denoise_latents (soundini): the masked region re-rendered to follow the sound, on SD 1.5, resumable by step."""
+"""denoise_latents (soundini): the masked region re-rendered to follow the sound (or a prompt: embed_content
+clip_text), on SD 1.5, resumable by step."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from reelflow.core.text import encode_prompts
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.kinds import NoAttrs
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.schemas.soundini import SoundiniParams
+from reelflow.schemas.soundini import ClipText, SoundiniParams
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -37,12 +38,14 @@ def _denoise(ctx: StageContext) -> NoAttrs:
     p: SoundiniParams = ctx.call.stage.params
     source = ctx.input("latents")["latents"]
     frames, masks = ctx.input("frames")["frames"], ctx.input("mask")["mask"]
-    audio = torch.from_numpy(ctx.array("audio", "embeddings", "float32"))
+    count = source.shape[0]
+    target = torch.from_numpy(ctx.array("target", "embeddings", "float32"))
+    audio = target.expand(count, -1) if ctx.call.inputs["target"].kind == "content/clip_text" else target  # a prompt: all
     flows = {name: ctx.input("flow")[name] for name in ("forward", "backward", "occluded_forward", "occluded_backward")}
     unet, vae, clip = ctx.model("unet"), ctx.model("vae"), ctx.model("clip", cls="CLIPVisionModelWithProjection")
     scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
     embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])
-    count, latent_shape = source.shape[0], tuple(source.shape[1:])
+    latent_shape = tuple(source.shape[1:])
     region = Region(_latent_masks(masks, latent_shape[-2:], p.chunk), torch.from_numpy(np.asarray(source[:], np.float32)),
                     _noise(ctx.call.seed, count, latent_shape))  # fmt: skip
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
@@ -138,6 +141,22 @@ def _clip_views(clip: Any, pixels: torch.Tensor, views: int, seed: int) -> torch
     std = torch.tensor(CLIP_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     parameter = next(clip.parameters())
     return clip(pixel_values=((batch - mean) / std).to(parameter.device, parameter.dtype)).image_embeds.float()
+
+
+@stage_task("embed_content", "clip_text")
+def embed_clip_text(call: StageCall) -> ArtifactRef:
+    """The prompt's projected CLIP text embedding, ``embeddings (1, D)``: Soundini's text-guided target."""
+    return run_stage(call, _embed_text)
+
+
+def _embed_text(ctx: StageContext) -> ClipText:
+    prompt = ctx.call.stage.params.prompt
+    tokenizer, model = ctx.model("clip", "tokenizer"), ctx.model("clip", cls="CLIPTextModelWithProjection")
+    tokens = tokenizer([prompt], padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.inference_mode():
+        embedding = model(input_ids=tokens.input_ids.to(model.device)).text_embeds.float().cpu()
+    ctx.writer.write_array("embeddings", embedding.numpy(), dims=("prompt", "embedding"), dtype=np.float32)
+    return ClipText(prompt=prompt)
 
 
 @stage_check("denoise_latents", "soundini")

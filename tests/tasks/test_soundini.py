@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from reelflow.core.tiny import build_tiny_clip_vision
-from reelflow.core.tiny_audio import build_tiny_clip_vision_512, build_tiny_soundclip_swin
+from reelflow.core.tiny_audio import build_tiny_clip_512, build_tiny_soundclip_swin
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
@@ -34,7 +34,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> dict[
     mask = np.zeros((64, 96), np.uint8)
     mask[16:48, 24:72] = 255  # the middle of the 96x64 clip
     Image.fromarray(mask).save(root / "mask.png")
-    return {"sd": tiny_bundle, "clip": build_tiny_clip_vision_512(root / "clip"),
+    return {"sd": tiny_bundle, "clip": build_tiny_clip_512(root / "clip"),
             "audio_encoder": build_tiny_soundclip_swin(root / "audio"), "mask": root / "mask.png"}  # fmt: skip
 
 
@@ -112,3 +112,22 @@ def test_an_edit_killed_after_a_step_resumes_there_and_ends_as_an_uninterrupted_
     assert starts == [0, 1]  # the second attempt began at the step after the one stored
     np.testing.assert_allclose(resumed["latents"][:], whole["latents"][:], rtol=1e-5, atol=1e-5)
     assert resumed["steps"].shape[0] == 2
+
+
+def test_the_text_guided_variant_takes_a_prompt_in_place_of_the_sound(models, clip: Path, tmp_path: Path) -> None:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    raw = spec(models, clip, tmp_path / "store").model_dump(mode="json", exclude_unset=True)
+    raw["stages"] = [s for s in raw["stages"] if s["stage"] != "embed_audio"]
+    raw["stages"].insert(1, {"stage": "embed_content", "method": "clip_text", "model": "clip", "params": {"prompt": "a fire"}})
+    next(s for s in raw["stages"] if s["stage"] == "denoise_latents")["inputs"]["target"] = "embed_content"
+    edits = {}
+    for prompt in ("a fire", "a frozen lake"):
+        raw["stages"][1]["params"]["prompt"] = prompt
+        out = run(load_spec(raw))
+        edits[prompt], inside = out["denoise_latents"]["frames"][:], out["decode_mask"]["mask"][:]
+    reference = CLIPModel.from_pretrained(models["clip"])
+    tokens = CLIPTokenizer.from_pretrained(models["clip"])(["a frozen lake"], padding="max_length", return_tensors="pt")
+    np.testing.assert_allclose(out["embed_content"]["embeddings"][:], reference.get_text_features(**tokens).pooler_output.detach().numpy(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert np.abs(edits["a fire"][inside].astype(int) - edits["a frozen lake"][inside].astype(int)).mean() > 0.5
