@@ -137,6 +137,24 @@ def load_pickled_weights(path: Path) -> Any:
         ) from exc
 
 
+def read_checkpoint(root: Path, safe_name: str, suffix: str, what: str) -> Any:
+    """The weights in ``root``: ``safe_name`` (safetensors) when present, else its one ``*suffix`` file unpickled
+    weights-only, as published checkpoints (``dpt_large_384.pt``, ``tpami_encoder40.pth``) come.
+
+    Raises:
+        ModelError: No weights file, or several ``*suffix`` files; ``what`` names the model in the message.
+    """
+    from safetensors.torch import load_file
+
+    if (root / safe_name).is_file():
+        return load_file(root / safe_name)
+    pickled = sorted(p for p in root.glob(f"*{suffix}") if p.is_file())
+    if len(pickled) != 1:
+        raise ModelError(f"{what} needs {safe_name} or exactly one *{suffix} checkpoint at {root}; found "
+                         f"{', '.join(p.name for p in pickled) or 'none'}")  # fmt: skip
+    return load_pickled_weights(pickled[0])
+
+
 def is_state_dict(loaded: Any) -> bool:
     """Whether ``loaded`` maps names to tensors, and nothing else."""
     return isinstance(loaded, dict) and all(

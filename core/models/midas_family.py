@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from reelflow.core.depth.midas import ARCHITECTURES
 from reelflow.core.models.base import (
     ModelFamily,
     ModelSource,
     is_state_dict,
-    load_pickled_weights,
+    read_checkpoint,
     no_component,
     prepare,
     read_json_file,
@@ -105,18 +104,9 @@ def state_dict(source: ModelSource, root: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: No weights file, several ``*.pt`` files, or one that holds more than a state dict.
     """
-    if (root / SAFE_WEIGHTS).is_file():
-        return load_file(root / SAFE_WEIGHTS)
-    pickled = _pickled(root)
-    if len(pickled) != 1:
-        found = ", ".join(p.name for p in pickled) or "none"
-        raise ModelError(
-            f"MiDaS model {source.model_id!r} needs {SAFE_WEIGHTS} or exactly one *{PICKLED_SUFFIX} "
-            f"checkpoint at {root}; found {found}"
-        )
-    loaded = load_pickled_weights(pickled[0])
+    loaded = read_checkpoint(root, SAFE_WEIGHTS, PICKLED_SUFFIX, f"MiDaS model {source.model_id!r}")
     if isinstance(loaded, dict) and "optimizer" in loaded and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not is_state_dict(loaded):
-        raise ModelError(f"{pickled[0]} is not a state dict (a mapping of names to tensors)")
+        raise ModelError(f"the checkpoint of {source.model_id!r} is not a state dict (a mapping of names to tensors)")
     return loaded

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from reelflow.core.models.base import (
     ModelFamily,
     ModelSource,
     is_state_dict,
-    load_pickled_weights,
     no_component,
     prepare,
+    read_checkpoint,
     read_json_file,
     read_root_config,
     torch_dtype,
@@ -88,15 +87,9 @@ def state_dict(source: ModelSource, root: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: No weights file, several ``*.pth`` files, or one that holds more than a state dict.
     """
-    if (root / SAFE_WEIGHTS).is_file():
-        return load_file(root / SAFE_WEIGHTS)
-    pickled = sorted(p for p in root.glob(f"*{PICKLED_SUFFIX}") if p.is_file())
-    if len(pickled) != 1:
-        raise ModelError(f"audio encoder {source.model_id!r} needs {SAFE_WEIGHTS} or exactly one *{PICKLED_SUFFIX} "
-                         f"checkpoint at {root}; found {', '.join(p.name for p in pickled) or 'none'}")  # fmt: skip
-    loaded = load_pickled_weights(pickled[0])
+    loaded = read_checkpoint(root, SAFE_WEIGHTS, PICKLED_SUFFIX, f"audio encoder {source.model_id!r}")
     if not is_state_dict(loaded):
-        raise ModelError(f"{pickled[0]} is not a state dict (a mapping of names to tensors)")
+        raise ModelError(f"the checkpoint of audio encoder {source.model_id!r} is not a state dict (names to tensors)")
     if loaded and all(k.startswith("module.") for k in loaded):
         loaded = {k.removeprefix("module."): v for k, v in loaded.items()}
     return loaded

@@ -97,3 +97,16 @@ def test_the_published_checkpoints_load_with_every_key(tmp_path: Path) -> None:
     torch.save({k: v for k, v in state.items() if k != "logit_scale_at"}, checkpoint)
     with pytest.raises(ModelError, match=r"do not fit swin_tiny: missing \['logit_scale_at'\]"):
         load_model(str(tmp_path / "swin"), family="soundclip")
+
+
+def test_the_db_scaling_is_transformers_own_power_to_db_with_the_loudest_bin_as_reference() -> None:
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    waveform = np.concatenate([tone(440.0, 0.5), tone(3000.0, 0.5, amplitude=0.05)]).astype(np.float64)
+    filters = mel_filter_bank(num_frequency_bins=1025, num_mel_filters=128, min_frequency=0.0, max_frequency=SAMPLE_RATE / 2,
+                              sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # fmt: skip
+    args = dict(window=window_function(2048, "hann"), frame_length=2048, hop_length=HOP, power=2.0, center=True,
+                pad_mode="reflect", mel_filters=filters, mel_floor=0.0, dtype=np.float64)  # fmt: skip
+    loudest = float(spectrogram(waveform, **args).max())
+    theirs = spectrogram(waveform, **args, log_mel="dB", reference=loudest, min_value=1e-10, db_range=80.0) / 80.0 + 1.0
+    np.testing.assert_allclose(log_mel(waveform.astype(np.float32)), theirs, rtol=0, atol=1e-4)

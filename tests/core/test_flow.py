@@ -64,3 +64,13 @@ def test_raft_gives_flow_at_the_frames_size_also_off_its_multiple(size: tuple[in
     forward, backward = pair_flows(raft_flow(tiny_raft(), num_flow_updates=2), frames)
     assert forward.shape == backward.shape == (2, 2, *size) and forward.dtype == torch.float32
     assert torch.isfinite(forward).all()
+
+
+def test_warping_inside_the_frame_is_torchs_grid_sample_on_pixel_centres() -> None:
+    generator = torch.Generator().manual_seed(3)
+    image, flow = torch.randn(2, 3, 12, 16, generator=generator), torch.rand(2, 2, 12, 16, generator=generator) * 4 - 2
+    ours, valid = warp(image, flow)
+    ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(16.0), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0]) / 15 * 2 - 1, (ys + flow[:, 1]) / 11 * 2 - 1], dim=-1)
+    theirs = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    torch.testing.assert_close(ours.permute(0, 2, 3, 1)[valid], theirs.permute(0, 2, 3, 1)[valid], rtol=1e-5, atol=1e-5)
