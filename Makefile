@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gen1.py
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/soundini.py
+	$(BIN)/python benchmarks/soundini.py --backbone adm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,9 +1,10 @@
-"""Soundini's sampler, measured on tiny random SD parts: the cost of one guided step (UNet and VAE decoder forward
-and backward, CLIP on augmented views, flow, background and range losses) against one unguided DDIM step, and the
-peak memory of a whole edit at 1x, 4x and 16x the clip length, each in a fresh process (a process's peak never
-goes down), chunked so it should stay flat.
+"""Soundini's sampler, measured on tiny random SD parts (or the tiny guided-diffusion ADM, pixel space, with
+``--backbone adm``): the cost of one guided step (UNet and, on SD, VAE decoder forward and backward, CLIP on
+augmented views, flow, background and range losses) against one unguided DDIM step, and the peak memory of a
+whole edit at 1x, 4x and 16x the clip length, each in a fresh process (a process's peak never goes down),
+chunked so it should stay flat.
 
-Run: ``.venv/bin/python benchmarks/soundini.py [--frames 4 --side 64 --chunk 4]``.
+Run: ``.venv/bin/python benchmarks/soundini.py [--frames 4 --side 64 --chunk 4 --backbone sd|adm]``.
 """
 
 from __future__ import annotations
@@ -12,23 +13,44 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 
-def _parts(frames: int, side: int, seed: int = 0):  # noqa: ANN202
-    from reelflow.core.editing.soundini import Region
-    from reelflow.core.tiny import tiny_clip_vision, tiny_pipeline
+def _backbone(name: str):  # noqa: ANN202
+    """``(unet, vae, scheduler, embeds, channels, downscale)``: tiny SD in latents, or the tiny ADM in pixels."""
+    if name == "sd":
+        from reelflow.core.tiny import tiny_pipeline
 
-    pipe, clip = tiny_pipeline(0), tiny_clip_vision()
+        pipe = tiny_pipeline(0)
+        return SimpleNamespace(unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler, embeds=torch.zeros(1, 77, 32),
+                               channels=4, downscale=8)  # fmt: skip
+    from reelflow.core.models.base import ModelSource
+    from reelflow.core.models.guided_diffusion_family import GuidedDiffusionFamily
+    from reelflow.core.tiny_adm import build_tiny_adm
+
+    source = ModelSource("tiny", path=build_tiny_adm(Path(tempfile.mkdtemp()) / "adm"))
+    family = GuidedDiffusionFamily()
+    return SimpleNamespace(unet=family.load(source), vae=None, scheduler=family.load(source, component="scheduler"),
+                           embeds=None, channels=3, downscale=1)  # fmt: skip
+
+
+def _parts(frames: int, side: int, backbone: str, seed: int = 0):  # noqa: ANN202
+    from reelflow.core.editing.soundini import Region
+    from reelflow.core.tiny import tiny_clip_vision
+
+    pipe, clip = _backbone(backbone), tiny_clip_vision()
     generator = torch.Generator().manual_seed(seed)
-    latent = side // 8
-    source = torch.randn(frames, 4, latent, latent, generator=generator)
-    mask = torch.zeros(frames, 1, latent, latent)
-    mask[..., latent // 4 : 3 * latent // 4, latent // 4 : 3 * latent // 4] = 1.0
-    region = Region(mask, source, torch.randn(1, 4, latent, latent, generator=generator).expand(frames, -1, -1, -1))
-    return pipe, clip, region, torch.randn(frames, 16, generator=generator)
+    grid, channels = side // pipe.downscale, pipe.channels
+    source = torch.randn(frames, channels, grid, grid, generator=generator)
+    mask = torch.zeros(frames, 1, grid, grid)
+    mask[..., grid // 4 : 3 * grid // 4, grid // 4 : 3 * grid // 4] = 1.0
+    noise = torch.randn(1, channels, grid, grid, generator=generator).expand(frames, -1, -1, -1)
+    return pipe, clip, Region(mask, source, noise), torch.randn(frames, 16, generator=generator)
 
 
 def _losses(clip, target, frames: int, side: int):  # noqa: ANN001, ANN202
@@ -50,15 +72,15 @@ def _losses(clip, target, frames: int, side: int):  # noqa: ANN001, ANN202
     return losses
 
 
-def step_costs(frames: int, side: int, chunk: int, repeats: int) -> tuple[float, float]:
+def step_costs(frames: int, side: int, chunk: int, repeats: int, backbone: str) -> tuple[float, float]:
     from reelflow.core.editing.gen1 import edit_timesteps
-    from reelflow.core.editing.soundini import soundini_denoise
+    from reelflow.core.editing.soundini import predict_noise, soundini_denoise
     from reelflow.core.sampling.ddim import ddim_denoise_step
 
-    pipe, clip, region, target = _parts(frames, side)
+    pipe, clip, region, target = _parts(frames, side, backbone)
     timesteps = edit_timesteps(pipe.scheduler, 10, 1.0)[:1]
     z = region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[timesteps[0]]))
-    embeds = torch.zeros(1, 77, 32)
+    embeds = pipe.embeds
     guided = unguided = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -69,28 +91,28 @@ def step_costs(frames: int, side: int, chunk: int, repeats: int) -> tuple[float,
         with torch.inference_mode():
             for start in range(0, frames, chunk):
                 part = z[start : start + chunk]
-                eps = pipe.unet(part, int(timesteps[0]), encoder_hidden_states=embeds.expand(len(part), -1, -1)).sample
+                eps = predict_noise(pipe.unet, part, int(timesteps[0]), embeds)
                 ddim_denoise_step(eps, timesteps[0], part, pipe.scheduler, 10)
         unguided = min(unguided, time.perf_counter() - started)
     return guided, unguided
 
 
-def peak_mib(frames: int, side: int, chunk: int) -> float:
+def peak_mib(frames: int, side: int, chunk: int, backbone: str) -> float:
     """Peak resident memory of a two-step edit of ``frames`` frames, in a fresh process."""
-    code = (f"import benchmarks.soundini as b, resource, json; b.one_edit({frames}, {side}, {chunk}); "
+    code = (f"import benchmarks.soundini as b, resource, json; b.one_edit({frames}, {side}, {chunk}, {backbone!r}); "
             "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
-def one_edit(frames: int, side: int, chunk: int) -> None:
+def one_edit(frames: int, side: int, chunk: int, backbone: str = "sd") -> None:
     from reelflow.core.editing.gen1 import edit_timesteps
     from reelflow.core.editing.soundini import soundini_denoise
 
-    pipe, clip, region, target = _parts(frames, side)
+    pipe, clip, region, target = _parts(frames, side, backbone)
     timesteps = edit_timesteps(pipe.scheduler, 10, 0.2)
     z = region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[timesteps[0]]))
-    soundini_denoise(pipe.unet, pipe.vae, z, torch.zeros(1, 77, 32), pipe.scheduler, 10, timesteps, region,
+    soundini_denoise(pipe.unet, pipe.vae, z, pipe.embeds, pipe.scheduler, 10, timesteps, region,
                      _losses(clip, target, frames, side), chunk=chunk)  # fmt: skip
 
 
@@ -100,13 +122,14 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64, help="frame side in pixels")
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--backbone", choices=("sd", "adm"), default="sd", help="SD latents or guided-diffusion pixels")
     args = parser.parse_args()
-    guided, unguided = step_costs(args.frames, args.side, args.chunk, args.repeats)
-    print(f"{args.frames} frames of {args.side}x{args.side}, chunks of {args.chunk} (best of {args.repeats})")
+    guided, unguided = step_costs(args.frames, args.side, args.chunk, args.repeats, args.backbone)
+    print(f"{args.backbone}: {args.frames} frames of {args.side}x{args.side}, chunks of {args.chunk} (best of {args.repeats})")
     print(f"  unguided DDIM step:  {1000 * unguided:8.1f} ms")
     print(f"  guided step:         {1000 * guided:8.1f} ms")
     print(f"  guided / unguided:   {guided / unguided:8.1f}x")
-    peaks = {scale: peak_mib(scale * args.frames, args.side, args.chunk) for scale in (1, 4, 16)}
+    peaks = {scale: peak_mib(scale * args.frames, args.side, args.chunk, args.backbone) for scale in (1, 4, 16)}
     for scale, mib in peaks.items():
         print(f"  peak memory, {scale:>2}x length ({scale * args.frames:>3} frames): {mib:8.0f} MiB ({mib / peaks[1]:.2f}x of 1x)")
 

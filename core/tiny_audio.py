@@ -3,7 +3,8 @@
 saved through DataParallel, so every key starts with ``module.``). Each is a ``config.json`` naming
 the architecture with timm arguments that shrink it, beside the checkpoint, a pure function of its
 seed, so tests and ``reelflow demo`` run the real loading code (``torch.load(weights_only=True)``)
-with no download.
+with no download. Also a tiny Perception Encoder Audio-Visual model in the ``facebook/pe-av-*`` layout
+(one ``pe_audio_video`` model with its processor), loaded by transformers' ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -75,3 +76,70 @@ def build_tiny_clip_512(out_dir: str | Path, seed: int = 0) -> Path:
 
     return _write_staged(Path(out_dir), write, _builder_readme("CLIP (512)", "build_tiny_clip_512", seed,
                                                                module="reelflow.core.tiny_audio"))  # fmt: skip
+
+
+PE_AV_IMAGE_SIZE = 32
+PE_AV_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "max_position_embeddings": 64}  # fmt: skip
+PE_AV_TOWER = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 8}
+
+
+def tiny_pe_av_config(text_width: int = PE_AV_TEXT["hidden_size"]) -> Any:
+    """A ``PeAudioVideoConfig`` of the facebook/pe-av-* layout, shrunk: the DAC codec keeps its 1920-sample hop
+    (40 ms at 48 kHz) with 2 base channels, the video tower's timm ``vit_pe_core`` is one 16-wide block on 32-pixel
+    images, and the shared space is ``text_width`` wide (the text model's width, 1024 in the published models)."""
+    from transformers import PeAudioVideoConfig
+
+    from reelflow.core.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    text = {**PE_AV_TEXT, "hidden_size": text_width, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "cls_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.eos_token_id}  # fmt: skip
+    # The timm head keeps transformers 5.24's default of 2 labels: a saved TimmWrapperConfig reads its width back
+    # from neither num_classes nor label_names, so any other width would not survive save_pretrained.
+    vision = {"architecture": "vit_pe_core_tiny_patch16_384",
+              "model_args": {"img_size": PE_AV_IMAGE_SIZE, "embed_dim": 16, "depth": 1, "num_heads": 2}}  # fmt: skip
+    audio = {**PE_AV_TOWER, "dac_config": {"encoder_hidden_size": 2, "hidden_size": 8, "codebook_dim": 4}}
+    joint = {**PE_AV_TOWER, "audio_config": audio, "video_config": {**PE_AV_TOWER, "vision_config": vision}}
+    return PeAudioVideoConfig(text_config=text, audio_video_config=joint)
+
+
+def tiny_pe_av_processor() -> Any:
+    """The processor of the tiny PE-AV model: 48 kHz mono audio, 32-pixel frames normalised with mean and std 0.5
+    (as PE's vision towers are), every step switched on explicitly (a loaded video processor does only what its
+    config says)."""
+    from transformers import PeAudioFeatureExtractor, PeAudioVideoProcessor, PeVideoVideoProcessor
+
+    from reelflow.core.tiny import tiny_tokenizer
+
+    video = PeVideoVideoProcessor(size={"height": PE_AV_IMAGE_SIZE, "width": PE_AV_IMAGE_SIZE}, do_resize=True,
+                                  do_center_crop=False, do_rescale=True, do_normalize=True, do_convert_rgb=True,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # fmt: skip
+    return PeAudioVideoProcessor(feature_extractor=PeAudioFeatureExtractor(sampling_rate=48_000, hop_length=1920),
+                                 video_processor=video, tokenizer=tiny_tokenizer())  # fmt: skip
+
+
+def _audible(model: torch.nn.Module) -> torch.nn.Module:
+    """PyTorch's default (fan-in scaled) initialisation for the 1-d convolutions: with transformers' 0.02 standard
+    deviation the tiny DAC codec's four blocks shrink any sound to about 1e-6, so all sounds would embed alike."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv1d):
+            module.reset_parameters()
+    return model
+
+
+def build_tiny_pe_av(out_dir: str | Path, seed: int = 0, text_width: int = PE_AV_TEXT["hidden_size"]) -> Path:
+    """Write a tiny random Perception Encoder Audio-Visual model as ``save_pretrained`` writes facebook/pe-av-*:
+    ``config.json`` (``PeAudioVideoModel``, model_type ``pe_audio_video``), ``model.safetensors`` and the
+    ``PeAudioVideoProcessor`` (feature extractor, video processor, tokenizer). ``text_width`` sets the width of
+    its shared space (32; the published models' is 1024)."""
+    from transformers import PeAudioVideoModel
+
+    def write(staging: Path) -> None:
+        config = tiny_pe_av_config(text_width)
+        _seeded(seed, 9, lambda: _audible(PeAudioVideoModel(config))).save_pretrained(staging)
+        tiny_pe_av_processor().save_pretrained(staging)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("Perception Encoder Audio-Visual", "build_tiny_pe_av",
+                                                               seed, module="reelflow.core.tiny_audio"))  # fmt: skip

@@ -2,12 +2,15 @@
 methods.md 5): the region of a clip re-rendered so its look follows a sound over time, temporally
 consistent, the background untouched.
 
-``denoise_latents`` method ``soundini`` runs on Stable Diffusion 1.5 in latent space: DDIM from the
-source latents noised to ``strength``, each step's noise prediction shifted by the gradient of the
-guidance losses on the step's denoised estimate decoded to pixels (sound ``L_SG`` against each
+``denoise_latents`` method ``soundini`` runs on either of two backbones, told apart by what the stage is
+given: the reference's pixel-space unconditional ADM (guided-diffusion's ``256x256_diffusion_uncond``,
+family ``guided_diffusion``), which takes the frames alone, or Stable Diffusion 1.5 in latent space,
+which takes the source's ``latents`` (``encode_latents``) with its ``vae`` and ``text_encoder``. DDIM
+from the source noised to ``strength``, each step's noise prediction shifted by the gradient of the
+guidance losses on the step's denoised estimate (decoded to pixels on SD) (sound ``L_SG`` against each
 frame's own audio window, or, in the text-guided variant, against a prompt's CLIP text embedding
-from ``embed_content`` method ``clip_text``; direction ``L_DSG``, optical flow, background and range; the flow and
-background terms ramped in over ``ramp_steps``), the source noised to each level kept outside the
+from ``embed_content`` method ``clip_text``; direction ``L_DSG``, optical flow, background (L1 and LPIPS) and range; the flow and
+background terms ramped in over ``ramp``), the source noised to each level kept outside the
 mask, and the source's background pasted back at the end. Its inputs are stages any method can use:
 ``embed_audio`` (the sound, one embedding per frame), ``estimate_flow`` (the source's motion),
 ``decode_mask`` (the region).
@@ -32,6 +35,7 @@ CLIP_IMAGE = Role(
     description="the CLIP image encoder with projection whose space the audio encoder shares (ViT-B/32 for Soundini's)",
     tiny="clip-512",
 )
+LPIPS = Role(families=("lpips",), description="LPIPS (VGG16) for the perceptual background term", tiny="lpips-vgg")
 CLIP_TEXT = Role(families=("transformers",), description="the CLIP text encoder with projection (and its tokenizer)",
                  tiny="clip-512")
 
@@ -73,6 +77,11 @@ class SoundiniParams(Model):
     direction: float = Field(default=1000.0, ge=0.0, description="Weight of L_DSG: the change of look follows the change of sound.")
     flow: float = Field(default=5000.0, ge=0.0, description="Weight of the optical-flow loss inside the region (ramped in).")
     background: float = Field(default=100.0, ge=0.0, description="Weight of the L1 background loss outside the region (ramped in).")
+    perceptual: float = Field(
+        default=100.0, ge=0.0,
+        description="Weight of the perceptual (LPIPS) background loss outside the region (ramped in); needs an `lpips` "
+        "model in the stage's models, 0 for none.",
+    )  # fmt: skip
     range: float = Field(default=50.0, ge=0.0, description="Weight of the range loss keeping the estimate in [-1, 1].")
     ramp: float = Field(
         default=0.5, gt=0.0, le=1.0,
@@ -101,17 +110,21 @@ class DenoiseSoundini(StageSpec):
         "latents": ("latents",), "frames": ("video_frames",), "target": ("audio_embeddings", "content/clip_text"),
         "flow": ("flow",), "mask": ("masks",),
     }  # fmt: skip
+    optional_slots: ClassVar[tuple[str, ...]] = ("latents",)  # given: the latent backbone; absent: the pixel one
     produces: ClassVar[str] = "frames"
     roles: ClassVar[dict[str, Role]] = {
-        "unet": Role(description="the SD 1.5 UNet (with its scheduler config)"),
-        "text_encoder": Role(description="the CLIP text encoder, for the UNet's empty prompt"),
+        "unet": Role(families=("diffusers", "guided_diffusion"),
+                     description="the denoiser with its scheduler: guided-diffusion's pixel-space ADM, or the SD 1.5 UNet"),
+        "text_encoder": Role(description="SD only: the CLIP text encoder, for the UNet's empty prompt"),
         "vae": SD_VAE,
         "clip": CLIP_IMAGE,
-    }
+        "lpips": LPIPS,
+    }  # fmt: skip
+    optional_roles: ClassVar[tuple[str, ...]] = ("text_encoder", "vae", "lpips")
     demo: ClassVar[dict[str, Any]] = {"num_steps": 4, "augmentations": 2, "chunk": 2}
 
     stage: Literal["denoise_latents"] = "denoise_latents"
-    method: Literal["soundini"] = Field(default="soundini", description="Sound-guided editing (Soundini) on SD 1.5.")
+    method: Literal["soundini"] = Field(default="soundini", description="Sound-guided editing (Soundini), in pixels or SD latents.")
     params: SoundiniParams = Field(default_factory=SoundiniParams, description="Schedule and loss weights.")
 
     def seeded(self) -> bool:
@@ -122,5 +135,6 @@ METHOD = Method(
     name="soundini",
     description="Soundini (Lee et al. 2023): sound-guided editing of a masked region with flow and background losses.",
     implementations=("reelflow.tasks.soundini",),
-    tiny={"clip-512": "reelflow.core.tiny_audio:build_tiny_clip_512"},
+    tiny={"clip-512": "reelflow.core.tiny_audio:build_tiny_clip_512", "adm": "reelflow.core.tiny_adm:build_tiny_adm",
+          "lpips-vgg": "reelflow.core.tiny_lpips:build_tiny_lpips"},
 )

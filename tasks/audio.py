@@ -1,12 +1,25 @@
-"""embed_audio: one CLIP-aligned audio embedding per frame, from the `audio` source or the clip's own track."""
+"""embed_audio: one audio embedding per frame, from the `audio` source or the clip's own track, by the encoder family
+of the `audio_encoder` role (soundclip: log-mel windows; transformers: a Perception Encoder's waveform windows)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
-from reelflow.core.audio.spectrogram import HOP, N_MELS, SAMPLE_RATE, frame_windows, log_mel, to_mono, window_inputs
+from reelflow.core.audio.spectrogram import (
+    HOP,
+    N_MELS,
+    SAMPLE_RATE,
+    FrameWindows,
+    columns_of,
+    frame_windows,
+    log_mel,
+    to_mono,
+    window_inputs,
+)
 from reelflow.core.video import AudioTrack, decode_audio_file
 from reelflow.schemas.audio import AudioEmbeddings, EmbedAudioParams
 from reelflow.schemas.calls import StageCall
@@ -24,6 +37,16 @@ NO_SOUND = ("the clip has no sound track and the pipeline gives no sound file: d
             "(`--source audio=PATH`, or a sidecar such as '{stem}.wav')")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How a backend embeds: each frame's ``windows`` on the track's clock, ``embed(indices) -> (n, D)`` for a batch
+    of them, and its name for the attrs."""
+
+    windows: FrameWindows
+    embed: Callable[[range], np.ndarray]
+    backend: str
+
+
 @stage_task("embed_audio")
 def embed_audio(call: StageCall) -> ArtifactRef:
     """``embeddings (F, D)`` (float32), each frame's window ``span (F, 2)`` and time ``frame_time (F,)`` on the video's
@@ -38,24 +61,52 @@ def _embed(ctx: StageContext) -> AudioEmbeddings:
     track, origin, sound = _sound(ctx, decoded, video, p)
     mel = log_mel(to_mono(track.samples, track.sample_rate))
     times = frame_times(ctx.store, decoded)
-    windows = frame_windows(times - origin, 1.0 / float(Fraction(video.fps)), p.window_seconds, mel.shape[1])
-    encoder = ctx.model("audio_encoder")
+    backend = BACKENDS[ctx.call.models["audio_encoder"].family]
+    encoding = backend(ctx, track, mel, times - origin, 1.0 / float(Fraction(video.fps)))
     count = len(times)
     out = None
     ctx.progress.start(count)
     for start in range(0, count, p.batch_size):
         indices = range(start, min(start + p.batch_size, count))
-        embedded = encoder.embed(window_inputs(mel, windows, indices)).numpy()
+        embedded = encoding.embed(indices)
         if out is None:
             out = ctx.writer.create_array("embeddings", shape=(count, embedded.shape[1]), dtype=np.float32, dims=("frame", "embedding"))
         out[indices.start : indices.stop] = embedded
         ctx.progress.advance(len(indices))
-    ctx.writer.write_array("span", windows.seconds() + origin, dims=("frame", "bound"), dtype=np.float64)
+    span = encoding.windows.seconds()
+    ctx.writer.write_array("span", span + origin, dims=("frame", "bound"), dtype=np.float64)
     ctx.writer.write_array("frame_time", times, dims=("frame",), dtype=np.float64)
     ctx.writer.write_array("spectrogram", mel, dims=("mel", "column"), dtype=np.float16)
-    _publish(ctx, mel, windows.start, sound)
+    _publish(ctx, mel, columns_of(span[:, 0]), sound)
     return AudioEmbeddings(sound=sound, sample_rate=SAMPLE_RATE, hop_length=HOP, n_mels=N_MELS, window_seconds=p.window_seconds,
-                           offset=origin, backend=f"soundclip:{encoder.architecture}", embedding_dim=int(out.shape[1]))  # fmt: skip
+                           offset=origin, backend=encoding.backend, embedding_dim=int(out.shape[1]))  # fmt: skip
+
+
+def _soundclip(ctx: StageContext, track: AudioTrack, mel: np.ndarray, starts: np.ndarray, frame_seconds: float) -> Encoding:
+    """Log-mel windows of the spectrogram through a CLIP-aligned audio encoder (methods.md 5.3)."""
+    windows = frame_windows(starts, frame_seconds, ctx.call.stage.params.window_seconds, mel.shape[1])
+    encoder = ctx.model("audio_encoder")
+    return Encoding(windows, lambda indices: encoder.embed(window_inputs(mel, windows, indices)).numpy(),
+                    f"soundclip:{encoder.architecture}")  # fmt: skip
+
+
+def _perception(ctx: StageContext, track: AudioTrack, mel: np.ndarray, starts: np.ndarray, frame_seconds: float) -> Encoding:
+    """Waveform windows at the feature extractor's rate through a Perception Encoder's audio tower
+    (:mod:`reelflow.core.audio.perception`)."""
+    from reelflow.core.audio.perception import audio_embeddings, audio_tower, sample_windows
+
+    model, extractor = ctx.model("audio_encoder"), ctx.model("audio_encoder", component="feature_extractor")
+    rate = int(extractor.sampling_rate)
+    waveform = to_mono(track.samples, track.sample_rate, rate)
+    windows = sample_windows(starts, frame_seconds, ctx.call.stage.params.window_seconds, len(waveform), rate)
+    ctx.record(encoder_sample_rate=rate)
+    return Encoding(windows.cut(), lambda indices: audio_embeddings(model, extractor, windows.waveforms(waveform, indices),
+                                                                    rate).numpy(),
+                    f"transformers:{type(audio_tower(model)).__name__}")  # fmt: skip
+
+
+Backend = Callable[[StageContext, AudioTrack, np.ndarray, np.ndarray, float], Encoding]
+BACKENDS: dict[str, Backend] = {"soundclip": _soundclip, "transformers": _perception}  # by the audio_encoder's family
 
 
 def _sound(ctx: StageContext, decoded, video: VideoFrames, p: EmbedAudioParams) -> tuple[AudioTrack, float, str]:  # noqa: ANN001
@@ -72,7 +123,8 @@ def _sound(ctx: StageContext, decoded, video: VideoFrames, p: EmbedAudioParams) 
 
 
 def _publish(ctx: StageContext, mel: np.ndarray, window_starts: np.ndarray, sound: str) -> None:
-    """The spectrogram (low frequencies at the bottom) with a line where each frame's window starts, for the UI."""
+    """The spectrogram (low frequencies at the bottom) with a line where each frame's window starts (``window_starts``,
+    spectrogram columns), for the UI."""
     import io
 
     from PIL import Image
@@ -93,10 +145,22 @@ def _publish(ctx: StageContext, mel: np.ndarray, window_starts: np.ndarray, soun
 
 @stage_check("embed_audio")
 def _check_sound(ctx: PreflightContext) -> None:
-    """Refuses, before any model loads, a clip with no sound track when no sound file is given."""
+    """Refuses, before any model loads, a transformers model without a Perception Encoder audio tower, and a clip
+    with no sound track when no sound file is given."""
+    _check_encoder(ctx)
     if ctx.has_source("audio"):
         ctx.source("audio")  # probed: an audio stream must be there
         return
     preview = ctx.input("frames")
     if preview is not None and preview.has_audio is False:
         raise ValueError(NO_SOUND)
+
+
+def _check_encoder(ctx: PreflightContext) -> None:
+    from reelflow.core.audio.perception import AUDIO_TOWERS
+
+    config = ctx.model_config("audio_encoder") or {}
+    kind = config.get("model_type")
+    if "architectures" in config and kind not in AUDIO_TOWERS:  # a transformers model (how its family is recognised)
+        raise ValueError(f"the audio_encoder is a transformers model of type {kind!r}, which has no Perception Encoder "
+                         f"audio tower; give a facebook/pe-av-* model (model types: {', '.join(AUDIO_TOWERS)})")  # fmt: skip

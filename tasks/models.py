@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from reelflow.core.models import load_model
+from reelflow.core.models import load_model, read_model_json
 from reelflow.schemas.calls import ResolvedModel
 from reelflow.schemas.errors import ModelError
 from reelflow.schemas.settings import Settings
@@ -58,3 +58,24 @@ def load_role(model: ResolvedModel | None, role: str, component: str | None, set
         weight_name=model.weight_name,
         **options,
     )
+
+
+def role_json(
+    models: dict[str, ResolvedModel], role: str, component: str | None, name: str, settings: Settings, stage: str
+) -> dict[str, Any] | None:
+    """The JSON file ``name`` of the model planned for ``role``, read without loading weights.
+
+    A diffusers bundle's file is ``<component>/<name>``, the component defaulting to the role's name
+    (``unet/config.json``); any other model's is ``<name>`` at its root, or under ``component`` when given.
+    None when the model has no such file.
+
+    Raises:
+        ModelError: The stage has no model for ``role``, or the model's files changed since planning.
+    """
+    model = models.get(role)
+    if model is None:
+        raise ModelError(f"stage {stage!r} has no model as its {role}; its roles: {', '.join(models) or 'none'}")
+    folder = (component or role) if model.bundle else component
+    path = f"{folder}/{name}" if folder else name
+    return read_model_json(model.id, path, revision=model.revision, cache_dir=settings.model_cache_dir,
+                           fingerprint=model.fingerprint)  # fmt: skip

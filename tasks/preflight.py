@@ -25,7 +25,6 @@ from PIL import Image
 
 from reelflow.core.frames import Fit
 from reelflow.core.masks import probe_masks
-from reelflow.core.models import read_model_json
 from reelflow.core.video import VideoInfo, probe_video
 from reelflow.schemas.calls import SourceRef, StageCall
 from reelflow.schemas.errors import ModelError, ReelflowError, RegistryError, SpecError
@@ -33,6 +32,7 @@ from reelflow.schemas.graph import Node
 from reelflow.schemas.settings import Settings
 from reelflow.schemas.stages import STAGE_TYPES, StageSpec, stage_tag
 from reelflow.storage.files import url_to_fs
+from reelflow.tasks.models import role_json
 
 LOGGER = logging.getLogger("reelflow.preflight")
 
@@ -138,6 +138,15 @@ class PreflightContext:
             self._probes[ref.url] = probe_source(ref)
         return self._probes[ref.url]
 
+    def has_input(self, slot: str) -> bool:
+        """Whether input ``slot`` is wired in this run (an optional one may be absent)."""
+        return slot in self._node.inputs
+
+    def model_family(self, role: str) -> str | None:
+        """The family of the model planned for ``role``; None when the stage fills no such role (an optional one)."""
+        model = self._call.models.get(role)
+        return None if model is None else model.family
+
     def input(self, slot: str) -> FramesPreview | None:
         """The preview of the frames the producer of input ``slot`` will make; None when nothing tells."""
         if slot not in self._node.inputs:
@@ -146,23 +155,9 @@ class PreflightContext:
         return self._previews.get(self._node.inputs[slot])
 
     def model_config(self, role: str, component: str | None = None, name: str = "config.json") -> dict[str, Any] | None:
-        """The JSON file ``name`` of the model planned for ``role``, read without loading weights.
-
-        A diffusers bundle's file is ``<component>/<name>``, the component defaulting to the role's
-        name (``unet/config.json``); any other model's is ``<name>`` at its root, or under
-        ``component`` when given. None when the model has no such file.
-
-        Raises:
-            ModelError: The stage has no model for ``role``, or the model's files changed since planning.
-        """
-        model = self._call.models.get(role)
-        if model is None:
-            named = ", ".join(self._call.models) or "none"
-            raise ModelError(f"stage {self.stage_id!r} has no model as its {role}; its roles: {named}")
-        folder = (component or role) if model.bundle else component
-        path = f"{folder}/{name}" if folder else name
-        return read_model_json(model.id, path, revision=model.revision, cache_dir=self._settings.model_cache_dir,
-                               fingerprint=model.fingerprint)  # fmt: skip
+        """The JSON file ``name`` of the model planned for ``role``, read without loading weights
+        (:func:`reelflow.tasks.models.role_json`: ``unet/config.json`` of a bundle, ``config.json`` of another)."""
+        return role_json(self._call.models, role, component, name, self._settings, self.stage_id)
 
 
 def probe_source(ref: SourceRef) -> SourceInfo:

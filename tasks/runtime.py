@@ -35,7 +35,7 @@ from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases, default_holder, renewing
 from reelflow.storage.store import ArtifactStore, ArtifactWriter
 from reelflow.tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
-from reelflow.tasks.models import load_role, resolve_device
+from reelflow.tasks.models import load_role, resolve_device, role_json
 from reelflow.tasks.progress import Progress
 
 _LIBRARIES = ("reelflow", "torch", "diffusers", "transformers", "zarr", "numpy", "av", "prefect")
@@ -82,6 +82,10 @@ class StageContext:
     def model(self, role: str, component: str | None = None, **options: Any) -> Any:
         """The model filling ``role`` (a component of it, e.g. its ``tokenizer``), loaded on this worker's device."""
         return load_role(self.call.models.get(role), role, component, self.settings, **options)
+
+    def model_config(self, role: str, component: str | None = None, name: str = "config.json") -> dict[str, Any] | None:
+        """The JSON file ``name`` of the model filling ``role``, read without loading weights (as a preflight reads it)."""
+        return role_json(self.call.models, role, component, name, self.settings, self.call.stage_id)
 
     def open_source(self, slot: str) -> Any:
         """The source file read through ``slot``, opened for binary reading (use it as a context manager)."""

@@ -1,8 +1,10 @@
 """denoise_latents (soundini): the masked region re-rendered to follow the sound (or a prompt: embed_content
-clip_text), on SD 1.5, resumable by step."""
+clip_text), on guided-diffusion's pixel-space ADM or on SD 1.5 latents, resumable by step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from reelflow.core.audio.perception import VIDEO_TOWERS, embedding_width, image_embeddings
 from reelflow.core.editing.gen1 import edit_timesteps
 from reelflow.core.editing.soundini import Region, decode, soundini_denoise
 from reelflow.core.frames import from_model_range, to_model_range
+from reelflow.core.models.guided_diffusion_family import adm_config
 from reelflow.core.guidance.sound import background_l1, direction_loss, flow_loss, ramp, range_loss, sound_loss
 from reelflow.core.text import encode_prompts
 from reelflow.schemas.calls import StageCall
+from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import NoAttrs
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.soundini import ClipText, SoundiniParams
@@ -29,34 +34,44 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @stage_task("denoise_latents", "soundini")
 def denoise_soundini(call: StageCall) -> ArtifactRef:
-    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask), their ``latents
-    (F, 4, h, w)`` before decoding, and the latents after every step, ``steps (K, F, 4, h, w)``. Resumable by step."""
+    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask) and what the model
+    denoised after every step, ``steps (K, F, C, h, w)`` (frames in [-1, 1] on the pixel backbone, latents on SD, with
+    the final ``latents (F, 4, h, w)`` before decoding). Resumable by step."""
     return run_stage(call, _denoise, resumable=True)
 
 
 def _denoise(ctx: StageContext) -> NoAttrs:
     p: SoundiniParams = ctx.call.stage.params
-    source = ctx.input("latents")["latents"]
     frames, masks = ctx.input("frames")["frames"], ctx.input("mask")["mask"]
+    latent = "latents" in ctx.call.inputs  # else the pixel backbone denoises the frames themselves
+    source = ctx.input("latents")["latents"] if latent else _model_range(frames, p.chunk)
     count = source.shape[0]
     target = torch.from_numpy(ctx.array("target", "embeddings", "float32"))
+    width = image_width(ctx.model_config("clip") or {})
+    if target.shape[1] != width:  # before any model loads
+        raise SpecError(f"stage {ctx.call.stage_id!r}: the target's embeddings are {target.shape[1]}-wide but the clip "
+                        f"role embeds images {width}-wide; give it an image model of the target's space (CLIP "
+                        "ViT-B/32 for the CLIP-aligned audio encoders, the audio's own Perception Encoder for PE)")  # fmt: skip
     audio = target.expand(count, -1) if ctx.call.inputs["target"].kind == "content/clip_text" else target  # a prompt: all
     flows = {name: ctx.input("flow")[name] for name in ("forward", "backward", "occluded_forward", "occluded_backward")}
-    unet, vae, clip = ctx.model("unet"), ctx.model("vae"), ctx.model("clip", cls="CLIPVisionModelWithProjection")
+    unet, clip = ctx.model("unet"), _image_embedder(ctx)
+    vae = ctx.model("vae") if latent else None
     scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
-    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])
+    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])[:1] if latent else None
     latent_shape = tuple(source.shape[1:])
     region = Region(_latent_masks(masks, latent_shape[-2:], p.chunk), torch.from_numpy(np.asarray(source[:], np.float32)),
                     _noise(ctx.call.seed, count, latent_shape))  # fmt: skip
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
     # Every step's latents in a slot of their own: a crash mid-write leaves the last finished step whole.
+    channel = "latent_channel" if latent else "channel"
     steps = ctx.writer.create_array("steps", shape=(len(timesteps), *source.shape), dtype=np.float32,
-                                    dims=("step", "frame", "latent_channel", "y", "x"), chunks=(1, *source.shape))  # fmt: skip
+                                    dims=("step", "frame", channel, "y", "x"), chunks=(1, *source.shape))  # fmt: skip
     done = [i for i in range(len(timesteps)) if ctx.writer.is_done(f"step-{i}")]
     first = done[-1] + 1 if done else 0
     z = torch.from_numpy(np.asarray(steps[first - 1], np.float32)) if done else region.noised(
         slice(None), float(scheduler.alphas_cumprod[timesteps[0]]))  # fmt: skip
-    losses = _losses(p, frames, masks, audio, flows, clip, ctx.call.seed, max(1, round(p.ramp * len(timesteps))))
+    lpips = ctx.model("lpips") if p.perceptual else None
+    losses = _losses(p, frames, masks, audio, flows, clip, lpips, ctx.call.seed, max(1, round(p.ramp * len(timesteps))))
 
     def keep(i: int, latents: torch.Tensor) -> None:
         steps[first + i] = latents.numpy()
@@ -65,22 +80,28 @@ def _denoise(ctx: StageContext) -> NoAttrs:
 
     ctx.progress.start(len(timesteps) - first)
     with model_lock(unet):
-        z = soundini_denoise(unet, vae, z, embeds[:1], scheduler, p.num_steps, timesteps[first:], region, losses, chunk=p.chunk,
+        z = soundini_denoise(unet, vae, z, embeds, scheduler, p.num_steps, timesteps[first:], region, losses, chunk=p.chunk,
                              on_step=keep, first_step=first)  # fmt: skip
-    ctx.writer.write_array("latents", z.numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float32)
+    if latent:
+        ctx.writer.write_array("latents", z.numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float32)
     out = ctx.writer.create_array("frames", shape=frames.shape, dtype=np.uint8, dims=("frame", "y", "x", "rgb"))
     for start in range(0, count, p.chunk):
         part = slice(start, min(start + p.chunk, count))
         with torch.inference_mode():
-            edited = from_model_range(decode(vae, z[part].to(vae.device, vae.dtype)).float().cpu())
+            edited = from_model_range(decode(vae, z[part].to(vae.device, vae.dtype)).float().cpu() if latent else z[part])
         inside = np.asarray(masks[part])[..., None]
         out[part] = np.where(inside, edited, np.asarray(frames[part]))  # the source's background, pasted back
     return NoAttrs()
 
 
+def _model_range(frames: Any, chunk: int) -> np.ndarray:
+    """The frames as the pixel model sees them, ``(F, 3, H, W)`` float32 in [-1, 1], a chunk at a time."""
+    return np.concatenate([to_model_range(np.asarray(frames[s : s + chunk])).numpy() for s in range(0, frames.shape[0], chunk)])
+
+
 def _latent_masks(masks: Any, size: tuple[int, int], chunk: int) -> torch.Tensor:
-    """The region on the latent grid, ``(F, 1, h, w)``: a latent cell is inside when any of its pixels is (max-pooled),
-    a chunk at a time."""
+    """The region on the model's grid, ``(F, 1, h, w)``: a latent cell is inside when any of its pixels is (max-pooled;
+    on the pixel grid, the mask itself), a chunk at a time."""
     parts = [F.adaptive_max_pool2d(torch.from_numpy(np.asarray(masks[s : s + chunk], np.float32))[:, None], size)
              for s in range(0, masks.shape[0], chunk)]  # fmt: skip
     return torch.cat(parts)
@@ -91,8 +112,8 @@ def _noise(seed: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).expand(count, *shape)
 
 
-def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flows: dict[str, Any], clip: Any, seed: int,
-            ramp_steps: int):  # noqa: ANN202
+def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flows: dict[str, Any], clip: Any, lpips: Any,
+            seed: int, ramp_steps: int):  # noqa: ANN202
     """``losses(pixels, frames seen, anchored, step)``: the weighted sum of per-frame terms the sampler descends. The
     fixed neighbour (``anchored``: the first of ``pixels``) counts only in the terms that link it to the chunk
     (direction, flow); its own terms belong to its own chunk."""
@@ -115,9 +136,16 @@ def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flo
             fields = {name: torch.from_numpy(np.asarray(array[pairs])) for name, array in flows.items()}
             total = total + p.flow * weight * flow_loss(pixels, fields["forward"].to(pixels), fields["backward"].to(pixels), region,
                                                         fields["occluded_forward"], fields["occluded_backward"]).sum()  # fmt: skip
-        if p.background:
+        if p.background or p.perceptual:
             original = to_model_range(np.asarray(frames[seen])).to(pixels)
-            total = total + p.background * weight * background_l1(pixels, original, region)[own].sum()
+            if p.background:
+                total = total + p.background * weight * background_l1(pixels, original, region)[own].sum()
+            if p.perceptual:  # the backgrounds alone: the source's region is what the edit replaces
+                outside = 1.0 - region
+                parameter = next(lpips.parameters())
+                distance = lpips((outside * pixels)[own].to(parameter.device, parameter.dtype),
+                                 (outside * original)[own].to(parameter.device, parameter.dtype))  # fmt: skip
+                total = total + p.perceptual * weight * distance.to(pixels).sum()
         if p.range:
             total = total + p.range * range_loss(pixels)[own].sum()
         return total
@@ -125,22 +153,47 @@ def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flo
     return losses
 
 
-def _clip_views(clip: Any, pixels: torch.Tensor, views: int, seed: int) -> torch.Tensor:
-    """CLIP image embeddings of ``views`` views of each frame, ``(views * n, D)`` view-major: the first as it is, the
+@dataclass(frozen=True)
+class ImageEmbedder:
+    """The image side of the shared space: ``embed(images (N, 3, size, size) in [0, 1]) -> (N, D)``, differentiable."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    size: int
+
+
+def _image_embedder(ctx: StageContext) -> ImageEmbedder:
+    """CLIP's image tower with projection (the space of the CLIP-aligned audio encoders), or a Perception Encoder
+    audio-visual model's video tower, each frame a one-frame video (the space of its audio tower), by the model's
+    ``model_type``."""
+    if (ctx.model_config("clip") or {}).get("model_type") in VIDEO_TOWERS:
+        model, processor = ctx.model("clip"), ctx.model("clip", "processor")
+        video = getattr(processor, "video_processor", processor)
+        size = dict(video.crop_size if video.do_center_crop else video.size)
+        return ImageEmbedder(lambda images: image_embeddings(model, images, processor).float(), int(size.get("height") or 224))
+    clip = ctx.model("clip", cls="CLIPVisionModelWithProjection")
+    parameter = next(clip.parameters())
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return clip(pixel_values=((images - mean) / std).to(parameter.device, parameter.dtype)).image_embeds.float()
+
+    return ImageEmbedder(embed, clip.config.image_size)
+
+
+def _clip_views(clip: ImageEmbedder, pixels: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+    """Image embeddings of ``views`` views of each frame, ``(views * n, D)`` view-major: the first as it is, the
     others each frame on its own randomly rotated and shifted (p = 0.7) and warped in perspective (p = 0.7), as the
     reference's kornia augmentations (which pad with the border; torchvision pads with zeros here: its fill is done
     in place, which autograd cannot follow)."""
-    size = clip.config.image_size
+    size = clip.size
     images = F.interpolate((pixels + 1.0) / 2.0, size=(size, size), mode="bilinear", align_corners=False)
     augment = v2.Compose([v2.RandomApply([v2.RandomAffine(degrees=15, translate=(0.1, 0.1), fill=None)], p=0.7),
                           v2.RandomPerspective(0.7, p=0.7, fill=None)])  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batch = torch.cat([images, *(torch.cat([augment(image[None]) for image in images]) for _ in range(views - 1))])
-    mean = torch.tensor(CLIP_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    parameter = next(clip.parameters())
-    return clip(pixel_values=((batch - mean) / std).to(parameter.device, parameter.dtype)).image_embeds.float()
+    return clip.embed(batch)
 
 
 @stage_task("embed_content", "clip_text")
@@ -161,14 +214,64 @@ def _embed_text(ctx: StageContext) -> ClipText:
 
 @stage_check("denoise_latents", "soundini")
 def _check(ctx: PreflightContext) -> None:
-    """Refuses, before any model loads, a CLIP space of another width than the audio encoder's (512), and a UNet that
-    does not predict noise (the guidance shift is in epsilon form)."""
-    config = ctx.model_config("clip") or {}
-    width = config.get("projection_dim", (config.get("vision_config") or {}).get("projection_dim", 512))
-    if width != 512:
-        raise ValueError(f"the clip role's image embeddings are {width}-wide but the audio encoders embed into CLIP "
-                         "ViT-B/32's 512-wide space; use openai/clip-vit-base-patch32")  # fmt: skip
+    """Refuses, before any model loads: a backbone given half its parts (SD's latents without its VAE and text
+    encoder, or the pixel model with them), frames the pixel model cannot halve down to its deepest level, a CLIP
+    space of another width than the audio encoder's (512), a perceptual weight without an LPIPS model, and a UNet
+    that does not predict noise (the guidance shift is in epsilon form)."""
+    latent = ctx.has_input("latents")
+    given = [role for role in ("vae", "text_encoder") if ctx.model_family(role) is not None]
+    if latent and len(given) < 2:
+        raise ValueError("the latent backbone (SD 1.5) denoises `latents` from encode_latents and needs the bundle's "
+                         "vae and text_encoder too: add `vae: sd, text_encoder: sd` to the stage's models")  # fmt: skip
+    if not latent and given:
+        raise ValueError(f"without `latents` the stage runs the pixel backbone, which uses no {' or '.join(given)}: "
+                         "wire `latents: encode_latents` for SD, or drop those models for guided-diffusion's ADM")  # fmt: skip
+    if not latent:
+        _check_pixel_model(ctx)
+    perceptual = ctx.spec.params.perceptual
+    if perceptual and ctx.model_family("lpips") is None:
+        raise ValueError(f"perceptual is {perceptual:g} but the stage has no `lpips` model: add one (a folder with "
+                         'config.json {"library": "lpips", "net": "vgg"}, vgg16-397923af.pth and lpips\' vgg.pth) to the '
+                         "stage's models as `lpips`, or set perceptual: 0")  # fmt: skip
+    _check_shared_space(ctx)
     scheduler = ctx.model_config("unet", "scheduler", "scheduler_config.json") or {}
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"the UNet predicts {scheduler['prediction_type']!r}; Soundini's guidance here takes an "
-                         "epsilon-prediction model (SD 1.5)")  # fmt: skip
+                         "epsilon-prediction model (SD 1.5, guided-diffusion's ADM)")  # fmt: skip
+
+
+def _check_pixel_model(ctx: PreflightContext) -> None:
+    if ctx.model_family("unet") == "guided_diffusion":
+        downscale = adm_config(ctx.model_config("unet") or {}).downscale
+    else:
+        config = ctx.model_config("unet") or {}
+        if config.get("in_channels", 3) != 3:
+            raise ValueError(f"the unet takes {config['in_channels']} channels, not pixels: a latent model needs "
+                             "`latents: encode_latents` and the bundle's vae and text_encoder")  # fmt: skip
+        downscale = 2 ** (len(config.get("block_out_channels", (0,))) - 1)
+    frames = ctx.input("frames")
+    if frames is not None and (frames.width % downscale or frames.height % downscale):
+        raise ValueError(f"the pixel model halves the frames {downscale.bit_length() - 1} times, so both sides must "
+                         f"divide by {downscale}, but they are {frames.width}x{frames.height}; set decode_video's "
+                         f"`multiple: {downscale}`")  # fmt: skip
+
+
+
+def image_width(config: dict[str, Any]) -> int:
+    """Width of the image embeddings of the clip role's model, from its ``config.json``."""
+    if config.get("model_type") in VIDEO_TOWERS:
+        return embedding_width(config)
+    return int(config.get("projection_dim", (config.get("vision_config") or {}).get("projection_dim", 512)))
+
+
+def _check_shared_space(ctx: PreflightContext) -> None:
+    """A CLIP image model must embed into CLIP ViT-B/32's 512-wide space, the CLIP-aligned audio encoders' (a
+    Perception Encoder's images are checked against its audio's width when the stage starts: the target's model is
+    its producer's, which this check cannot see)."""
+    config = ctx.model_config("clip") or {}
+    if config.get("model_type") in VIDEO_TOWERS:
+        return
+    width = image_width(config)
+    if width != 512:
+        raise ValueError(f"the clip role's image embeddings are {width}-wide but the audio encoders embed into CLIP "
+                         "ViT-B/32's 512-wide space; use openai/clip-vit-base-patch32")  # fmt: skip

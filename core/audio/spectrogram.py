@@ -35,24 +35,27 @@ TOP_DB = 80.0
 
 @dataclass(frozen=True)
 class FrameWindows:
-    """Frame ``i``'s window of the spectrogram: columns ``[start[i], stop[i])`` and their time span in seconds."""
+    """Frame ``i``'s window: indices ``[start[i], stop[i])`` (spectrogram columns, or samples for an encoder that
+    reads the waveform) and their time span in seconds, ``unit`` seconds per index."""
 
     start: np.ndarray  # (F,) int
     stop: np.ndarray  # (F,) int
+    unit: float = HOP / SAMPLE_RATE
 
     def seconds(self) -> np.ndarray:
         """``(F, 2)``: where each window starts and ends on the track's clock (a column is centred on its sample)."""
-        return np.stack([self.start, self.stop], axis=1).astype(np.float64) * HOP / SAMPLE_RATE
+        return np.stack([self.start, self.stop], axis=1).astype(np.float64) * self.unit
 
 
-def to_mono(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """``samples (channels, n)`` float32 averaged to mono and resampled to 44.1 kHz with PyAV (swresample)."""
+def to_mono(samples: np.ndarray, sample_rate: int, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples (channels, n)`` float32 averaged to mono and resampled to ``rate`` (44.1 kHz by default) with PyAV
+    (swresample)."""
     mono = np.ascontiguousarray(samples.mean(axis=0, keepdims=True), np.float32)
-    if sample_rate == SAMPLE_RATE or mono.shape[1] == 0:
+    if sample_rate == rate or mono.shape[1] == 0:
         return mono[0]
     frame = av.AudioFrame.from_ndarray(mono, format="fltp", layout="mono")
     frame.sample_rate, frame.pts = sample_rate, 0
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
     chunks = [out.to_ndarray()[0] for f in (frame, None) for out in resampler.resample(f)]
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
@@ -80,9 +83,15 @@ def frame_windows(frame_starts: np.ndarray, frame_seconds: float, window_seconds
     the track's clock), cut to the track's ``columns``; empty (silence) for a frame whose window misses the track."""
     width = max(1, min(TRAINED_COLUMNS, int(columns_of(window_seconds))))
     centre = columns_of(np.asarray(frame_starts, np.float64) + frame_seconds / 2.0)
-    start = np.clip(centre - width // 2, 0, columns)
-    stop = np.clip(centre - width // 2 + width, start, columns)
-    return FrameWindows(start=start, stop=stop)
+    return centred_windows(centre - width // 2, width, columns, HOP / SAMPLE_RATE)
+
+
+def centred_windows(first: np.ndarray, width: int, length: int, unit: float) -> FrameWindows:
+    """Windows of ``width`` indices from ``first`` (``(F,)``, possibly outside ``[0, length)``) cut to ``[0, length)``:
+    empty where a window misses it."""
+    start = np.clip(first, 0, length)
+    stop = np.clip(first + width, start, length)
+    return FrameWindows(start=start, stop=stop, unit=unit)
 
 
 def window_inputs(mel: np.ndarray, windows: FrameWindows, indices: range | np.ndarray) -> np.ndarray:

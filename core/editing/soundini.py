@@ -1,12 +1,15 @@
-"""Soundini's sampler (Lee et al. 2023; methods.md 5.4) on a latent diffusion model: DDIM steps whose noise
-prediction is shifted by the gradient of the guidance losses, evaluated on each step's denoised
-estimate decoded to pixels, and latent blending with the noised source outside the region.
+"""Soundini's sampler (Lee et al. 2023; methods.md 5.4): DDIM steps whose noise prediction is shifted by the
+gradient of the guidance losses, evaluated on each step's denoised estimate, and blending with the
+noised source outside the region. Two backbones: a pixel-space model (the reference's ADM as a
+diffusers ``UNet2DModel``; ``z`` are the frames in [-1, 1], ``vae`` is None) or a latent one (SD 1.5;
+``z`` are latents, decoded by the VAE for the losses).
 
-One step from ``z_t`` (``(F, 4, h, w)``, frames ``[start, stop)`` of the clip, in chunks):
+One step from ``z_t`` (``(F, C, h, w)``, frames ``[start, stop)`` of the clip, in chunks):
 
-1. ``eps = unet(z_t, t)`` (unconditional: the empty prompt) and ``x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar)``;
+1. ``eps = unet(z_t, t)`` (unconditional: SD's empty prompt; ADM's first ``C`` output channels, the rest
+   being its learned variance) and ``x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar)``;
 2. the estimate the losses see is Blended Diffusion's ``x_in = f x0 + (1 - f) z_t`` with
-   ``f = sqrt(1 - abar)``, decoded by the VAE to frames in [-1, 1];
+   ``f = sqrt(1 - abar)``, decoded by the VAE (if any) to frames in [-1, 1];
 3. ``L = losses(frames)`` (core.guidance.sound: sound, direction, flow, background, range), and the
    classifier-guidance shift ``eps' = eps + sqrt(1 - abar) grad_{z_t} L`` (ADM's ``condition_mean``
    in DDIM's epsilon form: descending ``L`` is ascending ``log p(y | z_t)``);
@@ -14,7 +17,7 @@ One step from ``z_t`` (``(F, 4, h, w)``, frames ``[start, stop)`` of the clip, i
    region, the source noised to the level the step reached (the prototype noises it to ``t``, one
    level too high, methods.md 5.4).
 
-The gradient flows through the UNet and the decoder, as the reference's does through its pixel
+The gradient flows through the UNet (and the decoder), as the reference's does through its pixel
 model. Memory is bounded by the chunk: each chunk is guided on its own frames plus the previous
 chunk's last frame (its denoised estimate at this step, held fixed), so the losses that link
 neighbours (flow, direction) see every pair, as the prototype's sliding window of pairs does; the
@@ -39,7 +42,7 @@ from the previous chunk, step index) -> scalar``."""
 
 @dataclass(frozen=True)
 class Region:
-    """The region to edit on the latent grid, ``(F, 1, h, w)`` in {0, 1}, and the source's latents ``(F, 4, h, w)``
+    """The region to edit on the model's grid, ``(F, 1, h, w)`` in {0, 1}, and the source there ``(F, C, h, w)``
     with the noise that puts them on each level (one noise for every frame by default, as the prototype)."""
 
     mask: torch.Tensor
@@ -56,27 +59,35 @@ class Region:
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Frames in [-1, 1] from SD latents (differentiable)."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
+    """Frames in [-1, 1] from SD latents (differentiable); a pixel model's ``z`` (no ``vae``) are the frames."""
+    return latents if vae is None else vae.decode(latents / vae.config.scaling_factor).sample
+
+
+def predict_noise(unet: Any, z: torch.Tensor, t: int, embeds: torch.Tensor | None) -> torch.Tensor:
+    """``eps`` for ``z``: a text-conditioned UNet with ``embeds`` (one prompt for every frame), or an unconditional
+    one (``embeds`` None) whose extra output channels, ADM's learned variance, are dropped."""
+    if embeds is None:
+        return unet(z, t).sample[:, : z.shape[1]]
+    return unet(z, t, encoder_hidden_states=embeds.to(unet.device, unet.dtype).expand(len(z), -1, -1)).sample
 
 
 def guided_step(
-    unet: Any, vae: Any, z: torch.Tensor, t: int, embeds: torch.Tensor, scheduler: Any, losses: Losses, frames: slice,
+    unet: Any, vae: Any, z: torch.Tensor, t: int, embeds: torch.Tensor | None, scheduler: Any, losses: Losses, frames: slice,
     step: int, anchor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The guided epsilon for ``z`` (frames ``frames`` of the clip) at timestep ``t``, and the denoised estimate the
-    losses saw (detached). ``anchor`` ``(1, 4, h, w)`` is the previous frame's estimate at this step, decoded with
+    losses saw (detached). ``anchor`` ``(1, C, h, w)`` is the previous frame's estimate at this step, decoded with
     the chunk for the losses that link neighbouring frames and held fixed."""
     abar = float(scheduler.alphas_cumprod[t])
     with torch.enable_grad():
         z = z.detach().to(unet.device, unet.dtype).requires_grad_(True)
-        eps = unet(z, t, encoder_hidden_states=embeds.to(unet.device, unet.dtype).expand(len(z), -1, -1)).sample
+        eps = predict_noise(unet, z, t, embeds)
         x0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
         fac = math.sqrt(1.0 - abar)
         estimate = fac * x0 + (1.0 - fac) * z
         if anchor is not None:
             estimate = torch.cat([anchor.to(estimate), estimate])
-        pixels = decode(vae, estimate.to(vae.device, vae.dtype)).float()
+        pixels = decode(vae, estimate if vae is None else estimate.to(vae.device, vae.dtype)).float()
         seen = slice(frames.start - (anchor is not None), frames.stop)
         loss = losses(pixels, seen, anchor is not None, step)
         grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
@@ -85,11 +96,11 @@ def guided_step(
 
 
 def soundini_denoise(
-    unet: Any, vae: Any, z: torch.Tensor, embeds: torch.Tensor, scheduler: Any, num_steps: int, timesteps: torch.Tensor,
+    unet: Any, vae: Any, z: torch.Tensor, embeds: torch.Tensor | None, scheduler: Any, num_steps: int, timesteps: torch.Tensor,
     region: Region, losses: Losses, *, chunk: int = 4, on_step: Callable[[int, torch.Tensor], None] | None = None,
     first_step: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """Denoise the whole clip's ``z`` ``(F, 4, h, w)`` over ``timesteps`` (noisiest first), ``chunk`` frames at a time.
+    """Denoise the whole clip's ``z`` ``(F, C, h, w)`` over ``timesteps`` (noisiest first), ``chunk`` frames at a time.
     ``first_step`` is the index of ``timesteps[0]`` in the edit's schedule (a resumed edit), which the losses see."""
     count = z.shape[0]
     for i, t in enumerate(timesteps):

@@ -7,7 +7,8 @@ account; whether the hub libraries may reach the network is the caller's environ
 
 :data:`FAMILIES` maps a family name to its loader: ``diffusers``, ``transformers``, ``timm``,
 ``torchvision``, ``midas`` (MiDaS DPT depth checkpoints), ``ip_adapter`` (IP-Adapter weights and their
-image encoder), ``soundclip`` (CLIP-aligned audio encoders). :func:`fingerprint_model` names a model's
+image encoder), ``soundclip`` (CLIP-aligned audio encoders), ``guided_diffusion`` (OpenAI's pixel-space
+ADM UNets), ``lpips`` (the LPIPS VGG16 perceptual distance). :func:`fingerprint_model` names a model's
 version without loading weights, for stage keys: a directory by content, a hub id by the commit its
 revision points at.
 :func:`load_model` loads exactly that version (the planned fingerprint pins it) and keeps it in a
@@ -27,6 +28,7 @@ from diffusers import DDIMScheduler
 
 from reelflow.core.models.base import ModelFamily, ModelSource, class_key, torch_dtype
 from reelflow.core.models.diffusers_family import DiffusersFamily
+from reelflow.core.models.guided_diffusion_family import GuidedDiffusionFamily
 from reelflow.core.models.identity import (
     cached_snapshot,
     hub_repo_id,
@@ -37,6 +39,7 @@ from reelflow.core.models.identity import (
 )
 from reelflow.core.models.identity import fingerprint as _fingerprint
 from reelflow.core.models.ip_adapter_family import IPAdapterFamily
+from reelflow.core.models.lpips_family import LpipsFamily
 from reelflow.core.models.midas_family import MidasFamily
 from reelflow.core.models.soundclip_family import SoundclipFamily
 from reelflow.core.models.timm_family import TimmFamily
@@ -67,7 +70,7 @@ CACHE_SIZE = 16  # entries, weightless ones (tokenizers, schedulers, processors)
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (DiffusersFamily(), TransformersFamily(), TimmFamily(), TorchvisionFamily(), MidasFamily(),
-                   IPAdapterFamily(), SoundclipFamily())
+                   IPAdapterFamily(), SoundclipFamily(), GuidedDiffusionFamily(), LpipsFamily())
 }
 
 # Stable Diffusion callers invert and sample with DDIM whatever scheduler a bundle ships.
@@ -98,8 +101,9 @@ def infer_family(
     A directory is read directly; a hub id only from its snapshot in the local hub cache (the hub
     is never asked). ``model_index.json`` means diffusers; ``config.json`` with ``architectures``
     transformers, with ``architecture`` and ``pretrained_cfg`` timm, with ``architecture`` and
-    ``"library": "torchvision"`` torchvision, with ``architecture`` and ``"library": "midas"`` midas; a
-    directory with only a MiDaS checkpoint under its published name (``dpt_large_384.pt``) is midas too.
+    ``"library": "torchvision"`` torchvision, with ``architecture`` and ``"library": "midas"`` midas, with
+    ``"library": "lpips"`` lpips; a directory with only a MiDaS checkpoint under its published name
+    (``dpt_large_384.pt``) is midas too.
     """
     root = Path(model_id) if is_local(model_id) else cached_snapshot(model_id, revision, cache_dir)
     if root is None:

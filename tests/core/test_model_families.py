@@ -407,6 +407,7 @@ def test_unknown_family_and_misplaced_component_are_refused(built: dict) -> None
 
 
 def test_every_family_is_described() -> None:
-    assert set(FAMILIES) == {"diffusers", "transformers", "timm", "torchvision", "midas", "ip_adapter", "soundclip"}
+    assert set(FAMILIES) == {"diffusers", "transformers", "timm", "torchvision", "midas", "ip_adapter", "soundclip",
+                             "guided_diffusion", "lpips"}
     for name, loader in FAMILIES.items():
         assert loader.name == name and loader.description

@@ -1,8 +1,11 @@
-"""Soundini's sampler on tiny SD parts (methods.md 5.8: items 3 and 4): blending keeps the noised source outside the
-region exactly, a guided step lowers the sound loss, chunks see their neighbour."""
+"""Soundini's sampler on tiny SD parts and a tiny guided-diffusion ADM (methods.md 5.8: items 3 and 4): blending keeps
+the noised source outside the region exactly, a guided step lowers the sound loss, chunks see their neighbour."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from reelflow.core.editing.gen1 import edit_timesteps
@@ -13,14 +16,24 @@ from reelflow.core.tiny import tiny_clip_vision, tiny_pipeline
 FRAMES = 3
 
 
-def setup(seed: int = 0):  # noqa: ANN201
-    pipe = tiny_pipeline(0)
+def setup(seed: int = 0, backbone: str = "sd", tmp_path=None):  # noqa: ANN001, ANN201
+    """SD's latents ``(F, 4, 8, 8)`` with its VAE and an empty prompt, or the pixel model's frames ``(F, 3, 8, 8)``."""
+    if backbone == "sd":
+        pipe, channels, embeds = tiny_pipeline(0), 4, torch.zeros(1, 77, 32)
+    else:
+        from reelflow.core.models.base import ModelSource
+        from reelflow.core.models.guided_diffusion_family import GuidedDiffusionFamily
+        from reelflow.core.tiny_adm import build_tiny_adm
+
+        source = ModelSource("tiny", path=build_tiny_adm(tmp_path / "adm"))
+        family = GuidedDiffusionFamily()
+        pipe = SimpleNamespace(unet=family.load(source), vae=None, scheduler=family.load(source, component="scheduler"))
+        channels, embeds = 3, None
     generator = torch.Generator().manual_seed(seed)
-    source = torch.randn(FRAMES, 4, 8, 8, generator=generator)
+    source = torch.randn(FRAMES, channels, 8, 8, generator=generator)
     mask = torch.zeros(FRAMES, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1.0
-    noise = torch.randn(1, 4, 8, 8, generator=generator).expand(FRAMES, -1, -1, -1)  # one noise for every frame
-    embeds = torch.zeros(1, 77, 32)
+    noise = torch.randn(1, channels, 8, 8, generator=generator).expand(FRAMES, -1, -1, -1)  # one noise for every frame
     return pipe, Region(mask, source, noise), embeds
 
 
@@ -29,12 +42,13 @@ def start(pipe, region: Region, strength: float, steps: int):  # noqa: ANN001, A
     return timesteps, region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[timesteps[0]]))
 
 
-def test_outside_the_region_every_step_holds_the_source_at_its_level_exactly() -> None:
+@pytest.mark.parametrize("backbone", ["sd", "adm"])
+def test_outside_the_region_every_step_holds_the_source_at_its_level_exactly(backbone: str, tmp_path) -> None:
     from reelflow.core.sampling.ddim import step_alphas
 
-    pipe, region, embeds = setup()
+    pipe, region, embeds = setup(backbone=backbone, tmp_path=tmp_path)
     timesteps, z = start(pipe, region, 0.6, 5)
-    outside = region.mask.expand(-1, 4, -1, -1) == 0
+    outside = region.mask.expand_as(region.source) == 0
     seen = []
 
     def check(i: int, latents: torch.Tensor) -> None:
@@ -47,8 +61,9 @@ def test_outside_the_region_every_step_holds_the_source_at_its_level_exactly() -
     assert seen == [0, 1, 2]
 
 
-def test_a_guided_step_lowers_the_sound_loss_against_the_unguided_step() -> None:
-    pipe, region, embeds = setup()
+@pytest.mark.parametrize("backbone", ["sd", "adm"])
+def test_a_guided_step_lowers_the_sound_loss_against_the_unguided_step(backbone: str, tmp_path) -> None:
+    pipe, region, embeds = setup(backbone=backbone, tmp_path=tmp_path)
     clip = tiny_clip_vision()
     target = torch.randn(FRAMES, 16, generator=torch.Generator().manual_seed(5))
     region = Region(torch.ones_like(region.mask), region.source, region.noise)

@@ -113,11 +113,13 @@ def test_demo_runs_the_gen1_sweep_on_tiny_depth_and_controlnet(capsys, tmp_path:
     assert len(list((tmp_path / "demo" / "output").glob("source.gen1-controlnet.*.mp4"))) == 2
 
 
-def test_demo_runs_soundini_on_the_clips_own_tone_with_a_centred_mask(capsys, tmp_path: Path) -> None:
-    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--preset", "soundini-sd")
-    assert code == 0 and "soundini-sd: completed" in out
+@pytest.mark.parametrize("preset", ["soundini", "soundini-sd"])
+def test_demo_runs_soundini_on_the_clips_own_tone_with_a_centred_mask(capsys, tmp_path: Path, preset: str) -> None:
+    code, out, _ = run_cli(capsys, "demo", "--workdir", str(tmp_path / "demo"), "--preset", preset)
+    assert code == 0 and f"{preset}: completed" in out
     assert all(stage in out for stage in ("decode_mask", "embed_audio", "estimate_flow", "denoise_latents"))
-    assert list((tmp_path / "demo" / "output").glob("source.soundini-sd.mp4"))
+    assert ("encode_latents" in out) == (preset == "soundini-sd")  # the reference's backbone denoises pixels
+    assert list((tmp_path / "demo" / "output").glob(f"source.{preset}.mp4"))
 
 
 def test_demo_runs_the_whole_pipeline_then_serves_it_from_cache(capsys, tmp_path: Path) -> None:
@@ -212,7 +214,7 @@ def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -
 def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "run", "no-such-preset")
     listed = ("presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, gen1-controlnet, "
-              "gen1-depth2img, gen1-reference, reconstruct, soundini-sd, videoshop, videoshop-naive")
+              "gen1-depth2img, gen1-reference, reconstruct, soundini, soundini-sd, videoshop, videoshop-naive")
     assert code == 1 and listed in err
 
 

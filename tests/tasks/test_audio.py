@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from reelflow.core.synthetic import write_synthetic_clip
-from reelflow.core.tiny_audio import build_tiny_soundclip_swin
+from reelflow.core.tiny_audio import build_tiny_pe_av, build_tiny_soundclip_swin
 from reelflow.core.video import decode_frames, encode_mp4
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
@@ -91,4 +91,54 @@ def test_a_clip_without_sound_and_no_sound_file_is_refused_before_any_model_load
     encode_mp4(silent, frames, Fraction(FPS))
     spec = load_spec(audio_spec(silent, encoder).model_dump(mode="json"), [f"store={tmp_path / 's'}"])
     with pytest.raises(SpecError, match="the clip has no sound track and the pipeline gives no sound file: declare an `audio`"):
+        prepare_run(spec, Settings())
+
+
+@pytest.fixture(scope="module")
+def pe_av(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_pe_av(tmp_path_factory.mktemp("audio") / "pe-av")
+
+
+def test_a_perception_encoder_embeds_each_frames_window_as_its_own_get_audio_embeds(clip: Path, pe_av: Path, tmp_path: Path) -> None:
+    """The transformers backend: each frame's window of the 48 kHz waveform, silence where it is off the track, through
+    the model's feature extractor and get_audio_embeds, computed here without the stage."""
+    import torch
+
+    from reelflow.core.audio.spectrogram import to_mono
+    from reelflow.core.models import load_model
+    from reelflow.core.video import decode_audio_file
+
+    rate = 22_050
+    t = np.arange(rate) / rate
+    sound = (0.4 * np.sin(2 * np.pi * 220 * t * (1 + t)) + 0.05 * np.random.default_rng(3).standard_normal(rate)).astype(np.float32)
+    wav = write_wav(tmp_path / "sweep.wav", sound, rate)
+    embedded = run(audio_spec(clip, pe_av, wav, window_seconds=0.25, batch_size=5), str(tmp_path / "store"))
+    assert embedded.attrs["backend"] == "transformers:PeAudioModel" and embedded.attrs["embedding_dim"] == 32
+    vectors, times, span = embedded["embeddings"][:], embedded["frame_time"][:], embedded["span"][:]
+    assert vectors.shape == (FPS, 32) and embedded["spectrogram"].shape[0] == 128  # the log-mel picture is still there
+    half_sample = 0.5 / 48_000
+    assert (span[:, 0] <= times + half_sample).all() and (span[:, 1] >= times + 1 / FPS - half_sample).all()
+    with open(wav, "rb") as handle:
+        track = decode_audio_file(handle)
+    waveform = to_mono(track.samples, track.sample_rate, 48_000)
+    model = load_model(str(pe_av), family="transformers")
+    extractor = load_model(str(pe_av), family="transformers", component="feature_extractor")
+    for i in (0, 11, FPS - 1):  # cut at the start, whole, cut at the end
+        first = int(np.rint((i + 0.5) / FPS * 48_000)) - 6_000
+        window = np.zeros(12_000, np.float32)
+        piece = waveform[max(first, 0) : first + 12_000]
+        window[max(-first, 0) : max(-first, 0) + len(piece)] = piece
+        inputs = extractor(window, sampling_rate=48_000, return_tensors="pt")
+        with torch.no_grad():
+            theirs = model.audio_model.get_audio_embeds(inputs["input_values"], inputs["padding_mask"])
+        np.testing.assert_allclose(vectors[i], theirs[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(vectors[0], vectors[11], atol=1e-3)  # the windows differ, and so do their embeddings
+
+
+def test_a_transformers_model_without_an_audio_tower_is_refused_before_any_model_loads(clip: Path, tmp_path: Path) -> None:
+    from reelflow.core.tiny_audio import build_tiny_clip_512
+
+    spec = audio_spec(clip, build_tiny_clip_512(tmp_path / "clip"))
+    spec = load_spec(spec.model_dump(mode="json"), [f"store={tmp_path / 's'}"])
+    with pytest.raises(SpecError, match="transformers model of type 'clip', which has no Perception Encoder audio tower"):
         prepare_run(spec, Settings())

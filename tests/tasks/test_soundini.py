@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from reelflow.core.tiny import build_tiny_clip_vision
+from reelflow.core.tiny_adm import build_tiny_adm
+from reelflow.core.tiny_lpips import build_tiny_lpips
 from reelflow.core.tiny_audio import build_tiny_clip_512, build_tiny_soundclip_swin
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
@@ -34,14 +36,16 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> dict[
     mask = np.zeros((64, 96), np.uint8)
     mask[16:48, 24:72] = 255  # the middle of the 96x64 clip
     Image.fromarray(mask).save(root / "mask.png")
-    return {"sd": tiny_bundle, "clip": build_tiny_clip_512(root / "clip"),
-            "audio_encoder": build_tiny_soundclip_swin(root / "audio"), "mask": root / "mask.png"}  # fmt: skip
+    return {"sd": tiny_bundle, "clip": build_tiny_clip_512(root / "clip"), "adm": build_tiny_adm(root / "adm"),
+            "audio_encoder": build_tiny_soundclip_swin(root / "audio"), "lpips": build_tiny_lpips(root / "lpips"),
+            "mask": root / "mask.png"}  # fmt: skip
 
 
-def spec(models: dict[str, Path], clip: Path, store: Path, *extra: str):
-    ids = [f"models.{name}.id={models[name]}" for name in ("sd", "clip", "audio_encoder")]
-    return load_spec(spec_path("soundini-sd"), [*ids, f"sources.mask.path={models['mask']}", "sources.audio.path=null",
-                                                 f"input={clip}", f"store={store}", *SMALL, *extra])  # fmt: skip
+def spec(models: dict[str, Path], clip: Path, store: Path, *extra: str, preset: str = "soundini-sd"):
+    backbone = "sd" if preset == "soundini-sd" else "adm"
+    ids = [f"models.{name}.id={models[name]}" for name in (backbone, "clip", "audio_encoder", "lpips")]
+    return load_spec(spec_path(preset), [*ids, f"sources.mask.path={models['mask']}", "sources.audio.path=null",
+                                         f"input={clip}", f"store={store}", *SMALL, *extra])  # fmt: skip
 
 
 def run(spec_) -> dict:  # noqa: ANN001
@@ -63,6 +67,41 @@ def test_the_background_is_the_source_exactly_and_the_region_is_edited(models, c
     np.testing.assert_array_equal(edited[~inside], source[~inside])
     assert np.abs(edited[inside].astype(int) - source[inside].astype(int)).mean() > 1.0
     assert out["denoise_latents"]["latents"].shape == (4, 4, 8, 8)
+
+
+def test_the_pixel_backbone_edits_the_frames_themselves_and_keeps_the_background(models, clip: Path, tmp_path: Path) -> None:
+    out = run(spec(models, clip, tmp_path / "store", preset="soundini"))
+    denoised = out["denoise_latents"]
+    edited, source, inside = denoised["frames"][:], out["decode_video"]["frames"][:], out["decode_mask"]["mask"][:]
+    assert "encode_latents" not in out and "latents" not in denoised
+    assert denoised["steps"].shape == (2, 4, 3, 64, 64)  # strength 0.5 of 4 steps, the frames in [-1, 1]
+    np.testing.assert_array_equal(edited[~inside], source[~inside])
+    assert np.abs(edited[inside].astype(int) - source[inside].astype(int)).mean() > 1.0
+    last = np.clip(np.asarray(denoised["steps"][-1]) * 127.5 + 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(edited[inside], last[inside])  # the region is the last step's frames, no decoder between
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra", "message"),
+    [
+        ("soundini", ["models.sd.id=SD", "stages.denoise_latents.models.vae=sd"],
+         "without `latents` the stage runs the pixel backbone, which uses no vae: wire `latents: encode_latents` for SD"),
+        ("soundini-sd", ["DROP vae"], "the latent backbone .* needs the bundle's vae and text_encoder too"),
+        ("soundini", ["stages.decode_video.params.multiple=1", "stages.decode_video.params.width=63"],
+         "both sides must divide by 2, but they are 63x64; set decode_video's `multiple: 2`"),
+        ("soundini", ["DROP lpips"], "perceptual is 100 but the stage has no `lpips` model: add one .* or set perceptual: 0"),
+    ],
+)  # fmt: skip
+def test_a_backbone_given_half_its_parts_is_refused_before_any_model_loads(
+    models, clip: Path, tmp_path: Path, preset: str, extra: list[str], message: str
+) -> None:
+    sets = [item.replace("=SD", f"={models['sd']}") for item in extra if not item.startswith("DROP")]
+    raw = spec(models, clip, tmp_path / "store", *sets, preset=preset).model_dump(mode="json", exclude_unset=True)
+    for item in extra:
+        if item.startswith("DROP"):
+            del next(s for s in raw["stages"] if s["stage"] == "denoise_latents")["models"][item.split()[1]]
+    with pytest.raises(SpecError, match=message):
+        prepare_run(load_spec(raw), Settings())
 
 
 def test_a_clip_space_of_another_width_is_refused_before_any_model_loads(models, clip: Path, tmp_path: Path) -> None:
@@ -131,3 +170,58 @@ def test_the_text_guided_variant_takes_a_prompt_in_place_of_the_sound(models, cl
     np.testing.assert_allclose(out["embed_content"]["embeddings"][:], reference.get_text_features(**tokens).pooler_output.detach().numpy(),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     assert np.abs(edits["a fire"][inside].astype(int) - edits["a frozen lake"][inside].astype(int)).mean() > 0.5
+
+
+def test_the_perceptual_term_is_lpips_between_the_backgrounds_alone(models) -> None:
+    import torch
+
+    from reelflow.core.frames import to_model_range
+    from reelflow.core.models.base import ModelSource
+    from reelflow.core.models.lpips_family import LpipsFamily
+    from reelflow.schemas.soundini import SoundiniParams
+    from reelflow.tasks.soundini import _losses
+
+    lpips = LpipsFamily().load(ModelSource("tiny", path=models["lpips"]))
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:24, 8:24] = True
+    only = SoundiniParams(sound=0, direction=0, flow=0, background=0, range=0, perceptual=10.0)
+    losses = _losses(only, frames, masks, torch.zeros(2, 512), {}, None, lpips, seed=0, ramp_steps=1)
+    source, inside = to_model_range(frames), torch.from_numpy(masks[:, None].astype(np.float32))
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(1))
+    assert float(losses(source + inside * noise, slice(0, 2), False, 0)) == 0.0  # the region is free to change
+    changed = source + 0.3 * noise
+    expected = 10.0 * lpips((1 - inside) * changed, (1 - inside) * source).sum()
+    torch.testing.assert_close(losses(changed, slice(0, 2), False, 0), expected)
+    assert float(expected) > 0
+    anchored = losses(changed, slice(0, 2), True, 0)  # the fixed neighbour's own terms belong to its own chunk
+    torch.testing.assert_close(anchored, 10.0 * lpips((1 - inside[1:]) * changed[1:], (1 - inside[1:]) * source[1:]).sum())
+
+
+def test_a_perception_encoder_embeds_the_sound_and_the_region_in_its_own_space(
+    models, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reelflow.tasks.soundini as tasks
+    from reelflow.core.tiny_audio import build_tiny_pe_av
+
+    pe = build_tiny_pe_av(tmp_path / "pe-av")
+    seen, real = [], tasks.image_embeddings
+    monkeypatch.setattr(tasks, "image_embeddings", lambda model, images, processor: seen.append(images.shape) or real(model, images, processor))
+    out = run(spec(models, clip, tmp_path / "store", f"models.audio_encoder.id={pe}", "models.audio_encoder.family=transformers",
+                   f"models.clip.id={pe}", preset="soundini"))  # fmt: skip
+    edited, source, inside = out["denoise_latents"]["frames"][:], out["decode_video"]["frames"][:], out["decode_mask"]["mask"][:]
+    assert out["embed_audio"]["embeddings"].shape == (4, 32)  # PE's space, not CLIP's 512
+    assert seen and all(shape[1:] == (3, 32, 32) for shape in seen)  # the region went through PE's video tower
+    np.testing.assert_array_equal(edited[~inside], source[~inside])
+    assert np.abs(edited[inside].astype(int) - source[inside].astype(int)).mean() > 1.0
+
+
+def test_images_and_a_target_of_different_spaces_are_refused_before_the_models_load(models, clip: Path, tmp_path: Path) -> None:
+    from reelflow.core.tiny_audio import build_tiny_pe_av
+
+    pe = build_tiny_pe_av(tmp_path / "pe-av")  # 32-wide audio against CLIP's 512-wide images
+    given = spec(models, clip, tmp_path / "store", f"models.audio_encoder.id={pe}", "models.audio_encoder.family=transformers",
+                 preset="soundini")  # fmt: skip
+    with pytest.raises(SpecError, match="the target's embeddings are 32-wide but the clip role embeds images 512-wide"):
+        run(given)
