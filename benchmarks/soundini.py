@@ -33,10 +33,11 @@ def _backbone(name: str):  # noqa: ANN202
     from reelflow.core.models.guided_diffusion_family import GuidedDiffusionFamily
     from reelflow.core.tiny_adm import build_tiny_adm
 
-    source = ModelSource("tiny", path=build_tiny_adm(Path(tempfile.mkdtemp()) / "adm"))
     family = GuidedDiffusionFamily()
-    return SimpleNamespace(unet=family.load(source), vae=None, scheduler=family.load(source, component="scheduler"),
-                           embeds=None, channels=3, downscale=1)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        source = ModelSource("tiny", path=build_tiny_adm(Path(folder) / "adm"))
+        return SimpleNamespace(unet=family.load(source), vae=None, scheduler=family.load(source, component="scheduler"),
+                               embeds=None, channels=3, downscale=1)  # fmt: skip
 
 
 def _parts(frames: int, side: int, backbone: str, seed: int = 0):  # noqa: ANN202

@@ -140,7 +140,7 @@ def _wire(spec: StageSpec, by_id: Mapping[str, StageSpec]) -> dict[str, str]:
             f"its inputs are: {', '.join(spec.slots) or 'none'}"
         )
     wired = {slot: _producer(spec, slot, kinds, by_id) for slot, kinds in spec.slots.items()
-             if slot in spec.inputs or slot not in spec.optional_slots or _fitting(spec, kinds, by_id)}  # fmt: skip
+             if slot in spec.inputs or slot not in spec.optional_slots or (spec.wires(slot) and _fitting(spec, kinds, by_id))}  # fmt: skip
     try:
         spec.check_inputs({slot: by_id[src] for slot, src in wired.items()})
     except ValueError as exc:
@@ -178,14 +178,18 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
 
 def _pick_models(spec: StageSpec, models: Mapping[str, str | None]) -> dict[str, str]:
     """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits; an
-    optional role only from ``models:``."""
+    optional role only from ``models:`` (:meth:`StageSpec.fills`)."""
     unknown = set(spec.models) - set(spec.roles)
     if unknown:
         raise GraphError(
             f"stage {spec.id!r} ({spec.tag}) has no model role {sorted(unknown)[0]!r}; "
             f"its roles are: {', '.join(spec.roles) or 'none'}"
         )
-    return {role: _pick_model(spec, role, models) for role in spec.roles if role not in spec.optional_roles or role in spec.models}
+    unused = sorted(role for role in spec.models if not spec.fills(role))
+    if unused:
+        raise GraphError(f"stage {spec.id!r} ({spec.tag}) names a model as its {unused[0]}, which it does not use with "
+                         f"these params; drop {unused[0]!r} from its `models`")  # fmt: skip
+    return {role: _pick_model(spec, role, models) for role in spec.roles if spec.fills(role)}
 
 
 def _pick_model(spec: StageSpec, role: str, models: Mapping[str, str | None]) -> str:

@@ -2,10 +2,11 @@
 methods.md 5): the region of a clip re-rendered so its look follows a sound over time, temporally
 consistent, the background untouched.
 
-``denoise_latents`` method ``soundini`` runs on either of two backbones, told apart by what the stage is
-given: the reference's pixel-space unconditional ADM (guided-diffusion's ``256x256_diffusion_uncond``,
-family ``guided_diffusion``), which takes the frames alone, or Stable Diffusion 1.5 in latent space,
-which takes the source's ``latents`` (``encode_latents``) with its ``vae`` and ``text_encoder``. DDIM
+``denoise_latents`` method ``soundini`` runs on either of two backbones (param ``backbone``): the
+reference's pixel-space unconditional ADM (``pixel``: guided-diffusion's ``256x256_diffusion_uncond``,
+family ``guided_diffusion``), which takes the frames alone, or Stable Diffusion 1.5 in latent space
+(``latent``), which takes the source's ``latents`` (``encode_latents``) with its ``vae`` and
+``text_encoder``. DDIM
 from the source noised to ``strength``, each step's noise prediction shifted by the gradient of the
 guidance losses on the step's denoised estimate (decoded to pixels on SD) (sound ``L_SG`` against each
 frame's own audio window, or, in the text-guided variant, against a prompt's CLIP text embedding
@@ -18,6 +19,7 @@ mask, and the source's background pasted back at the end. Its inputs are stages 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -66,11 +68,19 @@ class EmbedClipText(StageSpec):
     params: EmbedClipTextParams = Field(description="The prompt.")
 
 
+Backbone = Literal["latent", "pixel"]
+
+
 class SoundiniParams(Model):
     """The schedule and the weights of the guidance losses. The weights are the reference prototype's, which were
     tuned for its pixel-space model; on SD latents, with the gradient through the VAE decoder, the effective pull
     differs, so treat them as a starting point per clip. Each weight multiplies a sum of per-frame terms."""
 
+    backbone: Backbone = Field(
+        default="latent",
+        description="latent: SD 1.5, denoising `latents` from encode_latents, with the bundle's vae and text_encoder; "
+        "pixel: guided-diffusion's ADM (or any unconditional UNet2DModel on RGB), denoising the frames themselves.",
+    )
     num_steps: PositiveInt = Field(default=50, le=1000, description="DDIM steps of the full schedule.")
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="How far the source is noised before denoising.")
     sound: float = Field(default=1000.0, ge=0.0, description="Weight of L_SG: each frame's region against its own sound window (or the prompt).")
@@ -79,8 +89,8 @@ class SoundiniParams(Model):
     background: float = Field(default=100.0, ge=0.0, description="Weight of the L1 background loss outside the region (ramped in).")
     perceptual: float = Field(
         default=100.0, ge=0.0,
-        description="Weight of the perceptual (LPIPS) background loss outside the region (ramped in); needs an `lpips` "
-        "model in the stage's models, 0 for none.",
+        description="Weight of the perceptual (LPIPS) background loss outside the region (ramped in); above 0 the "
+        "stage takes an `lpips` model (the pipeline's one, or the one its `models` name).",
     )  # fmt: skip
     range: float = Field(default=50.0, ge=0.0, description="Weight of the range loss keeping the estimate in [-1, 1].")
     ramp: float = Field(
@@ -105,12 +115,12 @@ class SoundiniParams(Model):
 class DenoiseSoundini(StageSpec):
     """Re-render the masked region so it follows the sound, frame by frame in chunks, background kept."""
 
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: the resume state in two alternating slots, not every step
     slots: ClassVar[dict[str, tuple[str, ...]]] = {
         "latents": ("latents",), "frames": ("video_frames",), "target": ("audio_embeddings", "content/clip_text"),
         "flow": ("flow",), "mask": ("masks",),
     }  # fmt: skip
-    optional_slots: ClassVar[tuple[str, ...]] = ("latents",)  # given: the latent backbone; absent: the pixel one
+    optional_slots: ClassVar[tuple[str, ...]] = ("latents",)  # the latent backbone's
     produces: ClassVar[str] = "frames"
     roles: ClassVar[dict[str, Role]] = {
         "unet": Role(families=("diffusers", "guided_diffusion"),
@@ -129,6 +139,25 @@ class DenoiseSoundini(StageSpec):
 
     def seeded(self) -> bool:
         return True  # the noise, and the CLIP augmentations
+
+    def fills(self, role: str) -> bool:
+        """The latent backbone's vae and text_encoder; the LPIPS model while the perceptual term weighs anything."""
+        if role in ("vae", "text_encoder"):
+            return self.params.backbone == "latent"
+        if role == "lpips":
+            return self.params.perceptual > 0
+        return super().fills(role)
+
+    def wires(self, slot: str) -> bool:
+        return slot != "latents" or self.params.backbone == "latent"
+
+    def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
+        if self.params.backbone == "pixel" and "latents" in producers:
+            raise ValueError("the pixel backbone denoises the frames themselves and reads no `latents`; drop them from "
+                             "its inputs, or set `backbone: latent` for SD")  # fmt: skip
+        if self.params.backbone == "latent" and "latents" not in producers:
+            raise ValueError("the latent backbone (SD 1.5) denoises `latents`: add an encode_latents stage and wire "
+                             "`latents: encode_latents`, or set `backbone: pixel` for guided-diffusion's ADM")  # fmt: skip
 
 
 METHOD = Method(

@@ -7,10 +7,12 @@ declaration the DAG engine reads:
 
 - ``version``: bumped when the numerics change, so stage keys change;
 - ``slots``: input name -> the artifact kinds it accepts (see :mod:`reelflow.schemas.kinds`);
-- ``optional_slots``: inputs that may stay unwired (wired when given, or when exactly one stage fits);
+- ``optional_slots``: inputs that may stay unwired (wired when given, or when exactly one stage fits and
+  :meth:`StageSpec.wires` says the params want it);
 - ``produces``: the kind it writes;
 - ``roles``: the models it needs, by role (``unet``, ``vae``, ``image_encoder``, ``depth``, ...);
-- ``optional_roles``: roles it fills only when the stage's ``models:`` names a model for them (an adapter);
+- ``optional_roles``: roles it fills only when the stage's ``models:`` names a model for them (an adapter), or
+  as :meth:`StageSpec.fills` decides from the params (a backbone's parts);
 - ``reads``: the named sources it reads (the video, an edited frame, an audio file, a mask), by kind;
 - ``optional_reads``: sources it reads only when the pipeline declares one for the slot (a mask);
 - ``exports``: what it adds to the run's outputs (a video file, the metrics table);
@@ -156,6 +158,17 @@ class StageSpec(Model):
     def seeded(self) -> bool:
         """True when the pipeline seed changes this stage's output (the seed then enters its key)."""
         return False
+
+    def fills(self, role: str) -> bool:
+        """Whether this stage, as configured, uses a model as ``role``: every role but an optional one, which only
+        when its ``models:`` names a model for it (an adapter). A stage whose params choose its models (a backbone,
+        a loss with a model of its own) overrides this."""
+        return role not in self.optional_roles or role in self.models
+
+    def wires(self, slot: str) -> bool:
+        """Whether an optional input ``slot`` left out of ``inputs`` is wired to the one stage that fits it (default:
+        yes). A stage whose params make the input meaningless says no."""
+        return True
 
     def check_inputs(self, producers: Mapping[str, StageSpec]) -> None:
         """Raise ValueError when this stage cannot use what its wired producers will make."""

@@ -99,7 +99,7 @@ def _perception(ctx: StageContext, track: AudioTrack, mel: np.ndarray, starts: n
     rate = int(extractor.sampling_rate)
     waveform = to_mono(track.samples, track.sample_rate, rate)
     windows = sample_windows(starts, frame_seconds, ctx.call.stage.params.window_seconds, len(waveform), rate)
-    ctx.record(encoder_sample_rate=rate)
+    ctx.record(encoder_sample_rate=rate, encoder=ctx.call.models["audio_encoder"].fingerprint)  # for the image side's check
     return Encoding(windows.cut(), lambda indices: audio_embeddings(model, extractor, windows.waveforms(waveform, indices),
                                                                     rate).numpy(),
                     f"transformers:{type(audio_tower(model)).__name__}")  # fmt: skip
@@ -159,8 +159,9 @@ def _check_sound(ctx: PreflightContext) -> None:
 def _check_encoder(ctx: PreflightContext) -> None:
     from reelflow.core.audio.perception import AUDIO_TOWERS
 
-    config = ctx.model_config("audio_encoder") or {}
-    kind = config.get("model_type")
-    if "architectures" in config and kind not in AUDIO_TOWERS:  # a transformers model (how its family is recognised)
+    if ctx.model_family("audio_encoder") != "transformers":
+        return
+    kind = (ctx.model_config("audio_encoder") or {}).get("model_type")
+    if kind not in AUDIO_TOWERS:
         raise ValueError(f"the audio_encoder is a transformers model of type {kind!r}, which has no Perception Encoder "
                          f"audio tower; give a facebook/pe-av-* model (model types: {', '.join(AUDIO_TOWERS)})")  # fmt: skip

@@ -16,8 +16,8 @@ from reelflow.core.audio.perception import VIDEO_TOWERS, embedding_width, image_
 from reelflow.core.editing.gen1 import edit_timesteps
 from reelflow.core.editing.soundini import Region, decode, soundini_denoise
 from reelflow.core.frames import from_model_range, to_model_range
-from reelflow.core.models.guided_diffusion_family import adm_config
 from reelflow.core.guidance.sound import background_l1, direction_loss, flow_loss, ramp, range_loss, sound_loss
+from reelflow.core.models.guided_diffusion_family import adm_config
 from reelflow.core.text import encode_prompts
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SpecError
@@ -34,64 +34,93 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @stage_task("denoise_latents", "soundini")
 def denoise_soundini(call: StageCall) -> ArtifactRef:
-    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask) and what the model
-    denoised after every step, ``steps (K, F, C, h, w)`` (frames in [-1, 1] on the pixel backbone, latents on SD, with
-    the final ``latents (F, 4, h, w)`` before decoding). Resumable by step."""
+    """Edited ``frames (F, H, W, 3)`` (uint8, the source's background pasted outside the mask); on the latent backbone
+    also their ``latents (F, 4, h, w)`` before decoding. Resumable by step: the last two finished steps are kept in
+    ``state (2, F, C, h, w)`` (frames in [-1, 1] on the pixel backbone, latents on SD), step ``i`` in slot ``i % 2``,
+    so a kill mid-write leaves the step before it whole."""
     return run_stage(call, _denoise, resumable=True)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the sampler denoises: the source there, ``(F, C, h, w)`` float32; the VAE that decodes it to frames (None:
+    it is the frames, in [-1, 1]); the UNet's prompt embedding (None: an unconditional UNet); its channel axis's name."""
+
+    source: np.ndarray
+    vae: Any
+    embeds: torch.Tensor | None
+    channel: str
+
+    def frames(self, z: torch.Tensor) -> np.ndarray:
+        """uint8 ``(n, H, W, 3)`` frames of ``z``."""
+        if self.vae is None:
+            return from_model_range(z)
+        with torch.inference_mode():
+            return from_model_range(decode(self.vae, z.to(self.vae.device, self.vae.dtype)).float().cpu())
+
+
+def _backbone(ctx: StageContext, p: SoundiniParams, frames: Any) -> Backbone:
+    if p.backbone == "pixel":
+        return Backbone(_model_range(frames, p.chunk), None, None, "channel")
+    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])[:1]
+    return Backbone(np.asarray(ctx.input("latents")["latents"][:], np.float32), ctx.model("vae"), embeds, "latent_channel")
 
 
 def _denoise(ctx: StageContext) -> NoAttrs:
     p: SoundiniParams = ctx.call.stage.params
     frames, masks = ctx.input("frames")["frames"], ctx.input("mask")["mask"]
-    latent = "latents" in ctx.call.inputs  # else the pixel backbone denoises the frames themselves
-    source = ctx.input("latents")["latents"] if latent else _model_range(frames, p.chunk)
-    count = source.shape[0]
     target = torch.from_numpy(ctx.array("target", "embeddings", "float32"))
-    width = image_width(ctx.model_config("clip") or {})
-    if target.shape[1] != width:  # before any model loads
-        raise SpecError(f"stage {ctx.call.stage_id!r}: the target's embeddings are {target.shape[1]}-wide but the clip "
-                        f"role embeds images {width}-wide; give it an image model of the target's space (CLIP "
-                        "ViT-B/32 for the CLIP-aligned audio encoders, the audio's own Perception Encoder for PE)")  # fmt: skip
+    _check_target(ctx, target)  # before any model loads
+    backbone = _backbone(ctx, p, frames)
+    count, shape = backbone.source.shape[0], tuple(backbone.source.shape[1:])
     audio = target.expand(count, -1) if ctx.call.inputs["target"].kind == "content/clip_text" else target  # a prompt: all
     flows = {name: ctx.input("flow")[name] for name in ("forward", "backward", "occluded_forward", "occluded_backward")}
-    unet, clip = ctx.model("unet"), _image_embedder(ctx)
-    vae = ctx.model("vae") if latent else None
-    scheduler = ctx.model("unet", "scheduler", cls="DDIMScheduler")
-    embeds = encode_prompts(ctx.model("text_encoder", "tokenizer"), ctx.model("text_encoder"), [""])[:1] if latent else None
-    latent_shape = tuple(source.shape[1:])
-    region = Region(_latent_masks(masks, latent_shape[-2:], p.chunk), torch.from_numpy(np.asarray(source[:], np.float32)),
-                    _noise(ctx.call.seed, count, latent_shape))  # fmt: skip
+    unet, scheduler = ctx.model("unet"), ctx.model("unet", "scheduler", cls="DDIMScheduler")
+    region = Region(_latent_masks(masks, shape[-2:], p.chunk), torch.from_numpy(backbone.source), _noise(ctx.call.seed, count, shape))
     timesteps = edit_timesteps(scheduler, p.num_steps, p.strength)
-    # Every step's latents in a slot of their own: a crash mid-write leaves the last finished step whole.
-    channel = "latent_channel" if latent else "channel"
-    steps = ctx.writer.create_array("steps", shape=(len(timesteps), *source.shape), dtype=np.float32,
-                                    dims=("step", "frame", channel, "y", "x"), chunks=(1, *source.shape))  # fmt: skip
+    state = ctx.writer.create_array("state", shape=(2, *backbone.source.shape), dtype=np.float32,
+                                    dims=("slot", "frame", backbone.channel, "y", "x"), chunks=(1, *backbone.source.shape))  # fmt: skip
     done = [i for i in range(len(timesteps)) if ctx.writer.is_done(f"step-{i}")]
     first = done[-1] + 1 if done else 0
-    z = torch.from_numpy(np.asarray(steps[first - 1], np.float32)) if done else region.noised(
+    z = torch.from_numpy(np.asarray(state[(first - 1) % 2], np.float32)) if done else region.noised(
         slice(None), float(scheduler.alphas_cumprod[timesteps[0]]))  # fmt: skip
     lpips = ctx.model("lpips") if p.perceptual else None
-    losses = _losses(p, frames, masks, audio, flows, clip, lpips, ctx.call.seed, max(1, round(p.ramp * len(timesteps))))
+    losses = _losses(p, frames, masks, audio, flows, _image_embedder(ctx), lpips, ctx.call.seed,
+                     max(1, round(p.ramp * len(timesteps))))  # fmt: skip
 
     def keep(i: int, latents: torch.Tensor) -> None:
-        steps[first + i] = latents.numpy()
+        state[(first + i) % 2] = latents.numpy()
         ctx.writer.mark_done(f"step-{first + i}")
         ctx.progress.advance(1)
 
     ctx.progress.start(len(timesteps) - first)
     with model_lock(unet):
-        z = soundini_denoise(unet, vae, z, embeds, scheduler, p.num_steps, timesteps[first:], region, losses, chunk=p.chunk,
-                             on_step=keep, first_step=first)  # fmt: skip
-    if latent:
+        z = soundini_denoise(unet, backbone.vae, z, backbone.embeds, scheduler, p.num_steps, timesteps[first:], region, losses,
+                             chunk=p.chunk, on_step=keep, first_step=first)  # fmt: skip
+    if backbone.vae is not None:
         ctx.writer.write_array("latents", z.numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float32)
     out = ctx.writer.create_array("frames", shape=frames.shape, dtype=np.uint8, dims=("frame", "y", "x", "rgb"))
     for start in range(0, count, p.chunk):
         part = slice(start, min(start + p.chunk, count))
-        with torch.inference_mode():
-            edited = from_model_range(decode(vae, z[part].to(vae.device, vae.dtype)).float().cpu() if latent else z[part])
         inside = np.asarray(masks[part])[..., None]
-        out[part] = np.where(inside, edited, np.asarray(frames[part]))  # the source's background, pasted back
+        out[part] = np.where(inside, backbone.frames(z[part]), np.asarray(frames[part]))  # the source's background, pasted back
     return NoAttrs()
+
+
+def _check_target(ctx: StageContext, target: torch.Tensor) -> None:
+    """The target's embeddings must live where the clip role embeds images: as wide, and, for a Perception Encoder,
+    from the very model (the width of one PE space is the width of another)."""
+    config = ctx.model_config("clip") or {}
+    width = image_width(config)
+    if target.shape[1] != width:
+        raise SpecError(f"stage {ctx.call.stage_id!r}: the target's embeddings are {target.shape[1]}-wide but the clip "
+                        f"role embeds images {width}-wide; give it an image model of the target's space (CLIP "
+                        "ViT-B/32 for the CLIP-aligned audio encoders, the audio's own Perception Encoder for PE)")  # fmt: skip
+    encoder, clip = ctx.input("target").attrs.get("encoder"), ctx.call.models["clip"].fingerprint
+    if config.get("model_type") in VIDEO_TOWERS and encoder is not None and encoder != clip:
+        raise SpecError(f"stage {ctx.call.stage_id!r}: the sound was embedded by another Perception Encoder ({encoder}) "
+                        f"than the clip role's ({clip}); their spaces differ: give embed_audio and this stage the same "
+                        "model")  # fmt: skip
 
 
 def _model_range(frames: Any, chunk: int) -> np.ndarray:
@@ -214,25 +243,23 @@ def _embed_text(ctx: StageContext) -> ClipText:
 
 @stage_check("denoise_latents", "soundini")
 def _check(ctx: PreflightContext) -> None:
-    """Refuses, before any model loads: a backbone given half its parts (SD's latents without its VAE and text
-    encoder, or the pixel model with them), frames the pixel model cannot halve down to its deepest level, a CLIP
-    space of another width than the audio encoder's (512), a perceptual weight without an LPIPS model, and a UNet
-    that does not predict noise (the guidance shift is in epsilon form)."""
-    latent = ctx.has_input("latents")
-    given = [role for role in ("vae", "text_encoder") if ctx.model_family(role) is not None]
-    if latent and len(given) < 2:
-        raise ValueError("the latent backbone (SD 1.5) denoises `latents` from encode_latents and needs the bundle's "
-                         "vae and text_encoder too: add `vae: sd, text_encoder: sd` to the stage's models")  # fmt: skip
-    if not latent and given:
-        raise ValueError(f"without `latents` the stage runs the pixel backbone, which uses no {' or '.join(given)}: "
-                         "wire `latents: encode_latents` for SD, or drop those models for guided-diffusion's ADM")  # fmt: skip
-    if not latent:
-        _check_pixel_model(ctx)
-    perceptual = ctx.spec.params.perceptual
-    if perceptual and ctx.model_family("lpips") is None:
-        raise ValueError(f"perceptual is {perceptual:g} but the stage has no `lpips` model: add one (a folder with "
-                         'config.json {"library": "lpips", "net": "vgg"}, vgg16-397923af.pth and lpips\' vgg.pth) to the '
-                         "stage's models as `lpips`, or set perceptual: 0")  # fmt: skip
+    """Refuses, before any model loads: a UNet of the other backbone (a pixel model asked to denoise SD latents, an
+    SD UNet asked to denoise frames), frames the pixel model cannot halve down to its deepest level, a CLIP image
+    model outside the audio encoders' 512-wide space, and a UNet that does not predict noise (the guidance shift is
+    in epsilon form)."""
+    backbone = ctx.spec.params.backbone
+    channels, downscale = _unet_input(ctx)
+    if backbone == "pixel" and channels != 3:
+        raise ValueError(f"the unet takes {channels} channels, not pixels: for SD set `backbone: latent` (with "
+                         "`latents: encode_latents`); the pixel backbone takes guided-diffusion's ADM")  # fmt: skip
+    if backbone == "latent" and channels == 3:
+        raise ValueError("the unet is a pixel-space model, which cannot denoise SD latents: set `backbone: pixel` and "
+                         "drop the `latents` input")  # fmt: skip
+    frames = ctx.input("frames")
+    if backbone == "pixel" and frames is not None and (frames.width % downscale or frames.height % downscale):
+        raise ValueError(f"the pixel model halves the frames {downscale.bit_length() - 1} times, so both sides must "
+                         f"divide by {downscale}, but they are {frames.width}x{frames.height}; set decode_video's "
+                         f"`multiple: {downscale}`")  # fmt: skip
     _check_shared_space(ctx)
     scheduler = ctx.model_config("unet", "scheduler", "scheduler_config.json") or {}
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
@@ -240,21 +267,12 @@ def _check(ctx: PreflightContext) -> None:
                          "epsilon-prediction model (SD 1.5, guided-diffusion's ADM)")  # fmt: skip
 
 
-def _check_pixel_model(ctx: PreflightContext) -> None:
+def _unet_input(ctx: PreflightContext) -> tuple[int, int]:
+    """The unet's input channels and how many times each side of its input must divide (one halving per level)."""
     if ctx.model_family("unet") == "guided_diffusion":
-        downscale = adm_config(ctx.model_config("unet") or {}).downscale
-    else:
-        config = ctx.model_config("unet") or {}
-        if config.get("in_channels", 3) != 3:
-            raise ValueError(f"the unet takes {config['in_channels']} channels, not pixels: a latent model needs "
-                             "`latents: encode_latents` and the bundle's vae and text_encoder")  # fmt: skip
-        downscale = 2 ** (len(config.get("block_out_channels", (0,))) - 1)
-    frames = ctx.input("frames")
-    if frames is not None and (frames.width % downscale or frames.height % downscale):
-        raise ValueError(f"the pixel model halves the frames {downscale.bit_length() - 1} times, so both sides must "
-                         f"divide by {downscale}, but they are {frames.width}x{frames.height}; set decode_video's "
-                         f"`multiple: {downscale}`")  # fmt: skip
-
+        return 3, adm_config(ctx.model_config("unet") or {}).downscale
+    config = ctx.model_config("unet") or {}
+    return int(config.get("in_channels", 4)), 2 ** (len(config.get("block_out_channels", (0,))) - 1)
 
 
 def image_width(config: dict[str, Any]) -> int:

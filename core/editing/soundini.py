@@ -92,7 +92,7 @@ def guided_step(
         loss = losses(pixels, seen, anchor is not None, step)
         grad = torch.autograd.grad(loss, z)[0] if loss.requires_grad else torch.zeros_like(z)
     own = estimate[1:] if anchor is not None else estimate
-    return (eps.detach() + math.sqrt(1.0 - abar) * grad).float().cpu(), own.detach().float().cpu()
+    return (eps.detach().float() + math.sqrt(1.0 - abar) * grad.float()).cpu(), own.detach().float().cpu()
 
 
 def soundini_denoise(

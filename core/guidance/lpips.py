@@ -104,7 +104,9 @@ class LpipsVgg(torch.nn.Module):
 
 
 def _unit(feat: torch.Tensor) -> torch.Tensor:
-    """``feat`` divided by its norm across channels at each pixel, plus ``EPS`` (lpips' ``normalize_tensor``)."""
+    """``feat`` divided by its norm across channels at each pixel, plus ``EPS`` (lpips' ``normalize_tensor``). Where
+    every channel is zero the norm's gradient is not finite, but the features are ReLU outputs, whose backward
+    passes nothing there."""
     return feat / (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + EPS)
 
 

@@ -102,7 +102,8 @@ def infer_family(
     is never asked). ``model_index.json`` means diffusers; ``config.json`` with ``architectures``
     transformers, with ``architecture`` and ``pretrained_cfg`` timm, with ``architecture`` and
     ``"library": "torchvision"`` torchvision, with ``architecture`` and ``"library": "midas"`` midas, with
-    ``"library": "lpips"`` lpips; a directory with only a MiDaS checkpoint under its published name
+    ``architecture`` and ``"library": "soundclip"`` soundclip, with ``"library": "guided_diffusion"``
+    guided_diffusion, with ``"library": "lpips"`` lpips; a directory with only a MiDaS checkpoint under its published name
     (``dpt_large_384.pt``) is midas too.
     """
     root = Path(model_id) if is_local(model_id) else cached_snapshot(model_id, revision, cache_dir)

@@ -15,7 +15,8 @@ checkpoint's keys renamed onto it (:func:`convert`); ``scheduler`` is a ``DDIMSc
 model's training noise schedule (:func:`scheduler_config`). Every checkpoint key must be used, with
 the shape the flags imply, and none be missing. The UNet predicts noise in its first three output
 channels (with ``learn_sigma`` the other three are the variance interpolation, which DDIM does not
-use).
+use). In half precision the whole network runs in it (guided-diffusion keeps its normalisations, timestep
+embedding and output layer in float32 under ``use_fp16``).
 
 The one trap in the renaming: ADM's attention computes ``q, k, v`` with one 1x1 convolution whose
 output channels are grouped head by head, ``(heads, 3, head_channels)`` ("legacy" order, every
@@ -70,7 +71,12 @@ DEFAULT_FLAGS: dict[str, Any] = {
     "use_checkpoint": False,
     "num_heads_upsample": -1,
 }
-_DEFAULT_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+_DEFAULT_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+# Flags of guided-diffusion's sampler, not its network: a config copied from the README's MODEL_FLAGS and
+# DIFFUSION_FLAGS may hold them. Respacing is the DDIM schedule's business here; those that change what the
+# model predicts are refused in adm_config.
+SAMPLING_FLAGS = {"timestep_respacing": "", "use_kl": False, "predict_xstart": False, "rescale_timesteps": False,
+                  "rescale_learned_sigmas": False}  # fmt: skip
 _SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
@@ -107,7 +113,7 @@ def adm_config(config: dict[str, Any], where: str = "config.json") -> ADMConfig:
             instead of a head width, scale-shift norm or resblock up/down off).
     """
     flags = {k: v for k, v in config.items() if k != "library"}
-    unknown = sorted(set(flags) - set(DEFAULT_FLAGS))
+    unknown = sorted(set(flags) - set(DEFAULT_FLAGS) - set(SAMPLING_FLAGS))
     if unknown:
         raise ModelError(f"{where} has flags guided-diffusion does not know: {', '.join(unknown)}; "
                          f"valid: {', '.join(DEFAULT_FLAGS)}")
@@ -117,6 +123,9 @@ def adm_config(config: dict[str, Any], where: str = "config.json") -> ADMConfig:
         "use_scale_shift_norm": (not flags["use_scale_shift_norm"], "only ADM's scale-shift norm (use_scale_shift_norm true) is supported"),
         "resblock_updown": (not flags["resblock_updown"], "only resampling residual blocks (resblock_updown true) are supported"),
         "num_head_channels": (int(flags["num_head_channels"]) <= 0, "attention by head count is not supported; give num_head_channels"),
+        "predict_xstart": (bool(flags.get("predict_xstart")), "Soundini's guidance takes a model that predicts the noise, not x_0"),
+        "rescale_timesteps": (bool(flags.get("rescale_timesteps")) and int(flags["diffusion_steps"]) != 1000,
+                              "timesteps rescaled to 1000 from another step count are not supported"),
     }  # fmt: skip
     for flag, (bad, why) in refused.items():
         if bad:
@@ -127,6 +136,9 @@ def adm_config(config: dict[str, Any], where: str = "config.json") -> ADMConfig:
     mult = _numbers(flags["channel_mult"]) if flags["channel_mult"] else _DEFAULT_MULT.get(size)
     if not mult:
         raise ModelError(f"{where}: image_size {size} has no default channel_mult; give one, e.g. \"1,2,2\"")
+    if mult[0] != 1:  # diffusers sizes the timestep embedding by the first level's width, ADM by num_channels
+        raise ModelError(f"{where}: channel_mult {mult} starts at {mult[0]}; only models whose first level is "
+                         "num_channels wide (channel_mult starting at 1) are supported")  # fmt: skip
     if any(int(m * flags["num_channels"]) != m * flags["num_channels"] for m in mult):
         raise ModelError(f"{where}: channel_mult {mult} times num_channels {flags['num_channels']} must be whole")
     return ADMConfig(
@@ -334,4 +346,4 @@ class GuidedDiffusionFamily(ModelFamily):
             unet = diffusers.UNet2DModel(**unet_config(adm))
         target = torch_dtype(dtype)
         unet.load_state_dict({k: v.to(target) for k, v in convert(weights, adm, what).items()}, strict=True, assign=True)
-        return prepare(unet, device)
+        return unet.to(device).eval().requires_grad_(False)

@@ -1,7 +1,7 @@
 """The lpips family: the LPIPS v0.1 VGG16 perceptual distance (:mod:`reelflow.core.guidance.lpips`) from a
 directory holding its two published parts side by side:
 
-- ``config.json``: ``{"library": "lpips", "net": "vgg", "version": "0.1"}``;
+- ``config.json``: ``{"library": "lpips", "net": "vgg", "version": "0.1"}`` (``version`` may be left out);
 - the trunk: ``backbone.safetensors``, else one ``vgg16*.pth``, torchvision's ImageNet checkpoint under its
   published name (``vgg16-397923af.pth``, the whole network's state dict; ``classifier.*`` is ignored);
 - the linear layers: ``lin.safetensors``, else ``vgg.pth``, the file the lpips package ships as
@@ -84,7 +84,7 @@ def check_config(source: ModelSource, root: Path) -> None:
         raise ModelError(f"LPIPS model {source.model_id!r} has no config.json at {root}; write "
                          f"{json.dumps(CONFIG)} beside its weights")  # fmt: skip
     config = read_json_file(path)
-    if (config.get("net"), str(config.get("version"))) != (CONFIG["net"], CONFIG["version"]):
+    if (config.get("net"), str(config.get("version", "0.1"))) != (CONFIG["net"], CONFIG["version"]):
         raise ModelError(f"{path} asks for LPIPS net {config.get('net')!r}, version {config.get('version')!r}; only "
                          f"{json.dumps(CONFIG)} (VGG16, v0.1) is implemented")  # fmt: skip
 

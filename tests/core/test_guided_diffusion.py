@@ -159,6 +159,8 @@ def test_the_tiny_model_loads_through_its_family(tmp_path) -> None:
         ({"class_cond": True}, "class-conditional"),
         ({"learn_sigma": False}, r"out.2.weight is \(6, 32, 3, 3\), the flags in config.json give \(3, 32, 3, 3\)"),
         ({"num_head_chanels": 16}, "flags guided-diffusion does not know: num_head_chanels"),
+        ({"channel_mult": "2,2"}, r"channel_mult \(2, 2\) starts at 2; only models whose first level is num_channels wide"),
+        ({"predict_xstart": True}, "predict_xstart=True: Soundini's guidance takes a model that predicts the noise"),
     ],
 )
 def test_wrong_flags_are_refused_with_the_fix(tmp_path, config, message) -> None:
@@ -173,3 +175,10 @@ def test_a_missing_config_names_the_file_to_write(tmp_path) -> None:
     (root / "config.json").unlink()
     with pytest.raises(ModelError, match=r'no config.json .*\{"library": "guided_diffusion"\}'):
         GuidedDiffusionFamily().load(ModelSource("tiny", path=root))
+
+
+def test_the_sampler_flags_of_guided_diffusion_are_accepted_beside_the_model_flags(tmp_path) -> None:
+    root = build_tiny_adm(tmp_path / "adm")
+    diffusion_flags = {"timestep_respacing": "100", "use_kl": False, "rescale_timesteps": True, "predict_xstart": False}
+    (root / "config.json").write_text(json.dumps({**TINY_FLAGS, **diffusion_flags}))
+    assert isinstance(GuidedDiffusionFamily().load(ModelSource("tiny", path=root)), UNet2DModel)

@@ -108,6 +108,15 @@ def test_half_precision_survives_a_level_with_no_activation(tiny: Path) -> None:
     torch.testing.assert_close(half, full, rtol=2e-2, atol=1e-3)
 
 
+def test_the_documented_config_without_a_version_loads(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(tiny, tmp_path / "lpips"))
+    (folder / "config.json").write_text('{"library": "lpips", "net": "vgg"}')
+    x, y = _images(10, (1, 3, 32, 32)), _images(11, (1, 3, 32, 32))
+    torch.testing.assert_close(load_model(str(folder), family="lpips")(x, y), load_model(str(tiny), family="lpips")(x, y))
+
+
 def test_the_tiny_model_is_a_pure_function_of_its_seed_in_the_published_layout(tiny: Path, tmp_path: Path) -> None:
     again, other = build_tiny_lpips(tmp_path / "again", seed=0), build_tiny_lpips(tmp_path / "other", seed=1)
     files = sorted(p.name for p in tiny.iterdir())

@@ -18,7 +18,7 @@ from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
 from reelflow.flows.sources import hash_sources, source_urls
 from reelflow.schemas.calls import StoreSpec
-from reelflow.schemas.errors import SpecError
+from reelflow.schemas.errors import GraphError, SpecError
 from reelflow.schemas.loading import load_spec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.store import ArtifactStore
@@ -74,34 +74,66 @@ def test_the_pixel_backbone_edits_the_frames_themselves_and_keeps_the_background
     denoised = out["denoise_latents"]
     edited, source, inside = denoised["frames"][:], out["decode_video"]["frames"][:], out["decode_mask"]["mask"][:]
     assert "encode_latents" not in out and "latents" not in denoised
-    assert denoised["steps"].shape == (2, 4, 3, 64, 64)  # strength 0.5 of 4 steps, the frames in [-1, 1]
+    assert denoised["state"].shape == (2, 4, 3, 64, 64)  # the last two steps, the frames in [-1, 1]
     np.testing.assert_array_equal(edited[~inside], source[~inside])
     assert np.abs(edited[inside].astype(int) - source[inside].astype(int)).mean() > 1.0
-    last = np.clip(np.asarray(denoised["steps"][-1]) * 127.5 + 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    np.testing.assert_array_equal(edited[inside], last[inside])  # the region is the last step's frames, no decoder between
+    last = np.clip(np.asarray(denoised["state"][1]) * 127.5 + 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(edited[inside], last[inside])  # the region is step 1's frames (slot 1), no decoder between
+
+
+def _denoise_stage(raw: dict) -> dict:
+    return next(s for s in raw["stages"] if s["stage"] == "denoise_latents")
+
+
+def _pixel_in_soundini_sd(raw: dict, models: dict[str, Path]) -> None:
+    """soundini-sd's pipeline (encode_latents included) with its Soundini stage on the ADM, in pixels."""
+    raw["models"]["adm"] = {"id": str(models["adm"]), "family": "guided_diffusion"}
+    stage = _denoise_stage(raw)
+    stage["params"]["backbone"] = "pixel"
+    stage["models"] = {"unet": "adm", "clip": "clip", "lpips": "lpips"}
+    del stage["inputs"]["latents"]
+
+
+def _latent_on_the_adm(raw: dict, models: dict[str, Path]) -> None:
+    raw["models"]["adm"] = {"id": str(models["adm"]), "family": "guided_diffusion"}
+    _denoise_stage(raw)["models"]["unet"] = "adm"
 
 
 @pytest.mark.parametrize(
-    ("preset", "extra", "message"),
+    ("preset", "change", "message"),
     [
-        ("soundini", ["models.sd.id=SD", "stages.denoise_latents.models.vae=sd"],
-         "without `latents` the stage runs the pixel backbone, which uses no vae: wire `latents: encode_latents` for SD"),
-        ("soundini-sd", ["DROP vae"], "the latent backbone .* needs the bundle's vae and text_encoder too"),
-        ("soundini", ["stages.decode_video.params.multiple=1", "stages.decode_video.params.width=63"],
+        ("soundini-sd", lambda raw, models: _denoise_stage(raw)["params"].update(backbone="pixel"),
+         "the pixel backbone denoises the frames themselves and reads no `latents`; drop them from its inputs"),
+        ("soundini-sd", lambda raw, models: (_pixel_in_soundini_sd(raw, models), _denoise_stage(raw)["models"].update(vae="sd")),
+         "names a model as its vae, which it does not use with these params; drop 'vae' from its `models`"),
+        ("soundini-sd", lambda raw, models: (_pixel_in_soundini_sd(raw, models), _denoise_stage(raw)["models"].update(unet="sd")),
+         "the unet takes 4 channels, not pixels: for SD set `backbone: latent`"),
+        ("soundini-sd", _latent_on_the_adm, "the unet is a pixel-space model, which cannot denoise SD latents: set `backbone: pixel`"),
+        ("soundini", lambda raw, models: _denoise_stage(raw)["params"].update(backbone="latent"),
+         "the latent backbone .* denoises `latents`: add an encode_latents stage"),
+        ("soundini", lambda raw, models: raw["stages"][0]["params"].update(multiple=1, width=63),
          "both sides must divide by 2, but they are 63x64; set decode_video's `multiple: 2`"),
-        ("soundini", ["DROP lpips"], "perceptual is 100 but the stage has no `lpips` model: add one .* or set perceptual: 0"),
+        ("soundini", lambda raw, models: (raw["models"].pop("lpips"), _denoise_stage(raw)["models"].pop("lpips")),
+         "needs a lpips model as its lpips: add one under `models`"),
+        ("soundini", lambda raw, models: _denoise_stage(raw)["params"].update(perceptual=0),
+         "names a model as its lpips, which it does not use with these params"),
     ],
 )  # fmt: skip
-def test_a_backbone_given_half_its_parts_is_refused_before_any_model_loads(
-    models, clip: Path, tmp_path: Path, preset: str, extra: list[str], message: str
+def test_a_backbone_or_loss_given_the_wrong_parts_is_refused_before_any_model_loads(
+    models, clip: Path, tmp_path: Path, preset: str, change, message: str  # noqa: ANN001
 ) -> None:
-    sets = [item.replace("=SD", f"={models['sd']}") for item in extra if not item.startswith("DROP")]
-    raw = spec(models, clip, tmp_path / "store", *sets, preset=preset).model_dump(mode="json", exclude_unset=True)
-    for item in extra:
-        if item.startswith("DROP"):
-            del next(s for s in raw["stages"] if s["stage"] == "denoise_latents")["models"][item.split()[1]]
-    with pytest.raises(SpecError, match=message):
+    raw = spec(models, clip, tmp_path / "store", preset=preset).model_dump(mode="json", exclude_unset=True)
+    change(raw, models)
+    with pytest.raises((SpecError, GraphError), match=message):
         prepare_run(load_spec(raw), Settings())
+
+
+def test_a_pixel_edit_beside_an_encode_latents_stage_reads_no_latents(models, clip: Path, tmp_path: Path) -> None:
+    raw = spec(models, clip, tmp_path / "store").model_dump(mode="json", exclude_unset=True)
+    _pixel_in_soundini_sd(raw, models)  # latents left out, though exactly one stage makes them
+    out = run(load_spec(raw))
+    assert "encode_latents" in out and "latents" not in out["denoise_latents"]
+    assert out["denoise_latents"]["state"].shape[2] == 3
 
 
 def test_a_clip_space_of_another_width_is_refused_before_any_model_loads(models, clip: Path, tmp_path: Path) -> None:
@@ -150,7 +182,7 @@ def test_an_edit_killed_after_a_step_resumes_there_and_ends_as_an_uninterrupted_
     resumed = run(spec(models, clip, tmp_path / "resumed"))["denoise_latents"]
     assert starts == [0, 1]  # the second attempt began at the step after the one stored
     np.testing.assert_allclose(resumed["latents"][:], whole["latents"][:], rtol=1e-5, atol=1e-5)
-    assert resumed["steps"].shape[0] == 2
+    np.testing.assert_allclose(resumed["state"][:], whole["state"][:], rtol=1e-5, atol=1e-5)
 
 
 def test_the_text_guided_variant_takes_a_prompt_in_place_of_the_sound(models, clip: Path, tmp_path: Path) -> None:
@@ -224,4 +256,14 @@ def test_images_and_a_target_of_different_spaces_are_refused_before_the_models_l
     given = spec(models, clip, tmp_path / "store", f"models.audio_encoder.id={pe}", "models.audio_encoder.family=transformers",
                  preset="soundini")  # fmt: skip
     with pytest.raises(SpecError, match="the target's embeddings are 32-wide but the clip role embeds images 512-wide"):
+        run(given)
+
+
+def test_a_sound_embedded_by_another_perception_encoder_is_refused(models, clip: Path, tmp_path: Path) -> None:
+    from reelflow.core.tiny_audio import build_tiny_pe_av
+
+    heard, seeing = build_tiny_pe_av(tmp_path / "pe-a", seed=0), build_tiny_pe_av(tmp_path / "pe-b", seed=1)  # one width
+    given = spec(models, clip, tmp_path / "store", f"models.audio_encoder.id={heard}", "models.audio_encoder.family=transformers",
+                 f"models.clip.id={seeing}", preset="soundini")  # fmt: skip
+    with pytest.raises(SpecError, match="the sound was embedded by another Perception Encoder .* give embed_audio and this stage the same"):
         run(given)
