@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/soundini.py
 	$(BIN)/python benchmarks/soundini.py --backbone adm
+	$(BIN)/python benchmarks/metrics.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

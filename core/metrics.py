@@ -29,6 +29,12 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
 
 def ssim(reference: np.ndarray, test: np.ndarray, *, window: int = 11, sigma: float = 1.5) -> np.ndarray:
     """Mean SSIM of uint8 frames ``(F, H, W, C)``, one value per frame, in [-1, 1] (1 for identical frames)."""
+    return ssim_map(reference, test, window=window, sigma=sigma).mean(dim=(1, 2, 3)).numpy()
+
+
+def ssim_map(reference: np.ndarray, test: np.ndarray, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The SSIM of every valid window, ``(F, C, H - window + 1, W - window + 1)`` float64: entry ``(y, x)`` is the
+    window centred on pixel ``(y + window // 2, x + window // 2)``."""
     _check_pair(reference, test)
     if min(reference.shape[1:3]) < window:
         raise ValueError(
@@ -50,11 +56,7 @@ def ssim(reference: np.ndarray, test: np.ndarray, *, window: int = 11, sigma: fl
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + _C1) * (2 * cov + _C2)) / ((mu_x**2 + mu_y**2 + _C1) * (var_x + var_y + _C2))
-    return ssim_map.mean(dim=(1, 2, 3)).numpy()
-
-
-METRICS = {"psnr": psnr, "ssim": ssim}
+    return ((2 * mu_x * mu_y + _C1) * (2 * cov + _C2)) / ((mu_x**2 + mu_y**2 + _C1) * (var_x + var_y + _C2))
 
 
 def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:

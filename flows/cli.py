@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = add("stages", help="list every stage and method: slots, output kind, model roles, sources, version")
     stages.add_argument("--tiny", action="store_true", help="list the tiny models method packages ship instead")
+    stages.add_argument("--metrics", action="store_true", help="list the metrics compute_metrics knows, with their needs")
     stages.set_defaults(handler=commands.stages)
     return parser
 

@@ -271,6 +271,13 @@ def stages(args: argparse.Namespace) -> int:
             print(f"{name:<20} {method.name:<10} {method.tiny[name]}")
         return 0
     load_methods()
+    if args.metrics:
+        from reelflow.schemas.metrics import METRICS
+
+        for spec in METRICS.values():
+            needs = ", ".join(sorted(spec.needs)) or "frames only"
+            print(f"{spec.name:<30} per {spec.per:<5} {spec.better} is better; needs {needs}\n    {spec.description}")
+        return 0
     for (stage, method), cls in sorted(STAGE_TYPES.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         package = DECLARED_IN.get(cls.__module__, cls.__module__)
         print(f"{stage_tag(stage, method):<28} -> {cls.produces:<26} version {cls.version}  package {package}")

@@ -177,8 +177,8 @@ def _producer(spec: StageSpec, slot: str, kinds: tuple[str, ...], by_id: Mapping
 
 
 def _pick_models(spec: StageSpec, models: Mapping[str, str | None]) -> dict[str, str]:
-    """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits; an
-    optional role only from ``models:`` (:meth:`StageSpec.fills`)."""
+    """Role -> model name: ``models:`` of the stage, else its ``model:``, else the one model that fits (of several, the
+    one named like the role); a role the stage does not fill as configured (:meth:`StageSpec.fills`), none."""
     unknown = set(spec.models) - set(spec.roles)
     if unknown:
         raise GraphError(
@@ -206,6 +206,8 @@ def _pick_model(spec: StageSpec, role: str, models: Mapping[str, str | None]) ->
     fits = [n for n, family in models.items() if family is None or family in families]
     if len(fits) == 1:
         return fits[0]
+    if role in fits:  # of several that fit, the one named after the role
+        return role
     fix = "add one under `models`" if not fits else f"set `models: {{{role}: <name>}}` to one of {', '.join(fits)}"
     raise GraphError(f"stage {spec.id!r} ({spec.tag}) needs a {' or '.join(families)} model as its {role}: {fix}")
 

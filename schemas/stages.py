@@ -294,35 +294,10 @@ class EncodeVideo(StageSpec):
     params: EncodeVideoParams = Field(default_factory=EncodeVideoParams, description="Encoder options.")
 
 
-MetricName = Literal["psnr", "ssim"]
-
-
-class ComputeMetricsParams(Model):
-    metrics: tuple[MetricName, ...] = Field(
-        default=("psnr", "ssim"), min_length=1, description="Metrics to compute, per frame and as a mean."
-    )
-
-
-@register_stage
-class ComputeMetrics(StageSpec):
-    """Compare edited frames with the source frames: PSNR and SSIM per frame and their means."""
-
-    version: ClassVar[str] = "1"
-    slots: ClassVar[dict[str, tuple[str, ...]]] = {
-        "source": ("video_frames",),
-        "edited": ("frames", "video_frames"),
-    }
-    produces: ClassVar[str] = "metrics"
-    exports: ClassVar[tuple[Export, ...]] = (Export(kind="metrics"),)
-
-    stage: Literal["compute_metrics"] = "compute_metrics"
-    params: ComputeMetricsParams = Field(default_factory=ComputeMetricsParams, description="Which metrics.")
-
-
 METHOD = Method(
     name="core",
-    description="The stages every pipeline shares: decode and encode video and latents, metrics.",
-    implementations=("reelflow.tasks.video", "reelflow.tasks.vae", "reelflow.tasks.metrics"),
+    description="The stages every pipeline shares: decode and encode video and latents.",
+    implementations=("reelflow.tasks.video", "reelflow.tasks.vae"),
     presets="reelflow.deployments.presets",
     tiny={
         "sd": "reelflow.core.tiny:build_tiny_bundle",

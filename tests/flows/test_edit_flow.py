@@ -98,10 +98,10 @@ def test_a_deleted_artifact_is_recomputed_even_with_a_prefect_record(make_spec) 
 
 
 def test_a_failed_stage_skips_its_descendants_but_not_its_siblings(make_spec, monkeypatch) -> None:
-    def broken(reference, test):
+    def broken(inputs):  # noqa: ANN001, ANN202
         raise ValueError("metric exploded")
 
-    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["IMPLEMENTATIONS"]).IMPLEMENTATIONS, "psnr", broken)
     spec = make_spec()
     with pytest.raises(StageFailed, match="stage 'compute_metrics' failed: ValueError: metric exploded"):
         edit_video(spec)
@@ -116,11 +116,11 @@ def test_a_failed_stage_skips_its_descendants_but_not_its_siblings(make_spec, mo
 def test_deterministic_failures_are_not_retried(make_spec, monkeypatch) -> None:
     calls = []
 
-    def broken(reference, test):
+    def broken(inputs):  # noqa: ANN001, ANN202
         calls.append(1)
         raise ValueError("deterministic")
 
-    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["METRICS"]).METRICS, "psnr", broken)
+    monkeypatch.setitem(__import__("reelflow.tasks.metrics", fromlist=["IMPLEMENTATIONS"]).IMPLEMENTATIONS, "psnr", broken)
     with pytest.raises(StageFailed):
         edit_video(make_spec())
     assert len(calls) == 1
@@ -130,15 +130,15 @@ def test_transient_io_errors_are_retried(make_spec, monkeypatch) -> None:
     import reelflow.tasks.metrics
 
     calls = []
-    real = reelflow.tasks.metrics.METRICS["psnr"]
+    real = reelflow.tasks.metrics.IMPLEMENTATIONS["psnr"]
 
-    def flaky(reference, test):
+    def flaky(inputs):  # noqa: ANN001, ANN202
         calls.append(1)
         if len(calls) == 1:
             raise ConnectionResetError("store connection dropped")
-        return real(reference, test)
+        return real(inputs)
 
-    monkeypatch.setitem(reelflow.tasks.metrics.METRICS, "psnr", flaky)
+    monkeypatch.setitem(reelflow.tasks.metrics.IMPLEMENTATIONS, "psnr", flaky)
     manifest = edit_video(make_spec("stages.compute_metrics.params.metrics=[psnr]"))
     assert len(calls) == 2 and manifest.status == "completed"
 
