@@ -12,10 +12,12 @@ never its siblings.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture, as_completed
@@ -199,10 +201,22 @@ def _outcome(stage: PlannedStage, future: PrefectFuture, store: ArtifactStore, s
     # Computed here only if this very task run wrote it: a Prefect cache hit, another run's output
     # or a retried flow run's earlier attempt all count as cached.
     status = "computed" if ref.task_run_id == str(future.task_run_id) else "cached"
-    return Outcome(_record(stage, status, seconds, artifact=store.url_of(ref.path)), ref)
+    return Outcome(_record(stage, status, seconds, artifact=store.url_of(ref.path), **_cost(store, ref.path)), ref)
 
 
-def _record(stage: PlannedStage, status: str, seconds: float, **extra: str | None) -> StageRecord:
+def _cost(store: ArtifactStore, rel: str) -> dict[str, Any]:
+    """What the artifact cost when it was computed (from its attrs) and its bytes in the store; nothing the store
+    cannot tell (an artifact from before costs were recorded), and never a failure of the run."""
+    try:
+        attrs = store.read_attrs(rel)
+        return {"compute_seconds": attrs.get("seconds"), "peak_memory": attrs.get("peak_memory"),
+                "peak_gpu_memory": attrs.get("peak_gpu_memory"), "bytes": store.size(rel)}  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("no cost for %s: %s", rel, exc)
+        return {}
+
+
+def _record(stage: PlannedStage, status: str, seconds: float, **extra: Any) -> StageRecord:
     return StageRecord(
         name=stage.id, stage=stage.call.stage_type, key=stage.key, status=status, seconds=round(seconds, 4), **extra
     )

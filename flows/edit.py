@@ -22,10 +22,10 @@ from reelflow.schemas.calls import SourceRef, StoreSpec
 from reelflow.schemas.errors import SpecError, StageFailed
 from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.loading import load_spec, validate_spec
-from reelflow.schemas.manifest import RunManifest, SourceRecord
+from reelflow.schemas.manifest import RunCost, RunManifest, SourceRecord
 from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
-from reelflow.storage.files import join_url, options_for, url_to_fs, write_bytes
+from reelflow.storage.files import human_bytes, join_url, options_for, url_to_fs, write_bytes
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
@@ -194,6 +194,7 @@ def finish_run(run: PreparedRun, outcomes: dict[str, Outcome], started: float) -
         stages=records,
         outputs=outputs,
         metrics=metrics,
+        cost=RunCost.of(records),
     )
     outputs["manifest"] = write_bytes(outputs["manifest"], manifest.model_dump_json(indent=2).encode(), _out_opts(run))
     return manifest.model_copy(update={"outputs": outputs})
@@ -249,12 +250,15 @@ def publish_run(manifest: RunManifest) -> None:
     stem = PurePosixPath(manifest.input.url).stem
     # The clip's URL hash keeps intro.mp4 of one folder apart from intro.mp4 of another.
     clip = f"{stem}-{hashlib.sha256(manifest.input.url.encode()).hexdigest()[:6]}"
-    rows = [(f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s", f"`{r.key[:12]}`", f"`{r.artifact or r.error or ''}`")
-            for r in manifest.stages]  # fmt: skip
+    rows = [(f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s", _size(r.peak_memory), _size(r.bytes), f"`{r.key[:12]}`",
+             f"`{r.artifact or r.error or ''}`") for r in manifest.stages]  # fmt: skip
+    cost = manifest.cost
+    spent = (f"; computed {cost.computed_seconds:.1f} s, stored {human_bytes(cost.stored_bytes)}, reused "
+             f"{human_bytes(cost.reused_bytes)} ({cost.reused_seconds:.1f} s saved)") if cost else ""  # fmt: skip
     lines = [
-        f"### {manifest.pipeline} on `{manifest.input.url}`: {manifest.status} in {manifest.seconds:.1f} s",
+        f"### {manifest.pipeline} on `{manifest.input.url}`: {manifest.status} in {manifest.seconds:.1f} s{spent}",
         "",
-        markdown_table(("stage", "type", "status", "time", "key", "artifact"), rows),
+        markdown_table(("stage", "type", "status", "time", "peak memory", "bytes", "key", "artifact"), rows),
         "",
         *(f"- {name}: `{url}`" for name, url in manifest.outputs.items()),
     ]
@@ -265,3 +269,7 @@ def publish_run(manifest: RunManifest) -> None:
         for name, value in values.items()
     ]
     publish_table(f"metrics-{clip}-{manifest.pipeline}", metrics, description=f"{manifest.pipeline}: {stem}")
+
+
+def _size(value: int | None) -> str:
+    return "" if value is None else human_bytes(value)

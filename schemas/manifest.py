@@ -18,6 +18,12 @@ class StageRecord(Model):
     key: str = Field(description="The stage key.")
     status: StageStatus = Field(description="computed in this run, cached from an earlier one, failed, or skipped.")
     seconds: float = Field(description="Wall time from submission to completion in this run.")
+    compute_seconds: float | None = Field(
+        default=None, description="Seconds its body took when it was computed (in this run, or the run that made it)."
+    )
+    peak_memory: int | None = Field(default=None, description="Peak resident bytes of the worker while it was computed.")
+    peak_gpu_memory: int | None = Field(default=None, description="Peak bytes torch allocated on the GPU, where there was one.")
+    bytes: int | None = Field(default=None, description="Bytes of its artifact in the store: stored if computed, reused if cached.")
     artifact: str | None = Field(default=None, description="URL of the stage's artifact.")
     error: str | None = Field(default=None, description="Why the stage failed or was skipped.")
 
@@ -26,6 +32,32 @@ class SourceRecord(Model):
     url: str
     key: str
     size: int
+
+
+class RunCost(Model):
+    """What the run cost, over its stages."""
+
+    computed_seconds: float = Field(description="Seconds the stages computed in this run took, summed.")
+    reused_seconds: float = Field(description="Seconds the cached stages took when they were computed: what reuse saved.")
+    stored_bytes: int = Field(description="Bytes of the artifacts this run computed.")
+    reused_bytes: int = Field(description="Bytes of the cached artifacts it reused.")
+    peak_memory: int | None = Field(default=None, description="The largest peak resident memory of a computed stage.")
+    peak_gpu_memory: int | None = Field(default=None, description="The largest peak GPU memory of a computed stage.")
+
+    @classmethod
+    def of(cls, stages: list[StageRecord]) -> RunCost:
+        computed = [s for s in stages if s.status == "computed"]
+        cached = [s for s in stages if s.status == "cached"]
+        peaks = [s.peak_memory for s in computed if s.peak_memory is not None]
+        gpu = [s.peak_gpu_memory for s in computed if s.peak_gpu_memory is not None]
+        return cls(
+            computed_seconds=round(sum(s.compute_seconds or 0.0 for s in computed), 4),
+            reused_seconds=round(sum(s.compute_seconds or 0.0 for s in cached), 4),
+            stored_bytes=sum(s.bytes or 0 for s in computed),
+            reused_bytes=sum(s.bytes or 0 for s in cached),
+            peak_memory=max(peaks, default=None),
+            peak_gpu_memory=max(gpu, default=None),
+        )
 
 
 class RunManifest(Model):
@@ -42,3 +74,4 @@ class RunManifest(Model):
     stages: list[StageRecord]
     outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> URL (videos, the manifest).")
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Metrics stage id -> mean values.")
+    cost: RunCost | None = Field(default=None, description="Seconds, bytes and peak memory over the stages.")

@@ -26,6 +26,7 @@ import zarr
 from prefect.context import TaskRunContext
 from pydantic import ValidationError
 
+from reelflow.core.cost import PeakMemory
 from reelflow.schemas.calls import StageCall, StoreSpec
 from reelflow.schemas.errors import ArtifactMismatch, LeaseHeld
 from reelflow.schemas.kinds import Attrs, kind_attrs
@@ -176,10 +177,12 @@ def _compute(
     with store.write(call.stage_type, call.key, attrs_in, resumable=resumable) as writer:
         progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage.tag})")
         ctx = StageContext(call, store, writer, progress, settings)
-        attrs = _kind_attrs(call, body(ctx))
+        with PeakMemory() as peak:
+            attrs = _kind_attrs(call, body(ctx))
         progress.finish()
         lease.check()
-        done = {**ctx.extras, **attrs.model_dump(mode="json"), "seconds": round(time.time() - started, 4)}
+        done = {**ctx.extras, **attrs.model_dump(mode="json"), "seconds": round(time.time() - started, 4),
+                "peak_memory": peak.rss, **({"peak_gpu_memory": peak.gpu} if peak.gpu is not None else {})}  # fmt: skip
         if resumable:  # which parts an earlier, interrupted attempt stored
             done["provenance"] = {**attrs_in["provenance"], "resumed_parts": list(writer.resumed_parts)}
         writer.update_attrs(done)

@@ -73,6 +73,25 @@ def test_rerun_is_served_from_cache_without_running_any_stage(make_spec, monkeyp
     assert Path(third.outputs["encode_video"]).is_file(), "outputs are re-exported from the store"
 
 
+def test_the_manifest_says_what_each_stage_cost_and_what_reuse_saved(make_spec) -> None:
+    spec = make_spec()
+    first = edit_video(spec)
+    store = ArtifactStore(first.store)
+    for record in first.stages:
+        stored = store.find(record.key)
+        assert record.bytes == store.size(stored.path) > 0
+        assert record.compute_seconds is not None and 0 < record.compute_seconds <= record.seconds
+        assert record.peak_memory > 50 << 20  # a Python process with torch loaded
+    assert first.cost.stored_bytes == sum(r.bytes for r in first.stages) and first.cost.reused_bytes == 0
+    assert first.cost.peak_memory == max(r.peak_memory for r in first.stages)
+    again = edit_video(spec)
+    assert again.cost.computed_seconds == 0 and again.cost.stored_bytes == 0
+    assert again.cost.reused_bytes == first.cost.stored_bytes
+    assert again.cost.reused_seconds == pytest.approx(first.cost.computed_seconds, abs=1e-3)
+    written = json.loads(Path(again.outputs["manifest"]).read_text())
+    assert written["cost"]["reused_bytes"] == first.cost.stored_bytes
+
+
 def test_changing_one_stage_recomputes_it_and_its_descendants_only(make_spec) -> None:
     edit_video(make_spec())
     crf = edit_video(make_spec("stages.encode_video.params.crf=30"))
