@@ -1,4 +1,5 @@
-"""Prompt encoding with a CLIP text tower, as Stable Diffusion conditions its UNet."""
+"""Prompt encoding with a CLIP text tower: the last hidden states Stable Diffusion conditions its UNet on, and the
+projected embeddings that live in CLIP's image-text space."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Sequence
 import torch
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:  # noqa: ANN001
-    """Last hidden states ``(N, L, D)`` of padded prompts (L = the tokenizer's max length, 77 for SD)."""
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:  # noqa: ANN001
+    """Token ids ``(N, L)`` of the prompts, padded and cut to the tokenizer's max length (77 for CLIP)."""
     tokens = tokenizer(
         list(prompts),
         padding="max_length",
@@ -16,5 +17,23 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
         truncation=True,
         return_tensors="pt",
     )
+    return tokens.input_ids
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:  # noqa: ANN001
+    """Last hidden states ``(N, L, D)`` of padded prompts (L = the tokenizer's max length, 77 for SD)."""
     with torch.no_grad():
-        return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+        return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0]
+
+
+def projected_text(tokenizer, model, prompts: Sequence[str]) -> torch.Tensor:  # noqa: ANN001
+    """CLIP's projected text embeddings ``(N, D)`` (float32, on the CPU), from a ``CLIPModel``
+    (``get_text_features``) or a ``CLIPTextModelWithProjection`` (``text_embeds``)."""
+    ids = tokenize(tokenizer, prompts).to(model.device)
+    with torch.inference_mode():
+        if hasattr(model, "get_text_features"):
+            out = model.get_text_features(input_ids=ids)
+            out = getattr(out, "pooler_output", out)  # transformers 5 returns an output with the projection there
+        else:
+            out = model(input_ids=ids).text_embeds
+    return out.float().cpu()

@@ -14,6 +14,7 @@ import torch
 from reelflow.core import evaluation
 from reelflow.core.frames import to_model_range
 from reelflow.core.metrics import psnr, ssim
+from reelflow.core.text import projected_text
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import Metrics
@@ -74,37 +75,37 @@ class MetricInputs:
 
 
 def _clip_images(ctx: StageContext, frames: np.ndarray, batch: int) -> torch.Tensor:
-    model, processor = ctx.model("clip", cls="CLIPModel"), ctx.model("clip", "image_processor")
-    parameter = next(model.parameters())
-    out = []
-    for start in range(0, len(frames), batch):
-        pixels = processor(images=list(frames[start : start + batch]), return_tensors="pt").pixel_values
-        with torch.inference_mode():
-            out.append(_projected(model.get_image_features(pixel_values=pixels.to(parameter.device, parameter.dtype))))
-    return torch.cat(out)
+    """CLIP's projected image embeddings ``(F, D)`` (``CLIPModel.get_image_features``)."""
+    model = ctx.model("clip", cls="CLIPModel")
+    return _embed_frames(ctx, "clip", model, frames, batch,
+                         lambda pixels: _projected(model.get_image_features(pixel_values=pixels)))  # fmt: skip
 
 
 def _clip_text(ctx: StageContext, prompt: str) -> torch.Tensor:
-    model, tokenizer = ctx.model("clip", cls="CLIPModel"), ctx.model("clip", "tokenizer")
-    tokens = tokenizer([prompt], padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.inference_mode():
-        return _projected(model.get_text_features(input_ids=tokens.input_ids.to(model.device)))
+    return projected_text(ctx.model("clip", "tokenizer"), ctx.model("clip", cls="CLIPModel"), [prompt])
 
 
 def _projected(out: Any) -> torch.Tensor:
     """The projected embeddings a ``get_*_features`` call returns (an output with ``pooler_output`` in transformers 5)."""
-    return getattr(out, "pooler_output", out).float().cpu()
+    return getattr(out, "pooler_output", out)
 
 
 def _dino(inputs: MetricInputs) -> torch.Tensor:
-    ctx = inputs.ctx
-    model, processor = ctx.model("dino"), ctx.model("dino", "image_processor")
-    parameter = next(model.parameters())
+    """DINO's class token ``(F, D)`` of each edited frame."""
+    model = inputs.ctx.model("dino")
+    return _embed_frames(inputs.ctx, "dino", model, inputs.edited, inputs.params.batch_size,
+                         lambda pixels: model(pixel_values=pixels).last_hidden_state[:, 0])  # fmt: skip
+
+
+def _embed_frames(ctx: StageContext, role: str, model: Any, frames: np.ndarray, batch: int,
+                  features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``features`` of the frames, ``batch`` at a time through the role's image processor, float32 on the CPU."""
+    processor, parameter = ctx.model(role, "image_processor"), next(model.parameters())
     out = []
-    for start in range(0, len(inputs.edited), inputs.params.batch_size):
-        pixels = processor(images=list(inputs.edited[start : start + inputs.params.batch_size]), return_tensors="pt").pixel_values
+    for start in range(0, len(frames), batch):
+        pixels = processor(images=list(frames[start : start + batch]), return_tensors="pt").pixel_values
         with torch.inference_mode():
-            out.append(model(pixel_values=pixels.to(parameter.device, parameter.dtype)).last_hidden_state[:, 0].float().cpu())
+            out.append(features(pixels.to(parameter.device, parameter.dtype)).float().cpu())
     return torch.cat(out)
 
 

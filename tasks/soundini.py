@@ -18,7 +18,7 @@ from reelflow.core.editing.soundini import Region, decode, soundini_denoise
 from reelflow.core.frames import from_model_range, to_model_range
 from reelflow.core.guidance.sound import background_l1, direction_loss, flow_loss, ramp, range_loss, sound_loss
 from reelflow.core.models.guided_diffusion_family import adm_config
-from reelflow.core.text import encode_prompts
+from reelflow.core.text import encode_prompts, projected_text
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import NoAttrs
@@ -233,10 +233,7 @@ def embed_clip_text(call: StageCall) -> ArtifactRef:
 
 def _embed_text(ctx: StageContext) -> ClipText:
     prompt = ctx.call.stage.params.prompt
-    tokenizer, model = ctx.model("clip", "tokenizer"), ctx.model("clip", cls="CLIPTextModelWithProjection")
-    tokens = tokenizer([prompt], padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.inference_mode():
-        embedding = model(input_ids=tokens.input_ids.to(model.device)).text_embeds.float().cpu()
+    embedding = projected_text(ctx.model("clip", "tokenizer"), ctx.model("clip", cls="CLIPTextModelWithProjection"), [prompt])
     ctx.writer.write_array("embeddings", embedding.numpy(), dims=("prompt", "embedding"), dtype=np.float32)
     return ClipText(prompt=prompt)
 

@@ -137,22 +137,33 @@ def load_pickled_weights(path: Path) -> Any:
         ) from exc
 
 
-def read_checkpoint(root: Path, safe_name: str, suffix: str, what: str) -> Any:
-    """The weights in ``root``: ``safe_name`` (safetensors) when present, else its one ``*suffix`` file unpickled
-    weights-only, as published checkpoints (``dpt_large_384.pt``, ``tpami_encoder40.pth``) come.
+def find_checkpoint(root: Path, safe_name: str, pattern: str, what: str, origin: str = "as published") -> Path:
+    """The weights file in ``root``: ``safe_name`` (safetensors) when present, else its one file matching the glob
+    ``pattern``, as published checkpoints (``dpt_large_384.pt``, ``tpami_encoder40.pth``, lpips' ``vgg.pth``) come.
 
     Raises:
-        ModelError: No weights file, or several ``*suffix`` files; ``what`` names the model in the message.
+        ModelError: No such file, or several matches; the message is ``what`` (the model and what it needs), the
+            files it looks for and ``origin`` (where the published file comes from).
     """
+    if (root / safe_name).is_file():
+        return root / safe_name
+    pickled = sorted(p for p in root.glob(pattern) if p.is_file())
+    if len(pickled) != 1:
+        raise ModelError(f"{what} at {root}: {safe_name}, or exactly one {pattern} ({origin}); found "
+                         f"{', '.join(p.name for p in pickled) or 'none'}")  # fmt: skip
+    return pickled[0]
+
+
+def read_weights(path: Path) -> Any:
+    """A safetensors file's tensors, or a pickled checkpoint unpickled weights-only (:func:`load_pickled_weights`)."""
     from safetensors.torch import load_file
 
-    if (root / safe_name).is_file():
-        return load_file(root / safe_name)
-    pickled = sorted(p for p in root.glob(f"*{suffix}") if p.is_file())
-    if len(pickled) != 1:
-        raise ModelError(f"{what} needs {safe_name} or exactly one *{suffix} checkpoint at {root}; found "
-                         f"{', '.join(p.name for p in pickled) or 'none'}")  # fmt: skip
-    return load_pickled_weights(pickled[0])
+    return load_file(path) if path.suffix == ".safetensors" else load_pickled_weights(path)
+
+
+def read_checkpoint(root: Path, safe_name: str, pattern: str, what: str, origin: str = "as published") -> Any:
+    """What the weights file :func:`find_checkpoint` finds holds (:func:`read_weights`)."""
+    return read_weights(find_checkpoint(root, safe_name, pattern, what, origin))
 
 
 def is_state_dict(loaded: Any) -> bool:

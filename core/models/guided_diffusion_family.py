@@ -339,7 +339,8 @@ class GuidedDiffusionFamily(ModelFamily):
         if cls not in (None, diffusers.UNet2DModel):
             raise ModelError(f"a guided_diffusion UNet loads as UNet2DModel, not {cls.__qualname__}; leave cls unset")
         what = f"the checkpoint of guided-diffusion model {source.model_id!r}"
-        weights = read_checkpoint(root, SAFE_WEIGHTS, PICKLED_SUFFIX, f"guided-diffusion model {source.model_id!r}")
+        weights = read_checkpoint(root, SAFE_WEIGHTS, f"*{PICKLED_SUFFIX}", f"guided-diffusion model {source.model_id!r} "
+                                  "needs its weights", "e.g. 256x256_diffusion_uncond.pt")  # fmt: skip
         if not is_state_dict(weights):
             raise ModelError(f"{what} is not a state dict (names to tensors)")
         with torch.device("meta"):  # no random init of half a billion weights about to be replaced

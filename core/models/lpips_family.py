@@ -22,12 +22,13 @@ from typing import Any
 from reelflow.core.models.base import (
     ModelFamily,
     ModelSource,
+    find_checkpoint,
     is_state_dict,
-    load_pickled_weights,
     no_component,
     prepare,
     read_json_file,
     read_root_config,
+    read_weights,
     torch_dtype,
 )
 from reelflow.schemas.errors import ModelError
@@ -92,24 +93,16 @@ def check_config(source: ModelSource, root: Path) -> None:
 def read_part(
     source: ModelSource, root: Path, safe_name: str, pattern: str, what: str, origin: str
 ) -> tuple[dict[str, Any], str]:
-    """One part's state dict from ``root`` and the path it came from: ``safe_name`` when present, else the one
-    file matching ``pattern``, unpickled weights-only (and onto the CPU: lpips ships its vgg.pth as CUDA tensors).
+    """One part's state dict from ``root`` and the path it came from (:func:`find_checkpoint`; a pickle is read
+    weights-only onto the CPU: lpips ships its vgg.pth as CUDA tensors).
 
     ``what`` names the part and ``origin`` where its published file comes from, for messages.
 
     Raises:
         ModelError: No such file, several matches, or a file that holds more than a state dict.
     """
-    from safetensors.torch import load_file
-
-    if (root / safe_name).is_file():
-        return load_file(root / safe_name), str(root / safe_name)
-    pickled = sorted(p for p in root.glob(pattern) if p.is_file())
-    if len(pickled) != 1:
-        found = ", ".join(p.name for p in pickled) or "none"
-        raise ModelError(f"LPIPS model {source.model_id!r} needs {what} at {root}: {safe_name}, or exactly one "
-                         f"{pattern} ({origin}); found {found}")  # fmt: skip
-    loaded = load_pickled_weights(pickled[0])
+    path = find_checkpoint(root, safe_name, pattern, f"LPIPS model {source.model_id!r} needs {what}", origin)
+    loaded = read_weights(path)
     if not is_state_dict(loaded):
-        raise ModelError(f"{pickled[0]} is not a state dict (names to tensors); it should hold {what} as {origin} does")
-    return loaded, str(pickled[0])
+        raise ModelError(f"{path} is not a state dict (names to tensors); it should hold {what} as {origin} does")
+    return loaded, str(path)

@@ -104,7 +104,7 @@ def state_dict(source: ModelSource, root: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: No weights file, several ``*.pt`` files, or one that holds more than a state dict.
     """
-    loaded = read_checkpoint(root, SAFE_WEIGHTS, PICKLED_SUFFIX, f"MiDaS model {source.model_id!r}")
+    loaded = read_checkpoint(root, SAFE_WEIGHTS, f"*{PICKLED_SUFFIX}", f"MiDaS model {source.model_id!r} needs its weights")
     if isinstance(loaded, dict) and "optimizer" in loaded and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not is_state_dict(loaded):

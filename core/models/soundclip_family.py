@@ -87,7 +87,7 @@ def state_dict(source: ModelSource, root: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelError: No weights file, several ``*.pth`` files, or one that holds more than a state dict.
     """
-    loaded = read_checkpoint(root, SAFE_WEIGHTS, PICKLED_SUFFIX, f"audio encoder {source.model_id!r}")
+    loaded = read_checkpoint(root, SAFE_WEIGHTS, f"*{PICKLED_SUFFIX}", f"audio encoder {source.model_id!r} needs its weights")
     if not is_state_dict(loaded):
         raise ModelError(f"the checkpoint of audio encoder {source.model_id!r} is not a state dict (names to tensors)")
     if loaded and all(k.startswith("module.") for k in loaded):

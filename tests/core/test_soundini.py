@@ -110,3 +110,10 @@ def test_per_frame_losses_pull_a_frame_alike_in_any_chunk() -> None:
     one, three = (soundini_denoise(pipe.unet, pipe.vae, z, embeds, pipe.scheduler, 5, timesteps[:2], region, losses,
                                    chunk=c) for c in (1, 3))  # fmt: skip
     torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-5)
+
+
+def test_the_source_noised_to_a_level_is_what_diffusers_add_noise_makes() -> None:
+    pipe, region, _ = setup()
+    t = torch.tensor([601])
+    ours = region.noised(slice(None), float(pipe.scheduler.alphas_cumprod[t]))
+    torch.testing.assert_close(ours, pipe.scheduler.add_noise(region.source, region.noise, t), rtol=1e-6, atol=1e-6)
