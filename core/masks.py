@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import fsspec
 import numpy as np
 
-from reelflow.core.frames import ResizePlan, resize_frames
 from reelflow.schemas.errors import SourceError
+
+if TYPE_CHECKING:
+    from reelflow.core.frames import ResizePlan
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 GREY_BAND = (0.1, 0.9)  # values strictly between are neither inside nor outside
@@ -94,6 +96,8 @@ def resize_masks(masks: np.ndarray, plan: ResizePlan | None) -> np.ndarray:
     """``masks`` ``(N, H, W)`` in [0, 1] through the frames' resize ``plan`` (None: already at their size)."""
     if plan is None:
         return masks
+    from reelflow.core.frames import resize_frames  # torch: not at import, so the command line starts without it
+
     grey = np.repeat((masks * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
     return resize_frames(grey, plan)[..., 0].astype(np.float32) / 255.0
 

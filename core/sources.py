@@ -20,19 +20,17 @@ _IMAGE_FIX = "give a PNG, JPEG or WebP image"
 
 
 def check_source(name: str, kind: str, handle: BinaryIO) -> None:
-    """Raise SourceError unless ``handle`` reads as a ``kind`` (video, image, mask or audio)."""
+    """Raise SourceError unless ``handle`` reads as a ``kind`` (video, image or audio; a mask source, which may be a
+    folder, is checked by :func:`reelflow.core.masks.probe_masks`)."""
     if kind == "video":
         probe_video(handle)
     elif kind == "image":
         read_image(name, handle)
-    elif kind == "mask":  # one image, or a mask video (a folder of images is checked by core.masks.probe_masks)
-        from reelflow.core.masks import probe_handle
-
-        probe_handle(name, handle)
     elif kind == "audio":
         _probe_audio(name, handle)
     else:
-        raise SourceError(f"source {name!r} has the unknown kind {kind!r}; kinds: video, image, mask, audio")
+        raise SourceError(f"source {name!r} has the kind {kind!r}, which check_source does not read; kinds: video, "
+                          "image, audio (masks: core.masks.probe_masks)")  # fmt: skip
 
 
 def read_image(name: str, handle: BinaryIO, *, mask: bool = False) -> np.ndarray:

@@ -4,6 +4,7 @@ projected embeddings that live in CLIP's image-text space."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,9 +32,11 @@ def projected_text(tokenizer, model, prompts: Sequence[str]) -> torch.Tensor:  #
     (``get_text_features``) or a ``CLIPTextModelWithProjection`` (``text_embeds``)."""
     ids = tokenize(tokenizer, prompts).to(model.device)
     with torch.inference_mode():
-        if hasattr(model, "get_text_features"):
-            out = model.get_text_features(input_ids=ids)
-            out = getattr(out, "pooler_output", out)  # transformers 5 returns an output with the projection there
-        else:
-            out = model(input_ids=ids).text_embeds
+        out = projected(model.get_text_features(input_ids=ids)) if hasattr(model, "get_text_features") else model(
+            input_ids=ids).text_embeds  # fmt: skip
     return out.float().cpu()
+
+
+def projected(out: Any) -> torch.Tensor:
+    """The projected embeddings a CLIP ``get_*_features`` call returns (transformers 5: its ``pooler_output``)."""
+    return getattr(out, "pooler_output", out)

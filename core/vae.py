@@ -57,7 +57,7 @@ def encode_frames(
         # The encoder floors odd sizes, and the decoded frames would no longer match the input.
         size = tuple(frames.shape[-2:])
         raise ValueError(f"frame height and width must be multiples of {factor}; got {size}")
-    scale, shift = _latent_scale(vae)
+    scale, shift = latent_scale(vae)
 
     def encode(chunk: torch.Tensor) -> torch.Tensor:
         posterior = vae.encode(chunk.to(device=vae.device, dtype=vae.dtype)).latent_dist
@@ -94,7 +94,7 @@ def decode_latents(
     """
     channels = vae.config.latent_channels
     _check_batch(latents, channels=channels, chunk_size=chunk_size, name="latents")
-    scale, shift = _latent_scale(vae)
+    scale, shift = latent_scale(vae)
     temporal = isinstance(vae, AutoencoderKLTemporalDecoder)
 
     def decode(chunk: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,8 @@ def downscale_factor(vae: VideoVAE) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _latent_scale(vae: VideoVAE) -> tuple[float, float]:
+def latent_scale(vae: VideoVAE) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)``: latents are stored as ``(z - shift) * scale``."""
     shift = getattr(vae.config, "shift_factor", None)
     return float(vae.config.scaling_factor), float(shift) if shift is not None else 0.0
 

@@ -14,7 +14,8 @@ import torch
 from reelflow.core import evaluation
 from reelflow.core.frames import to_model_range
 from reelflow.core.metrics import psnr, ssim
-from reelflow.core.text import projected_text
+from reelflow.core.audio.perception import image_width
+from reelflow.core.text import projected, projected_text
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import Metrics
@@ -78,16 +79,11 @@ def _clip_images(ctx: StageContext, frames: np.ndarray, batch: int) -> torch.Ten
     """CLIP's projected image embeddings ``(F, D)`` (``CLIPModel.get_image_features``)."""
     model = ctx.model("clip", cls="CLIPModel")
     return _embed_frames(ctx, "clip", model, frames, batch,
-                         lambda pixels: _projected(model.get_image_features(pixel_values=pixels)))  # fmt: skip
+                         lambda pixels: projected(model.get_image_features(pixel_values=pixels)))  # fmt: skip
 
 
 def _clip_text(ctx: StageContext, prompt: str) -> torch.Tensor:
     return projected_text(ctx.model("clip", "tokenizer"), ctx.model("clip", cls="CLIPModel"), [prompt])
-
-
-def _projected(out: Any) -> torch.Tensor:
-    """The projected embeddings a ``get_*_features`` call returns (an output with ``pooler_output`` in transformers 5)."""
-    return getattr(out, "pooler_output", out)
 
 
 def _dino(inputs: MetricInputs) -> torch.Tensor:
@@ -111,8 +107,7 @@ def _embed_frames(ctx: StageContext, role: str, model: Any, frames: np.ndarray, 
 
 def _audio_visual(inputs: MetricInputs) -> np.ndarray:
     audio = inputs.ctx.array("audio", "embeddings", "float32")
-    config = inputs.ctx.model_config("clip") or {}
-    width = config.get("projection_dim", 512)
+    width = image_width(inputs.ctx.model_config("clip") or {})
     if width != audio.shape[1]:  # before CLIP embeds anything
         raise SpecError(f"stage {inputs.ctx.call.stage_id!r}: the audio embeddings are {audio.shape[1]}-wide but the clip "
                         f"role embeds images {width}-wide; audio_visual needs the audio encoder's image space "

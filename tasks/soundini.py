@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from reelflow.core.audio.perception import VIDEO_TOWERS, embedding_width, image_embeddings
+from reelflow.core.audio.perception import VIDEO_TOWERS, image_embeddings, image_width
 from reelflow.core.editing.gen1 import edit_timesteps
-from reelflow.core.editing.soundini import Region, decode, soundini_denoise
+from reelflow.core.editing.soundini import Region, soundini_denoise
 from reelflow.core.frames import from_model_range, to_model_range
 from reelflow.core.guidance.sound import background_l1, direction_loss, flow_loss, ramp, range_loss, sound_loss
 from reelflow.core.models.guided_diffusion_family import adm_config
 from reelflow.core.text import encode_prompts, projected_text
+from reelflow.core.vae import decode_latents
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import NoAttrs
@@ -56,7 +57,7 @@ class Backbone:
         if self.vae is None:
             return from_model_range(z)
         with torch.inference_mode():
-            return from_model_range(decode(self.vae, z.to(self.vae.device, self.vae.dtype)).float().cpu())
+            return from_model_range(decode_latents(self.vae, z, chunk_size=len(z)))
 
 
 def _backbone(ctx: StageContext, p: SoundiniParams, frames: Any) -> Backbone:
@@ -145,10 +146,14 @@ def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flo
             seed: int, ramp_steps: int):  # noqa: ANN202
     """``losses(pixels, frames seen, anchored, step)``: the weighted sum of per-frame terms the sampler descends. The
     fixed neighbour (``anchored``: the first of ``pixels``) counts only in the terms that link it to the chunk
-    (direction, flow); its own terms belong to its own chunk."""
+    (direction, flow); its own terms belong to its own chunk. What the terms read of the store (masks, flows, the
+    source frames) is read once here, not at every step of every chunk."""
+    regions = torch.from_numpy(np.asarray(masks[:], np.float32))[:, None]
+    fields = {name: torch.from_numpy(np.asarray(array[:])) for name, array in flows.items()} if p.flow else {}
+    originals = torch.from_numpy(_model_range(frames, p.chunk)) if p.background or p.perceptual else None
 
     def losses(pixels: torch.Tensor, seen: slice, anchored: bool, step: int) -> torch.Tensor:
-        region = torch.from_numpy(np.asarray(masks[seen], np.float32))[:, None].to(pixels)
+        region = regions[seen].to(pixels)
         own = slice(int(anchored), None)
         total = pixels.new_zeros(())
         if p.sound or p.direction:
@@ -162,11 +167,11 @@ def _losses(p: SoundiniParams, frames: Any, masks: Any, audio: torch.Tensor, flo
         weight = ramp(step, ramp_steps)
         if p.flow and pixels.shape[0] > 1:
             pairs = slice(seen.start, seen.stop - 1)
-            fields = {name: torch.from_numpy(np.asarray(array[pairs])) for name, array in flows.items()}
-            total = total + p.flow * weight * flow_loss(pixels, fields["forward"].to(pixels), fields["backward"].to(pixels), region,
-                                                        fields["occluded_forward"], fields["occluded_backward"]).sum()  # fmt: skip
-        if p.background or p.perceptual:
-            original = to_model_range(np.asarray(frames[seen])).to(pixels)
+            total = total + p.flow * weight * flow_loss(pixels, fields["forward"][pairs].to(pixels), fields["backward"][pairs].to(pixels),
+                                                        region, fields["occluded_forward"][pairs],
+                                                        fields["occluded_backward"][pairs]).sum()  # fmt: skip
+        if originals is not None:
+            original = originals[seen].to(pixels)
             if p.background:
                 total = total + p.background * weight * background_l1(pixels, original, region)[own].sum()
             if p.perceptual:  # the backgrounds alone: the source's region is what the edit replaces
@@ -270,13 +275,6 @@ def _unet_input(ctx: PreflightContext) -> tuple[int, int]:
         return 3, adm_config(ctx.model_config("unet") or {}).downscale
     config = ctx.model_config("unet") or {}
     return int(config.get("in_channels", 4)), 2 ** (len(config.get("block_out_channels", (0,))) - 1)
-
-
-def image_width(config: dict[str, Any]) -> int:
-    """Width of the image embeddings of the clip role's model, from its ``config.json``."""
-    if config.get("model_type") in VIDEO_TOWERS:
-        return embedding_width(config)
-    return int(config.get("projection_dim", (config.get("vision_config") or {}).get("projection_dim", 512)))
 
 
 def _check_shared_space(ctx: PreflightContext) -> None:

@@ -47,3 +47,13 @@ def test_no_module_imports_a_bare_folder_name() -> None:
                     names = [node.module]
                 offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in FOLDERS]
     assert offenders == []
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`reelflow --help` and spec errors stay fast: torch is imported by the handlers that need it, not at start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; import reelflow.flows.cli, reelflow.flows.commands, reelflow.flows.sources"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -96,6 +96,14 @@ def embedding_width(source: Any) -> int:
     return int(config.text_config.hidden_size)
 
 
+def image_width(config: dict[str, Any]) -> int:
+    """Width of the image embeddings of a CLIP (its projection) or Perception Encoder (its shared space) model, from
+    its ``config.json``."""
+    if config.get("model_type") in VIDEO_TOWERS:
+        return embedding_width(config)
+    return int(config.get("projection_dim", (config.get("vision_config") or {}).get("projection_dim", 512)))
+
+
 @dataclass(frozen=True)
 class SampleWindows:
     """Each frame's window of a waveform at ``rate``: ``width`` samples from ``first`` (``(F,)``, possibly before the

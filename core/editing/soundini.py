@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
+from reelflow.core.editing.gen1 import sdedit_start
 from reelflow.core.sampling.ddim import ddim_denoise_step, step_alphas
+from reelflow.core.vae import latent_scale
 
 Losses = Callable[[torch.Tensor, slice, bool, int], torch.Tensor]
 """``losses(frames (n, 3, H, W) in [-1, 1], which clip frames they are, whether the first is the fixed neighbour
@@ -51,7 +53,7 @@ class Region:
 
     def noised(self, frames: slice, alpha_prod: float) -> torch.Tensor:
         """The source at the level of ``alpha_prod``: ``sqrt(abar) z_src + sqrt(1 - abar) n``."""
-        return math.sqrt(alpha_prod) * self.source[frames] + math.sqrt(1.0 - alpha_prod) * self.noise[frames]
+        return sdedit_start(self.source[frames], self.noise[frames], alpha_prod)
 
     def blend(self, z: torch.Tensor, frames: slice, alpha_prod: float) -> torch.Tensor:
         mask = self.mask[frames]
@@ -59,8 +61,12 @@ class Region:
 
 
 def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Frames in [-1, 1] from SD latents (differentiable); a pixel model's ``z`` (no ``vae``) are the frames."""
-    return latents if vae is None else vae.decode(latents / vae.config.scaling_factor).sample
+    """Frames from SD latents, differentiable (``core.vae.decode_latents`` is not, and clamps); a pixel model's ``z``
+    (no ``vae``) are the frames."""
+    if vae is None:
+        return latents
+    scale, shift = latent_scale(vae)
+    return vae.decode(latents / scale + shift).sample
 
 
 def predict_noise(unet: Any, z: torch.Tensor, t: int, embeds: torch.Tensor | None) -> torch.Tensor:
