@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/soundini.py
 	$(BIN)/python benchmarks/soundini.py --backbone adm
 	$(BIN)/python benchmarks/metrics.py
+	$(BIN)/python benchmarks/compare.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

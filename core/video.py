@@ -520,3 +520,26 @@ def _audio_frame(samples: np.ndarray, pts: int, sample_rate: int) -> av.AudioFra
     frame.sample_rate = sample_rate
     frame.pts = pts
     return frame
+
+
+def encode_webm(frames: np.ndarray, fps: Fraction | float, *, crf: int = 32) -> bytes:
+    """``frames`` (uint8 ``(F, H, W, 3)`` RGB) as a silent VP9 WebM, for previews a browser plays.
+
+    VP9 in WebM is the royalty-free pair every Chromium and Firefox build decodes (open-source
+    Chromium builds may lack H.264). An odd width or height is padded by one edge pixel (yuv420p).
+    """
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"frames must be uint8 of shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(10000)
+    with tempfile.TemporaryDirectory(prefix="reelflow-webm-") as tmp:
+        path = os.path.join(tmp, "preview.webm")
+        with av.open(path, "w", format="webm") as container:
+            stream = container.add_stream("libvpx-vp9", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            stream.options = {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(stream.encode())
+        with open(path, "rb") as f:
+            return f.read()

@@ -205,7 +205,7 @@ def list_library(library: str, settings: Settings) -> list[Clip]:
     if not found:
         raise SpecError(f"library {library!r} holds no clips; check the glob or the manifest")
     clips = [_clip(fs, entry, base) for entry, base in found]
-    _check_unique(clips)
+    check_unique(clips)
     return clips
 
 
@@ -274,7 +274,7 @@ def _folder(path: str, base: str) -> str:
     return ""
 
 
-def _check_unique(clips: list[Clip]) -> None:
+def check_unique(clips: list[Clip]) -> None:
     seen: dict[tuple[str, str], str] = {}
     for clip in clips:
         other = seen.setdefault((clip.folder, clip.stem), clip.url)

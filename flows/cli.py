@@ -1,4 +1,4 @@
-"""The ``reelflow`` command line: run, bulk, demo, inspect, list, gc, serve-pictures, models tiny.
+"""The ``reelflow`` command line: run, bulk, compare, demo, inspect, list, gc, serve-pictures, models tiny.
 
 Errors a user can cause end in one line on stderr and a non-zero exit; ``--debug`` shows the
 traceback.
@@ -54,6 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a spec field (repeatable)")
     bulk.set_defaults(handler=commands.bulk)
+
+    compare = add("compare", help="run several presets or specs on the same clips; one table of metrics and costs",
+                  description="Run every method on every clip, computing the stages they share (decode, VAE, depth, "
+                  "flow) once, and write <name>.csv, .json and .html (one row per method and clip) under --output, "
+                  "beside each edit's video, manifest and report. Set REELFLOW_MAX_CONCURRENCY=1 for per-stage "
+                  "seconds and memory to compare methods by.")  # fmt: skip
+    compare.add_argument("methods", nargs="+", metavar="METHOD",
+                         help="preset name or spec file, optionally labelled: LABEL=PRESET (e.g. strong=fatezero-style)")
+    compare.add_argument("--clip", dest="clips", action="append", default=[], metavar="CLIP",
+                         help="a video, folder, glob or library manifest (repeatable; default: the specs' input)")
+    compare.add_argument("--store", help="artifact store URL (overrides the specs and REELFLOW_STORE)")
+    compare.add_argument("--output", help="where the edits and the table go (default: the first spec's output)")
+    compare.add_argument("--name", default="comparison",
+                         help="names the table's files <name>.csv, .json, .html: lowercase letters, digits, - and _ "
+                              "(default: comparison)")  # fmt: skip
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="[LABEL:]KEY=VALUE",
+                         help="override a spec field of every method, or of the one labelled LABEL (repeatable)")
+    compare.add_argument("--demo", action="store_true",
+                         help="wire every method to the demo's synthetic clip and tiny models (see `reelflow demo`)")
+    compare.add_argument("--workdir", default="demo", help="with --demo: where the clip, models and store go (default: demo)")
+    compare.set_defaults(handler=commands.compare)
 
     demo = add("demo", help="run a preset on a synthetic clip with a tiny model", description=DEMO_DESCRIPTION)
     demo.add_argument("--workdir", default="demo", help="where the clip, models, store and outputs go (default: demo)")

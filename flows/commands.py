@@ -11,7 +11,7 @@ import re
 import socket
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reelflow.deployments import spec_path
@@ -126,6 +126,57 @@ def serve_pictures(args: argparse.Namespace) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from reelflow.flows.compare import compare_methods, resolve_methods
+    from reelflow.flows.runners import task_runner
+    from reelflow.schemas.errors import StageFailed
+    from reelflow.schemas.manifest import COMPARISON_NAME
+
+    methods, specs = list(args.methods), []
+    if args.demo:
+        from reelflow.flows.demo import prepare_demo
+
+        workdir = Path(args.workdir).resolve()
+        for item in methods:
+            label, sep, preset = item.partition("=")
+            spec = prepare_demo(workdir, preset if sep else item)
+            specs.append(load_spec(spec.model_dump(mode="json"), [f"name={label}"]) if sep else spec)
+        methods = []
+    if not re.fullmatch(COMPARISON_NAME, args.name):
+        raise SpecError(f"--name {args.name!r} must be lowercase letters, digits, - and _ (it names the table's files)")
+    pipelines = resolve_methods(methods, specs, args.overrides)  # a bad method or override stops here, before a run starts
+    compare = compare_methods.with_options(task_runner=task_runner(Settings()))  # REELFLOW_TASK_RUNNER, _MAX_CONCURRENCY
+    try:
+        comparison = compare(methods=methods, specs=specs, clips=args.clips, overrides=args.overrides,
+                             store=args.store, output=args.output, name=args.name)  # fmt: skip
+    except StageFailed:  # the table is written either way: show it, then the failure
+        from reelflow.schemas.manifest import Comparison
+        from reelflow.storage.files import join_url, normalize_url, url_to_fs
+
+        fs, path = url_to_fs(join_url(normalize_url(args.output or pipelines[0].output), f"{args.name}.json"))
+        if fs.isfile(path):
+            print_comparison(Comparison.model_validate_json(fs.cat_file(path)))
+        raise
+    print_comparison(comparison)
+    return 0
+
+
+def print_comparison(comparison: Any) -> None:
+    names = list(dict.fromkeys(name for row in comparison.rows for name in row.metrics))
+    width = max(len("method"), *(len(row.method) for row in comparison.rows))
+    print(f"\n{'method':<{width}}  {'clip':<16} {'stage s':>8} {'computed':>8}  " + "  ".join(names))
+    for row in comparison.rows:
+        values = "  ".join(f"{row.metrics[n]:>{len(n)}.4g}" if row.metrics.get(n) is not None else f"{'-':>{len(n)}}"
+                           for n in names)  # fmt: skip
+        clip = PurePosixPath(row.clip).name
+        print(f"{row.method:<{width}}  {clip[:16]:<16} {row.stage_seconds:>8.2f} {row.computed_seconds:>8.2f}  {values}")
+    saved = comparison.stage_seconds - comparison.computed_seconds
+    print(f"\n{comparison.stages_planned} stages planned, {comparison.stages_distinct} distinct: {comparison.computed_seconds:.2f} s "
+          f"computed for {comparison.stage_seconds:.2f} s the edits need ({saved:.2f} s shared or reused)")  # fmt: skip
+    for name, url in comparison.outputs.items():
+        print(f"  {name:<7} {url}")
 
 
 def demo(args: argparse.Namespace) -> int:

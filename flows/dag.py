@@ -6,7 +6,8 @@ before running lets the engine tell Prefect which cache records to trust (see ta
 lets a run manifest say what was cached.
 
 Execution submits a stage as soon as all its inputs are done, so independent branches run at once
-on the flow's bounded task runner. A failed stage fails its descendants (they are skipped) but
+on the flow's bounded task runner. A key planned twice (by two stages, or by two runs executed together,
+as a comparison of methods on one clip does) runs once. A failed stage fails its descendants (they are skipped) but
 never its siblings.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,37 +145,68 @@ def execute(
     planned: list[PlannedStage], store: ArtifactStore, *, result_storage: Path | WritableFileSystem | None
 ) -> dict[str, Outcome]:
     """Run the planned stages on the current flow's task runner; returns an outcome per stage id."""
-    by_id = {p.id: p for p in planned}
+    return execute_runs([planned], store, result_storage=result_storage)[0]
+
+
+def execute_runs(
+    runs: Sequence[Sequence[PlannedStage]], store: ArtifactStore, *, result_storage: Path | WritableFileSystem | None
+) -> list[dict[str, Outcome]]:
+    """Run the stages of several planned runs as one DAG; returns each run's outcomes by stage id.
+
+    A key planned more than once (the decode and VAE stages two methods share on one clip) runs once: the
+    first stage to plan it computes it, and every other stage with that key reports it ``cached`` with no
+    seconds of its own (its ``compute_seconds`` still say what it cost).
+    """
+    unique: dict[str, PlannedStage] = {}
+    for planned in runs:
+        for stage in planned:
+            unique.setdefault(stage.key, stage)
+    by_key = _execute_unique(list(unique.values()), store, result_storage)
+    return [{s.id: by_key[s.key] if unique[s.key] is s else _shared(by_key[s.key], s) for s in planned} for planned in runs]
+
+
+def _shared(outcome: Outcome, stage: PlannedStage) -> Outcome:
+    status = "cached" if outcome.record.status == "computed" else outcome.record.status
+    return Outcome(outcome.record.model_copy(update={"name": stage.id, "status": status, "seconds": 0.0}), outcome.ref)
+
+
+def _execute_unique(
+    planned: list[PlannedStage], store: ArtifactStore, result_storage: Path | WritableFileSystem | None
+) -> dict[str, Outcome]:
+    """Submit each stage as soon as its inputs are done; outcomes by stage key (one stage per key)."""
+    by_key = {p.key: p for p in planned}
     outcomes: dict[str, Outcome] = {}
     running: dict[PrefectFuture, tuple[str, float]] = {}
     futures: dict[str, PrefectFuture] = {}
     while len(outcomes) < len(planned):
-        for stage in _ready(planned, outcomes, {stage_id for stage_id, _ in running.values()}):
+        for stage in _ready(planned, outcomes, {key for key, _ in running.values()}):
             blocked = _failed_input(stage, outcomes)
             if blocked:
-                outcomes[stage.id] = Outcome(_record(stage, "skipped", 0.0, error=f"input {blocked!r} did not complete"))
+                error = f"input {by_key[blocked].id!r} did not complete"
+                outcomes[stage.key] = Outcome(_record(stage, "skipped", 0.0, error=error))
                 continue
-            future = _submit(stage, store, [futures[d] for d in stage.node.inputs.values()], result_storage)
-            futures[stage.id] = future
-            running[future] = (stage.id, time.perf_counter())
+            future = _submit(stage, store, [futures[d] for d in _inputs(stage)], result_storage)
+            futures[stage.key] = future
+            running[future] = (stage.key, time.perf_counter())
         if not running:
             continue
         future = next(iter(as_completed(list(running))))
-        stage_id, started = running.pop(future)
-        outcomes[stage_id] = _outcome(by_id[stage_id], future, store, time.perf_counter() - started)
-    return {p.id: outcomes[p.id] for p in planned}
+        key, started = running.pop(future)
+        outcomes[key] = _outcome(by_key[key], future, store, time.perf_counter() - started)
+    return outcomes
+
+
+def _inputs(stage: PlannedStage) -> list[str]:
+    """The keys of the stages ``stage`` reads."""
+    return [ref.key for ref in stage.call.inputs.values()]
 
 
 def _ready(planned: list[PlannedStage], outcomes: Mapping[str, Outcome], active: set[str]) -> list[PlannedStage]:
-    return [
-        p
-        for p in planned
-        if p.id not in outcomes and p.id not in active and all(d in outcomes for d in p.node.inputs.values())
-    ]
+    return [p for p in planned if p.key not in outcomes and p.key not in active and all(d in outcomes for d in _inputs(p))]
 
 
 def _failed_input(stage: PlannedStage, outcomes: Mapping[str, Outcome]) -> str | None:
-    for dep in stage.node.inputs.values():
+    for dep in _inputs(stage):
         if outcomes[dep].record.status in ("failed", "skipped"):
             return dep
     return None

@@ -4,6 +4,7 @@ export the output video and write the run manifest next to it."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from reelflow.deployments import preset_names, spec_path
 from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_models
+from reelflow.flows.reports import edit_report, read_edit
 from reelflow.flows.runners import default_task_runner, supervised, task_runner
 from reelflow.flows.sources import check_sources, hash_sources, without_absent_optional_sources
 from reelflow.schemas.calls import SourceRef, StoreSpec
@@ -29,7 +31,7 @@ from reelflow.storage.files import human_bytes, join_url, options_for, url_to_fs
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks.artifacts import markdown_table, publish_markdown, publish_table
+from reelflow.tasks.artifacts import browser_url, markdown_table, publish_link, publish_markdown, publish_table
 from reelflow.tasks.preflight import preflight
 from reelflow.tasks.models import resolve_device, resolve_dtype
 
@@ -158,13 +160,17 @@ def check_concurrency_limit(name: str) -> None:
         raise SpecError(f"global concurrency limit {name!r} is inactive; activate it (prefect gcl enable {name})")
 
 
-def prepare_run(spec: PipelineSpec, settings: Settings) -> PreparedRun:
+def prepare_run(
+    spec: PipelineSpec, settings: Settings, *, run_id: str | None = None, hashed: dict[tuple[str, str], SourceRef] | None = None
+) -> PreparedRun:
     """Check the inputs, hash the sources, plan every stage key and run the stages' preflight checks
-    (a method refusing its input says so here, before any model loads); nothing heavy runs here."""
+    (a method refusing its input says so here, before any model loads); nothing heavy runs here.
+
+    ``hashed`` carries source hashes between runs prepared together (see :func:`hash_sources`)."""
     spec = without_absent_optional_sources(spec, settings)
     store, urls = check_inputs(spec, settings)
-    sources = hash_sources(spec, urls, settings)
-    run_id = str(flow_run.id or uuid.uuid4())
+    sources = hash_sources(spec, urls, settings, hashed)
+    run_id = run_id or str(flow_run.id or uuid.uuid4())
     dtype = resolve_dtype(settings, resolve_device(settings))
     store_spec = StoreSpec(url=store.url, storage_options=settings.storage_options)
     planned = plan_run(spec, sources=sources, store=store_spec, run_id=run_id, default_dtype=dtype,
@@ -196,8 +202,24 @@ def finish_run(run: PreparedRun, outcomes: dict[str, Outcome], started: float) -
         metrics=metrics,
         cost=RunCost.of(records),
     )
-    outputs["manifest"] = write_bytes(outputs["manifest"], manifest.model_dump_json(indent=2).encode(), _out_opts(run))
-    return manifest.model_copy(update={"outputs": outputs})
+    report = None
+    if run.settings.reports:
+        report = write_report(join_url(run.spec.output, f"{stem}.report.html"), manifest, run.store, _out_opts(run))
+    if report is not None:
+        manifest = manifest.model_copy(update={"outputs": {**manifest.outputs, "report": report}})
+    written = write_bytes(manifest.outputs["manifest"], manifest.model_dump_json(indent=2).encode(), _out_opts(run))
+    return manifest.model_copy(update={"outputs": {**manifest.outputs, "manifest": written}})
+
+
+def write_report(url: str, manifest: RunManifest, store: ArtifactStore, options: dict) -> str | None:
+    """The edit's HTML report at ``url`` (see flows.reports); its URL, or None where it could not be made, which
+    never fails the edit: the report is a view of work already stored."""
+    try:
+        page = edit_report(read_edit(manifest, store))
+        return write_bytes(url, page.encode(), options, content_type="text/html; charset=utf-8")
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("no report for %s: %s: %s", manifest.pipeline, type(exc).__name__, exc)
+        return None
 
 
 def _record(ref: SourceRef) -> SourceRecord:
@@ -269,6 +291,9 @@ def publish_run(manifest: RunManifest) -> None:
         for name, value in values.items()
     ]
     publish_table(f"metrics-{clip}-{manifest.pipeline}", metrics, description=f"{manifest.pipeline}: {stem}")
+    if "report" in manifest.outputs:
+        publish_link(f"report-{clip}-{manifest.pipeline}", browser_url(manifest.outputs["report"], Settings()),
+                     f"{manifest.pipeline} on {stem}: report", description="source and output, pictures, metrics, costs")  # fmt: skip
 
 
 def _size(value: int | None) -> str:

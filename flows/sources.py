@@ -105,9 +105,22 @@ def check_sources(spec: PipelineSpec, settings: Settings) -> dict[str, str]:
     return urls
 
 
-def hash_sources(spec: PipelineSpec, urls: dict[str, str], settings: Settings) -> dict[str, SourceRef]:
-    """Each source's content key (sha256 of its size and bytes), size and resolved URL."""
-    return {name: hash_source(url, spec.source_kinds[name], settings, name=name) for name, url in urls.items()}
+def hash_sources(
+    spec: PipelineSpec, urls: dict[str, str], settings: Settings, known: dict[tuple[str, str], SourceRef] | None = None
+) -> dict[str, SourceRef]:
+    """Each source's content key (sha256 of its size and bytes), size and resolved URL.
+
+    ``known`` (URL, kind) -> ref, filled as files are hashed, lets several pipelines on the same clips
+    (a comparison of methods) read each file once.
+    """
+    known = {} if known is None else known
+    refs = {}
+    for name, url in urls.items():
+        kind = spec.source_kinds[name]
+        if (url, kind) not in known:
+            known[url, kind] = hash_source(url, kind, settings, name=name)
+        refs[name] = known[url, kind]
+    return refs
 
 
 def hash_source(url: str, kind: str, settings: Settings, *, name: str = VIDEO) -> SourceRef:

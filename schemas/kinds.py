@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field
 
@@ -104,6 +104,8 @@ class EncodedVideo(Attrs):
 
 class Metrics(Attrs):
     metrics: dict[str, float] = Field(description="Metric name -> mean over frames.")
+    better: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict, description="Metric name -> which way is good.")
+    descriptions: dict[str, str] = Field(default_factory=dict, description="Metric name -> what it measures, for reports.")
 
 
 register_kind("video_frames", VideoFrames, "frames decoded from the source video (uint8), their indices, its audio")

@@ -75,3 +75,50 @@ class RunManifest(Model):
     outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> URL (videos, the manifest).")
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Metrics stage id -> mean values.")
     cost: RunCost | None = Field(default=None, description="Seconds, bytes and peak memory over the stages.")
+
+
+COMPARISON_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+class ComparisonRow(Model):
+    """One method on one clip: its metrics and what it cost."""
+
+    method: str = Field(description="The pipeline's name (its label in the comparison).")
+    clip: str
+    status: Literal["completed", "failed"]
+    seed: int
+    models: dict[str, str] = Field(default_factory=dict, description="Role -> model id (@ the commit a hub revision resolved to).")
+    frames: int | None = Field(default=None, description="Frames the pipeline worked on.")
+    width: int | None = None
+    height: int | None = None
+    fps: str | None = None
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Metric -> mean, None where it had no finite value (``stage.metric`` where an edit has several metrics stages).",
+    )
+    stage_seconds: float = Field(description="Seconds its stages took to compute, whichever edit or earlier run computed them.")
+    computed_seconds: float = Field(description="Of those, the seconds computed for this row in this comparison.")
+    peak_memory: int | None = Field(default=None, description="The largest peak resident memory of its stages.")
+    peak_gpu_memory: int | None = None
+    bytes: int = Field(description="Bytes of its intermediates in the store.")
+    output: str | None = None
+    report: str | None = None
+    manifest: str | None = None
+    error: str | None = None
+
+
+class Comparison(Model):
+    """Several methods on the same clips (``reelflow compare``)."""
+
+    name: str = Field(pattern=COMPARISON_NAME, description="Names its files: <name>.csv, .json, .html.")
+    methods: list[str]
+    clips: list[str]
+    store: str
+    seconds: float = Field(description="Wall seconds of the edits.")
+    stages_planned: int = Field(description="Stages over all edits.")
+    stages_distinct: int = Field(description="Distinct stage keys among them: what had to exist once.")
+    stage_seconds: float = Field(description="Sum of the rows' stage seconds: the edits' cost one by one.")
+    computed_seconds: float = Field(description="Stage seconds computed in this comparison, each shared stage once.")
+    better: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict, description="Metric column -> which way is good.")
+    rows: list[ComparisonRow]
+    outputs: dict[str, str] = Field(default_factory=dict, description="csv, json and report URLs.")

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         default=None, description="Where from_pretrained caches hub downloads (None: the Hugging Face default)."
     )
     max_concurrency: int = Field(
-        default=2, ge=1, le=64, description="How many independent stages of one edit run at once."
+        default=2, ge=1, le=64, description="How many independent stages of one edit (or of a comparison's edits) run at once."
     )
     lease_seconds: float = Field(
         default=900.0,
@@ -72,4 +72,7 @@ class Settings(BaseSettings):
     )
     picture_url_seconds: int = Field(
         default=7 * 86400, gt=0, le=7 * 86400, description="Lifetime of presigned picture URLs on object stores."
+    )
+    reports: bool = Field(
+        default=True, description="Write each edit's HTML report beside its manifest (false skips reading frames back for it)."
     )

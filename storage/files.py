@@ -12,14 +12,17 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
-def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> str:
+def write_bytes(
+    url: str, data: bytes, storage_options: Mapping[str, Any] | None = None, *, content_type: str | None = None
+) -> str:
     """Write ``data`` to ``url`` so readers see the old file or the new one, never half of it.
 
-    Local disks: a temporary sibling, then ``os.replace``. Object stores: one PUT, atomic per object.
+    Local disks: a temporary sibling, then ``os.replace``. Object stores: one PUT, atomic per object,
+    with ``content_type`` on S3 (so a presigned link to an HTML file opens it rather than downloading it).
     Returns the written path (local) or URL.
     """
     fs, path = fsspec.url_to_fs(url, **dict(storage_options or {}))
-    put_atomic(fs, path, data)
+    put_atomic(fs, path, data, content_type=content_type)
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
@@ -33,7 +36,7 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     return fsspec.url_to_fs(normalize_url(url), **options_for(url, storage_options))
 
 
-def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+def put_atomic(fs: AbstractFileSystem, path: str, data: bytes, *, content_type: str | None = None) -> None:
     """Write one whole file on ``fs``: temp + ``os.replace`` locally, a single PUT elsewhere."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
@@ -48,7 +51,11 @@ def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
             if os.path.exists(temp):
                 os.remove(temp)
         return
-    fs.pipe_file(path, data)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if content_type and {"s3", "s3a"} & set(protocols):
+        fs.pipe_file(path, data, ContentType=content_type)
+    else:
+        fs.pipe_file(path, data)
 
 
 def normalize_url(url: str) -> str:

@@ -24,15 +24,16 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
 from reelflow.schemas.settings import Settings
-from reelflow.storage.files import human_bytes, put_atomic
+from reelflow.storage.files import human_bytes, is_local, put_atomic, url_to_fs
 from reelflow.storage.store import PICTURES, ArtifactStore
 
 MIN_TILE = 96
@@ -135,6 +136,24 @@ def publish_table(name: str, rows: list[dict[str, Any]], description: str = "") 
     """A keyed table artifact, one row per dict, only inside a Prefect run (best effort too)."""
     if in_run() and rows:
         _best_effort(create_table_artifact, rows, key=artifact_key(name), description=description)
+
+
+def publish_link(name: str, url: str, text: str, description: str = "") -> None:
+    """A keyed link artifact, only inside a Prefect run (best effort too)."""
+    if in_run():
+        _best_effort(create_link_artifact, url, link_text=text, key=artifact_key(name), description=description)
+
+
+def browser_url(url: str, settings: Settings) -> str:
+    """A URL a browser can open for a file the run wrote: a presigned one on an object store where it can sign,
+    else ``file://`` for a local path (opens on this machine), else ``url`` itself."""
+    if is_local(url):
+        return Path(url.removeprefix("file://")).resolve().as_uri()
+    fs, path = url_to_fs(url, settings.storage_options)
+    try:
+        return fs.sign(path, expiration=settings.picture_url_seconds)
+    except Exception:  # noqa: BLE001  (unsignable: the plain URL still says where it is)
+        return url
 
 
 def _best_effort(create: Any, *args: Any, **kwargs: Any) -> None:

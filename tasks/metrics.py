@@ -164,7 +164,8 @@ def _compute(ctx: StageContext) -> Metrics:
         means[name] = round(float(finite.mean()), 6) if finite.size else float("nan")
         per_frame[name] = values
     _publish(ctx, inputs.source, inputs.edited, means, per_frame)
-    return Metrics(metrics=means)
+    return Metrics(metrics=means, better={name: METRICS[name].better for name in means},
+                   descriptions={name: METRICS[name].description for name in means})  # fmt: skip
 
 
 def _publish(
