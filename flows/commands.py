@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import socket
-import sys
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any

@@ -31,7 +31,7 @@ from pydantic import Field
 from reelflow.deployments import spec_path
 from reelflow.flows.bulk import Clip, check_unique, clip_pipeline, list_library
 from reelflow.flows.dag import execute_runs
-from reelflow.flows.edit import PreparedRun, finish_run, prepare_run, publish_run, result_storage
+from reelflow.flows.edit import PreparedRun, finish_run, prepare_run, publish_cached_cards, publish_run, result_storage
 from reelflow.flows.reports import EditView, Raw, comparison_report, html_table, link, read_edit
 from reelflow.flows.runners import default_task_runner, supervised
 from reelflow.schemas.calls import SourceRef
@@ -93,8 +93,9 @@ def compare_methods(
     with Leases(runs[0].store).holding(run_id, keys, settings.lease_seconds):
         outcomes = execute_runs([r.planned for r in runs], runs[0].store, result_storage=result_storage(runs[0].store))
         manifests = [finish_run(run, outcome, started) for run, outcome in zip(runs, outcomes, strict=True)]
-    for manifest in manifests:
-        publish_run(manifest)
+    for run, outcome, manifest in zip(runs, outcomes, manifests, strict=True):
+        publish_cached_cards(run, outcome)
+        publish_run(manifest, run.planned, run.store)
     comparison = write_comparison(name, root, runs, manifests, settings, seconds=time.time() - started)
     logger.info("wrote %s", ", ".join(comparison.outputs.values()))
     failed = [row for row in comparison.rows if row.status != "completed"]

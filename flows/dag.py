@@ -28,11 +28,12 @@ from reelflow.schemas.calls import InputRef, ResolvedModel, SourceRef, StageCall
 from reelflow.schemas.errors import ModelError, SpecError
 from reelflow.schemas.graph import Node
 from reelflow.schemas.manifest import StageRecord
-from reelflow.schemas.pipeline import ModelSpec, PipelineSpec
+from reelflow.schemas.pipeline import VIDEO, ModelSpec, PipelineSpec
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.keys import stage_key
 from reelflow.storage.store import ArtifactStore
 from reelflow.tasks import load_implementations, task_for
+from reelflow.tasks.artifacts import clip_label
 
 
 load_implementations()  # every method's tasks, checked against the declarations: a mismatch stops here
@@ -68,8 +69,9 @@ def plan_run(
     stages load exactly that.
     """
     models = resolve_models(spec, default_dtype, cache_dir)
+    clip = clip_label(sources[VIDEO].url) if VIDEO in sources else ""
     planned: dict[str, PlannedStage] = {}
-    for node in spec.graph.order():
+    for position, node in enumerate(spec.graph.order()):
         producers = {slot: planned[src] for slot, src in node.inputs.items()}
         inputs = {slot: InputRef(stage=p.call.stage_type, key=p.key, kind=p.node.spec.produces) for slot, p in producers.items()}
         roles = {role: _fitting(node, role, name, models[name]) for role, name in node.models.items()}
@@ -84,7 +86,7 @@ def plan_run(
             seed=spec.seed if node.spec.seeded() else None,
         )
         call = StageCall(pipeline=spec.name, stage=node.spec, key=key, inputs=inputs, models=roles, sources=files,
-                         seed=spec.seed, store=store, run_id=run_id)  # fmt: skip
+                         seed=spec.seed, store=store, run_id=run_id, clip=clip, position=position)  # fmt: skip
         planned[node.id] = PlannedStage(node, call)
     return list(planned.values())
 

@@ -17,7 +17,8 @@ from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 
 from reelflow.deployments import preset_names, spec_path
 from reelflow.flows.dag import Outcome, PlannedStage, execute, plan_run, resolve_models
-from reelflow.flows.reports import edit_report, read_edit
+from reelflow.flows.previews import PREVIEW_FRAMES, side_by_side
+from reelflow.flows.reports import edit_report, read_clips, read_edit
 from reelflow.flows.runners import default_task_runner, supervised, task_runner
 from reelflow.flows.sources import check_sources, hash_sources, without_absent_optional_sources
 from reelflow.schemas.calls import SourceRef, StoreSpec
@@ -27,11 +28,13 @@ from reelflow.schemas.loading import load_spec, validate_spec
 from reelflow.schemas.manifest import RunCost, RunManifest, SourceRecord
 from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
-from reelflow.storage.files import human_bytes, join_url, options_for, url_to_fs, write_bytes
+from reelflow.storage.files import human_bytes, join_url, options_for, write_bytes
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks.artifacts import browser_url, markdown_table, publish_link, publish_markdown, publish_table
+from reelflow.tasks.artifacts import (EMBED_BYTES, browser_url, clip_label, in_run, markdown_table, picture_markdown, publish_link, publish_markdown,
+                                      publish_table, resolve_pictures)
+from reelflow.tasks.cards import card_link, republish_card
 from reelflow.tasks.preflight import preflight
 from reelflow.tasks.models import resolve_device, resolve_dtype
 
@@ -94,7 +97,8 @@ def edit_video(
         manifest = finish_run(run, outcomes, started)
     for record in manifest.stages:
         logger.info("%-16s %-9s %7.2fs %s", record.name, record.status, record.seconds, record.key[:12])
-    publish_run(manifest)
+    publish_cached_cards(run, outcomes)
+    publish_run(manifest, run.planned, run.store)
     if manifest.status == "failed":
         failed = next(r for r in manifest.stages if r.status == "failed")
         raise StageFailed(f"stage {failed.name!r} failed: {failed.error} (manifest: {manifest.outputs['manifest']})")
@@ -267,19 +271,31 @@ def result_storage(store: ArtifactStore) -> Path | WritableFileSystem | None:
     return block
 
 
-def publish_run(manifest: RunManifest) -> None:
-    """The edit's summary in the UI: every stage with its status, key and artifact, the outputs, the metrics."""
+def publish_cached_cards(run: PreparedRun, outcomes: dict[str, Outcome]) -> None:
+    """Each cached stage's card again, in this run (its computing run's card, named as that run's)."""
+    for planned in run.planned:
+        if outcomes[planned.id].record.status == "cached":
+            republish_card(planned.call, run.store, run.settings)
+
+
+def publish_run(manifest: RunManifest, planned: list[PlannedStage] | None = None, store: ArtifactStore | None = None) -> None:
+    """The edit's summary in the UI: the source and output playing side by side (with the ``store``), every stage
+    with its status, key, artifact and a link to its card (where the UI's address is known), the outputs, the
+    metrics."""
     stem = PurePosixPath(manifest.input.url).stem
-    # The clip's URL hash keeps intro.mp4 of one folder apart from intro.mp4 of another.
-    clip = f"{stem}-{hashlib.sha256(manifest.input.url.encode()).hexdigest()[:6]}"
-    rows = [(f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s", _size(r.peak_memory), _size(r.bytes), f"`{r.key[:12]}`",
-             f"`{r.artifact or r.error or ''}`") for r in manifest.stages]  # fmt: skip
+    clip = clip_label(manifest.input.url)  # the URL's hash keeps intro.mp4 of one folder apart from another's
+    done = {r.name for r in manifest.stages if r.status in ("computed", "cached")}
+    links = {p.id: card_link(p.call) for p in planned or () if p.id in done}
+    rows = [(f"[`{r.name}`]({links[r.name]})" if links.get(r.name) else f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s",
+             _size(r.peak_memory), _size(r.bytes), f"`{r.key[:12]}`", f"`{r.artifact or r.error or ''}`")
+            for r in manifest.stages]  # fmt: skip
     cost = manifest.cost
     spent = (f"; computed {cost.computed_seconds:.1f} s, stored {human_bytes(cost.stored_bytes)}, reused "
              f"{human_bytes(cost.reused_bytes)} ({cost.reused_seconds:.1f} s saved)") if cost else ""  # fmt: skip
     lines = [
         f"### {manifest.pipeline} on `{manifest.input.url}`: {manifest.status} in {manifest.seconds:.1f} s{spent}",
         "",
+        *((preview, "") if (preview := _preview(manifest, store)) else ()),
         markdown_table(("stage", "type", "status", "time", "peak memory", "bytes", "key", "artifact"), rows),
         "",
         *(f"- {name}: `{url}`" for name, url in manifest.outputs.items()),
@@ -294,6 +310,24 @@ def publish_run(manifest: RunManifest) -> None:
     if "report" in manifest.outputs:
         publish_link(f"report-{clip}-{manifest.pipeline}", browser_url(manifest.outputs["report"], Settings()),
                      f"{manifest.pipeline} on {stem}: report", description="source and output, pictures, metrics, costs")  # fmt: skip
+
+
+def _preview(manifest: RunManifest, store: ArtifactStore | None) -> str | None:
+    """Markdown of the source (left) and output (right) playing side by side, kept beside the output's pictures."""
+    if store is None or not in_run():
+        return None
+    try:
+        source, output, record = read_clips(manifest, store, limit=PREVIEW_FRAMES)
+        if output is None:
+            return None
+        settings = Settings()
+        embedded = settings.pictures_url is None and store.atomic_rename  # no server, no presigning: a data URL
+        webp = side_by_side(source, output, max_bytes=EMBED_BYTES if embedded else None)
+        kept = picture_markdown(store, record.stage, record.key, "preview", webp, suffix="webp")
+        return resolve_pictures(kept.replace("![preview]", "![source and output]"), store, settings)
+    except Exception as exc:  # noqa: BLE001  (a view of work already done)
+        logging.getLogger(__name__).warning("no preview for %s: %s", manifest.pipeline, exc)
+        return None
 
 
 def _size(value: int | None) -> str:

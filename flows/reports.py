@@ -99,14 +99,9 @@ def read_edit(manifest: RunManifest, store: ArtifactStore, label: str | None = N
     """The edit's frames, pictures and metrics from ``store``; what cannot be read (a failed stage, an artifact
     collected since) is left out with a warning, never an error: a report of a failed edit still shows what ran."""
     view = EditView(manifest=manifest, label=label or manifest.pipeline)
+    view.source, view.output, _ = read_clips(manifest, store)
     done = {r.name: r for r in manifest.stages if r.status in ("computed", "cached")}
     nodes = {node.id: node for node in manifest.spec.graph.order()}
-    source_id = next((n.id for n in nodes.values() if n.spec.produces == _SOURCE_KIND and VIDEO in n.sources.values()), None)
-    if source_id in done:
-        view.source = _best_effort(f"the frames of {source_id}", _read_clip, store, done[source_id], None)
-    output_id = _output_stage(nodes)
-    if output_id in done and view.source is not None:
-        view.output = _best_effort(f"the frames of {output_id}", _read_clip, store, done[output_id], view.source)
     for node in nodes.values():
         record = done.get(node.id)
         if record is None:
@@ -116,6 +111,22 @@ def read_edit(manifest: RunManifest, store: ArtifactStore, label: str | None = N
         if any(e.kind == "metrics" for e in node.spec.exports):
             view.series += _best_effort(f"the metrics of {node.id}", _series, store, record) or []
     return view
+
+
+def read_clips(
+    manifest: RunManifest, store: ArtifactStore, limit: int | None = None
+) -> tuple[Clip | None, Clip | None, StageRecord | None]:
+    """The source frames the pipeline decoded, the output frames it exported, and the output's stage record (None for
+    what the run did not make or the store no longer holds); at most ``limit`` frames of each, evenly spaced."""
+    done = {r.name: r for r in manifest.stages if r.status in ("computed", "cached")}
+    nodes = {node.id: node for node in manifest.spec.graph.order()}
+    source_id = next((n.id for n in nodes.values() if n.spec.produces == _SOURCE_KIND and VIDEO in n.sources.values()), None)
+    source = _best_effort(f"the frames of {source_id}", _read_clip, store, done[source_id], None, limit) if source_id in done else None
+    output_id = _output_stage(nodes)
+    if output_id not in done or source is None:
+        return source, None, None
+    output = _best_effort(f"the frames of {output_id}", _read_clip, store, done[output_id], source, limit)
+    return source, output, done[output_id]
 
 
 def _best_effort(what: str, read: Callable[..., T], *args: object) -> T | None:
@@ -137,16 +148,20 @@ def _output_stage(nodes: dict[str, Node]) -> str | None:
     return made[-1] if made else None
 
 
-def _read_clip(store: ArtifactStore, record: StageRecord, source: Clip | None) -> Clip:
+def _read_clip(store: ArtifactStore, record: StageRecord, source: Clip | None, limit: int | None = None) -> Clip:
     group = store.open(record.stage, record.key)
-    frames = np.asarray(group["frames"][:])
+    count = group["frames"].shape[0]
+    shown = np.arange(count) if limit is None or count <= limit else np.unique(np.linspace(0, count - 1, limit).round().astype(int))
+    frames = np.asarray(group["frames"].oindex[shown])
+    rate_scale = count / len(shown)  # a thinned clip plays over the same duration
     if source is not None:  # made frames share the source's numbers and rate
         if len(frames) != len(source.frames):
-            return Clip(frames, np.arange(len(frames)), np.arange(len(frames)) / float(source.fps), source.fps)
+            return Clip(frames, shown, shown / float(source.fps), source.fps)
         return Clip(frames, source.numbers, source.times, source.fps)
     attrs = VideoFrames.read(group.attrs)
-    numbers = np.asarray(group["frame_index"][:]) if "frame_index" in group else np.arange(len(frames))
-    return Clip(frames, numbers, numbers / float(Fraction(attrs.source_video.fps)), Fraction(attrs.fps))
+    numbers = np.asarray(group["frame_index"][:])[shown] if "frame_index" in group else shown
+    fps = Fraction(attrs.fps) / Fraction(rate_scale).limit_denominator(1000)
+    return Clip(frames, numbers, numbers / float(Fraction(attrs.source_video.fps)), fps)
 
 
 def _pictures(store: ArtifactStore, record: StageRecord) -> list[tuple[str, bytes]]:

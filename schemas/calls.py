@@ -59,6 +59,8 @@ class StageCall(Model):
     seed: int = 0
     store: StoreSpec
     run_id: str
+    clip: str = Field(default="", description="The clip's label in the UI (stem and URL hash), for card names.")
+    position: int = Field(default=0, description="The stage's place in the pipeline's order, for card names.")
 
     @property
     def stage_type(self) -> str:

@@ -19,39 +19,103 @@ Outside a Prefect run (``task.fn()`` in tests, a plain loop) nothing is publishe
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import zarr
+from PIL import Image, ImageDraw
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
+from reelflow.schemas.calls import StageCall
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import human_bytes, is_local, put_atomic, url_to_fs
 from reelflow.storage.store import PICTURES, ArtifactStore
 
-MIN_TILE = 96
+MIN_TILE, MAX_TILE = 96, 256  # a contact sheet's tiles, pixels a side
+COLUMNS = 4  # frames a row of a contact sheet
+MAX_ROWS = 24  # arrays listed in a stage summary
+_GAP, _GREY, _LABEL = 3, 128, 16
 # The largest picture embedded as is, and the bound on a thumbnail: a few pictures per markdown stay
 # far below Prefect's 1.5 MB event limit (a data URL is 4/3 of the bytes).
 EMBED_BYTES = 128 * 1024
 
 
-def contact_sheet(frames: np.ndarray, rows: Sequence[np.ndarray] = ()) -> bytes:
+def contact_sheet(
+    frames: np.ndarray, rows: Sequence[np.ndarray] = (), *, labels: Sequence[str] = (), columns: int = COLUMNS
+) -> bytes:
     """PNG of frames side by side: ``(F, h, w)`` in [0, 1] (drawn as a heat map) or uint8 ``(F, h, w, 3)``.
 
-    Each of ``rows`` (same layout and size as ``frames``) is drawn as one more row underneath.
+    Each of ``rows`` (same layout as ``frames``) is drawn under it, so a frame and what was made of it stand
+    in one column; ``labels`` (one per frame: its source frame number and time) go above the columns. At
+    most ``columns`` frames a row (more wrap into blocks below), each tile scaled to between MIN_TILE and
+    MAX_TILE pixels a side, so the sheet stays legible at the width the UI shows it; grey separators stay
+    visible on white and black content alike; a sheet with a heat map ends with its colour key.
     """
-    strips = [_strip(f) for f in (frames, *rows)]
-    sheet = np.concatenate([np.pad(s, ((0, 2), (0, 0), (0, 0)), constant_values=255) for s in strips], axis=0)
+    columns = max(1, min(columns, len(frames)))
+    series = [_tiles(f) for f in (frames, *rows)]
+    height, width = series[0][0].shape[:2]
+    blocks = []
+    for start in range(0, len(frames), columns):
+        stop = min(start + columns, len(frames))
+        lines = []
+        if labels:
+            cells = [_label(labels[i] if i < len(labels) else "", width) for i in range(start, stop)]
+            cells += [_blank(_LABEL, width)] * (columns - (stop - start))
+            lines.append(np.pad(np.concatenate(cells, axis=1), ((0, 0), (_GAP, 0), (0, 0)), constant_values=255))
+        for index, tiles in enumerate(series):
+            cells = [np.pad(tiles[i], ((0, 0), (0, _GAP), (0, 0)), constant_values=_GREY) for i in range(start, stop)]
+            cells += [_blank(height, width)] * (columns - (stop - start))
+            top = _GAP if index == 0 else 0
+            lines.append(np.pad(np.concatenate(cells, axis=1), ((top, _GAP), (_GAP, 0), (0, 0)), constant_values=_GREY))
+        blocks.append(np.concatenate(lines, axis=0))
+    if any(f.ndim == 3 for f in (frames, *rows)):
+        blocks.append(_colour_key(blocks[0].shape[1]))
+    sheet = np.concatenate(blocks, axis=0)
     buffer = io.BytesIO()
-    Image.fromarray(sheet[:-2]).save(buffer, format="PNG")
+    Image.fromarray(sheet).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _tiles(frames: np.ndarray) -> list[np.ndarray]:
+    if frames.ndim == 3:
+        frames = _heat(frames.astype(np.float32))
+    side = max(frames.shape[1:3])
+    if side > MAX_TILE:
+        step = -(-side // MAX_TILE)
+        frames = frames[:, ::step, ::step]
+    scale = max(1, -(-MIN_TILE // max(frames.shape[1:3])))  # small frames up to MIN_TILE at least
+    return [np.kron(frame, np.ones((scale, scale, 1), dtype=np.uint8)) for frame in frames]
+
+
+def _blank(height: int, width: int) -> np.ndarray:
+    return np.full((height, width + _GAP, 3), 255, np.uint8)
+
+
+def _label(text: str, width: int) -> np.ndarray:
+    image = Image.new("RGB", (width + _GAP, _LABEL), (255, 255, 255))
+    ImageDraw.Draw(image).text((2, 2), text, fill=(30, 30, 30))
+    return np.asarray(image)
+
+
+def _colour_key(width: int) -> np.ndarray:
+    """The heat map's colours from 0 (left) to 1 (right), named under the bar; ``width`` pixels wide."""
+    span = max(16, min(256, width - 40))
+    bar = _heat(np.tile(np.linspace(0.0, 1.0, span, dtype=np.float32), (10, 1)))
+    image = Image.new("RGB", (width, 26), (255, 255, 255))
+    image.paste(Image.fromarray(bar), (14, 0))
+    draw = ImageDraw.Draw(image)
+    draw.text((2, 0), "0", fill=(30, 30, 30))
+    draw.text((span + 18, 0), "1", fill=(30, 30, 30))
+    draw.text((14, 12), "colour key: values in [0, 1]", fill=(30, 30, 30))
+    return np.asarray(image)
 
 
 def bar_chart(values: np.ndarray, *, height: int = 96, bar: int = 6) -> bytes:
@@ -67,22 +131,42 @@ def bar_chart(values: np.ndarray, *, height: int = 96, bar: int = 6) -> bytes:
     return buffer.getvalue()
 
 
-def _strip(frames: np.ndarray) -> np.ndarray:
-    if frames.ndim == 3:
-        frames = _heat(frames.astype(np.float32))
-    scale = max(1, MIN_TILE // frames.shape[1])
-    tiles = [np.kron(frame, np.ones((scale, scale, 1), dtype=np.uint8)) for frame in frames]
-    return np.concatenate([np.pad(t, ((0, 0), (0, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
+def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png: bytes, suffix: str = "png") -> str:
+    """Save ``png`` in the store beside the artifact it depicts; return markdown that names it by its place in
+    the store (``![name](picture:<path>)``), which :func:`resolve_pictures` turns into a URL when the card is
+    published. Kept unresolved in the stored card, so a cached stage's card is published again with fresh URLs
+    (presigned ones expire)."""
+    name = artifact_key(name) or "picture"  # a name the token's syntax and any URL take as is
+    rel = f"{PICTURES}/{stage}/{key}/{name}.{suffix}"
+    put_atomic(store.fs, store.abspath(rel), png, content_type=f"image/{suffix}")
+    return f"![{name}]({PICTURE_SCHEME}{rel})"
 
 
-def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png: bytes, settings: Settings) -> str:
-    """Save ``png`` in the store beside the artifact it depicts and return markdown that shows it."""
-    rel = f"{PICTURES}/{stage}/{key}/{name}.png"
-    put_atomic(store.fs, store.abspath(rel), png)
-    url = picture_url(store, rel, png, settings)
-    if url.startswith("data:") and len(png) > EMBED_BYTES:
-        return f"![{name}]({url})\n\n*thumbnail; the full-size PNG ({human_bytes(len(png))}) is `{store.url_of(rel)}`*"
-    return f"![{name}]({url})"
+PICTURE_SCHEME = "picture:"
+_PICTURE = re.compile(r"!\[([^\]]*)\]\(picture:([^)\s]+)\)")
+
+
+def resolve_pictures(markdown: str, store: ArtifactStore, settings: Settings) -> str:
+    """``markdown`` with each picture saved by :func:`picture_markdown` linked by a URL the browser can load: the
+    picture (or its thumbnail), and a link to the full-size PNG where it has a URL of its own."""
+
+    def resolve(match: re.Match) -> str:
+        name, rel = match[1], match[2]
+        if not rel.startswith(f"{PICTURES}/") or ".." in rel.split("/"):  # text from a prompt never reads the store
+            return f"*{name}: not a picture of the store*"
+        try:
+            png = store.fs.cat_file(store.abspath(rel))
+        except (FileNotFoundError, OSError):
+            return f"*{name}: picture `{store.url_of(rel)}` is missing (collected since?)*"
+        url = picture_url(store, rel, png, settings)
+        if url.startswith("data:"):
+            if len(png) > EMBED_BYTES:
+                return f"![{name}]({url})\n\n*thumbnail; the full-size PNG ({human_bytes(len(png))}) is `{store.url_of(rel)}`*"
+            return f"![{name}]({url})"
+        # A separate link: the UI's markdown renderer does not show an image inside a link.
+        return f"![{name}]({url})\n\n[{name} at full size]({url})"
+
+    return _PICTURE.sub(resolve, markdown)
 
 
 def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) -> str:
@@ -96,7 +180,7 @@ def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) 
         except Exception as exc:  # noqa: BLE001  (no signing credentials must not fail a finished stage)
             logging.getLogger(__name__).warning("cannot presign %s (%s); embedding the picture instead", rel, exc)
     if len(png) <= EMBED_BYTES:
-        return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+        return f"data:image/{PurePosixPath(rel).suffix.lstrip('.') or 'png'};base64,{base64.b64encode(png).decode()}"
     return f"data:image/jpeg;base64,{base64.b64encode(thumbnail(png, EMBED_BYTES)).decode()}"
 
 
@@ -111,6 +195,23 @@ def thumbnail(png: bytes, max_bytes: int) -> bytes:
         if buffer.tell() <= max_bytes or size == (1, 1):
             return buffer.getvalue()
         scale *= min(0.9, math.sqrt(max_bytes / buffer.tell()))  # the encoded size goes about with the pixels
+
+
+def clip_label(url: str) -> str:
+    """A clip's name in the UI: its file stem and a hash of its URL (intro.mp4 of one folder is not another's)."""
+    stem = PurePosixPath(url).stem
+    return f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:6]}"
+
+
+def card_key(call: StageCall) -> str:
+    """The key of a stage's card: clip, pipeline, place in the pipeline and stage id, so a run's cards sort in
+    pipeline order and the global Artifacts page tells clips apart (the clip is shortened to fit 100 characters)."""
+    rest = artifact_key(f"{call.pipeline}-{call.position + 1:02d}-{call.stage_id}")
+    stem, _, digest = call.clip.rpartition("-")  # the stem is shortened, never the URL's hash
+    stem, digest = artifact_key(stem), artifact_key(digest)
+    stem = stem[: max(0, 98 - len(rest) - len(digest))].strip("-")
+    clip = f"{stem}-{digest}" if stem else digest
+    return artifact_key(f"{clip}-{rest}" if clip else rest)
 
 
 def artifact_key(name: str) -> str:
@@ -170,23 +271,26 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def stage_summary(store: ArtifactStore, stage: str, key: str, attrs: Mapping[str, Any]) -> str:
-    """Markdown of one stored artifact: its arrays (shape, dtype, chunks, bytes), timing and URL."""
+    """Markdown of one stored artifact: every array in it (nested groups too: an attention store's), with shape,
+    dtype, chunks and bytes, the artifact's total in the store, timing, inputs and URL."""
     rel = store.artifact_path(stage, key)
     group = store.open(stage, key)
+    arrays = sorted((path, member) for path, member in group.members(max_depth=None) if isinstance(member, zarr.Array))
     rows = []
-    for name, array in sorted(group.arrays()):
+    for name, array in arrays[:MAX_ROWS]:
         dims = ", ".join(array.metadata.dimension_names or ())
         rows.append((f"`{name}`", str(tuple(array.shape)), str(array.dtype), f"({dims})", str(tuple(array.chunks)),
                      human_bytes(array.nbytes), human_bytes(array.nbytes_stored())))  # fmt: skip
+    if len(arrays) > MAX_ROWS:
+        rows.append((f"... {len(arrays) - MAX_ROWS} more arrays", "", "", "", "", "", ""))
     prov = attrs.get("provenance", {})
     inputs = ", ".join(f"{slot} `{ref['key'][:12]}`" for slot, ref in prov.get("inputs", {}).items()) or "none"
     lines = [
-        f"### `{prov.get('stage_id', stage)}` ({stage})",
-        "",
         markdown_table(("array", "shape", "dtype", "dims", "chunks", "in memory", "stored"), rows),
         "",
-        f"computed in {attrs.get('seconds', 0):.2f} s on {prov.get('host', '?')} ({prov.get('device', '?')}); "
-        f"key `{key[:16]}`; inputs: {inputs}",
+        f"{human_bytes(store.size(rel))} in the store; computed in {attrs.get('seconds', 0):.2f} s on "
+        f"{prov.get('host', '?')} ({prov.get('device', '?')}) by run `{prov.get('run_id', '?')}`; key `{key[:16]}`; "
+        f"inputs: {inputs}",
         "",
         f"store: `{store.url_of(rel)}`",
     ]

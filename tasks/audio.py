@@ -26,8 +26,7 @@ from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import SourceError
 from reelflow.schemas.kinds import VideoFrames
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import publish_markdown
-from reelflow.tasks.depth import frame_times
+from reelflow.tasks.frames import frame_times
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -65,7 +64,7 @@ def _embed(ctx: StageContext) -> AudioEmbeddings:
     encoding = backend(ctx, track, mel, times - origin, 1.0 / float(Fraction(video.fps)))
     count = len(times)
     out = None
-    ctx.progress.start(count)
+    ctx.progress.start(count, unit="frames")
     for start in range(0, count, p.batch_size):
         indices = range(start, min(start + p.batch_size, count))
         embedded = encoding.embed(indices)
@@ -138,9 +137,9 @@ def _publish(ctx: StageContext, mel: np.ndarray, window_starts: np.ndarray, soun
     Image.fromarray(rgb).save(buffer, format="PNG")
     shown = ctx.picture("spectrogram", buffer.getvalue())
     said = "the `audio` source" if sound == "source" else "the clip's own track"
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", f"### `{ctx.call.stage_id}`: log-mel spectrogram of {said} "
+    ctx.publish(f"**log-mel spectrogram** of {said} "
                      f"({N_MELS} mel bands, {HOP / SAMPLE_RATE * 1000:.1f} ms per column); red: where each frame's window "
-                     f"starts\n\n{shown}", description="sound per frame")  # fmt: skip
+                     f"starts\n\n{shown}")  # fmt: skip
 
 
 @stage_check("embed_audio")

@@ -31,7 +31,7 @@ from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.attention import ATTENTION, KEYS, QUERIES, AttentionReader, AttentionWriter, StoredTokens
-from reelflow.tasks.artifacts import artifact_key, contact_sheet, publish_markdown
+from reelflow.tasks.artifacts import artifact_key, contact_sheet
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -160,11 +160,8 @@ def _publish_inversion(
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     url = ctx.store.url_of(ctx.store.artifact_path(ctx.call.stage_type, ctx.call.key))
-    publish_markdown(
-        f"{ctx.call.stage_id}-{ctx.call.key[:8]}",
-        f"### Attention store of `{ctx.call.stage_id}`\n\n| | |\n|---|---|\n{table}\n\nStore: `{url}`",
-        description=f"inversion of '{ctx.call.stage.params.source_prompt}'",
-    )
+    ctx.publish(f"**attention store** of the inversion of '{ctx.call.stage.params.source_prompt}'\n\n"
+                f"| | |\n|---|---|\n{table}\n\nStore: `{url}`")
 
 
 def _rel(ctx: StageContext) -> str:
@@ -259,11 +256,11 @@ def _inversion_latent(inversion: zarr.Group) -> Callable[[int], torch.Tensor]:
 
 
 def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: list[tuple[str, np.ndarray]]) -> None:
-    lines = [f"### `{ctx.call.stage_id}`: {p.target_prompt}", "", f"fusion: {fusion}; guidance {p.guidance_scale}; "
+    lines = [f"**{p.target_prompt}**", "", f"fusion: {fusion}; guidance {p.guidance_scale}; "
              f"cross/self windows {p.cross_replace_steps}/{p.self_replace_steps}"]  # fmt: skip
     for title, frames in pictures:
         lines += ["", f"**{title}**", "", ctx.picture(artifact_key(title), contact_sheet(frames))]
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description=p.target_prompt)
+    ctx.publish("\n".join(lines))
 
 
 def _write_blend_maps(

@@ -12,8 +12,9 @@ from reelflow.core.flow.warp import CONSISTENCY_ABSOLUTE, CONSISTENCY_RELATIVE, 
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.flow import FlowFields
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet, publish_markdown
+from reelflow.tasks.artifacts import contact_sheet
 from reelflow.tasks.preflight import PreflightContext, stage_check
+from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
@@ -55,7 +56,7 @@ def _estimate(ctx: StageContext, flow: FlowFn, backend: str) -> FlowFields:
     arrays |= {name: ctx.writer.create_array(name, shape=(pairs, height, width), dtype=bool, chunks=(chunks[0], height, width),
                                              dims=("pair", "y", "x"))
                for name in ("occluded_forward", "occluded_backward")}  # fmt: skip
-    ctx.progress.start(pairs)
+    ctx.progress.start(pairs, unit="frame pairs")
     for start in range(0, pairs, batch):
         stop = min(start + batch, pairs)
         if not ctx.writer.is_done(f"pairs-{start}"):
@@ -78,10 +79,11 @@ def _publish(ctx: StageContext, frames, forward, occluded, backend: str) -> None
     shown = np.unique(np.linspace(0, forward.shape[0] - 1, min(SHOWN_PAIRS, forward.shape[0])).round().astype(int))
     colours = flow_to_image(torch.from_numpy(np.asarray(forward.oindex[shown]))).permute(0, 2, 3, 1).numpy()
     mask = np.repeat(np.asarray(occluded.oindex[shown], np.uint8)[..., None] * 255, 3, axis=-1)
-    picture = ctx.picture("flow", contact_sheet(np.asarray(frames.oindex[shown]), [colours, mask]))
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", f"### `{ctx.call.stage_id}`: optical flow ({backend}), "
+    labels = [f"{label} -> next" for label in frame_labels(ctx.store, ctx.input("frames"), shown)]
+    picture = ctx.picture("flow", contact_sheet(np.asarray(frames.oindex[shown]), [colours, mask], labels=labels))
+    ctx.publish(f"**optical flow** ({backend}), "
                      f"frame to next: frame, flow (hue: direction, saturation: speed), occluded (white); pairs "
-                     f"{', '.join(map(str, shown))}\n\n{picture}", description="optical flow")  # fmt: skip
+                     f"{', '.join(map(str, shown))}\n\n{picture}")  # fmt: skip
 
 
 @stage_check("estimate_flow", "raft")

@@ -32,7 +32,7 @@ from reelflow.schemas.gen1 import (
 )
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet, publish_markdown
+from reelflow.tasks.artifacts import contact_sheet
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -206,7 +206,7 @@ def _invert(ctx: StageContext) -> Gen1Inversion:
     levels = ctx.writer.create_array("levels", shape=(len(timesteps) + 1, *latents.shape), dtype=np.float32,
                                      dims=("level", "frame", "latent_channel", "y", "x"),
                                      chunks=(1, min(count, p.chunk_size), *latents.shape[1:]))  # fmt: skip
-    ctx.progress.start(count)
+    ctx.progress.start(count, unit="frames")
     # Per-frame processors, held under the model lock: each frame is inverted alone (image mode).
     with _video_mode(unet, ("self",)):
         for start in range(0, count, p.chunk_size):
@@ -288,9 +288,9 @@ def _publish(ctx: StageContext, p: Gen1Params) -> None:
     step = max(1, structure.shape[0] // 8)
     picture = ctx.picture(f"structure-t{p.t_s}", contact_sheet(np.stack([np.asarray(structure[i], np.float32)
                                                                          for i in range(0, structure.shape[0], step)])))  # fmt: skip
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", (
-        f"### `{ctx.call.stage_id}`: t_s {p.t_s}, omega {p.omega}, omega_t {p.omega_t}, strength {p.strength}\n\n"
-        f"**depth at structure level {p.t_s}** (every {step}th frame)\n\n{picture}"), description="Gen-1 edit")  # fmt: skip
+    ctx.publish((
+        f"t_s {p.t_s}, omega {p.omega}, omega_t {p.omega_t}, strength {p.strength}\n\n"
+        f"**depth at structure level {p.t_s}** (every {step}th frame)\n\n{picture}"))  # fmt: skip
 
 
 @stage_check("invert_latents", "gen1")

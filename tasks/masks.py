@@ -11,8 +11,9 @@ from reelflow.schemas.kinds import VideoFrames
 from reelflow.schemas.masks import DecodeMaskParams, MaskFrames
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.files import url_to_fs
-from reelflow.tasks.artifacts import contact_sheet, publish_markdown
+from reelflow.tasks.artifacts import contact_sheet
 from reelflow.tasks.preflight import FramesPreview, PreflightContext, stage_check
+from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
@@ -56,10 +57,11 @@ def _decode(ctx: StageContext) -> MaskFrames:
 def _publish(ctx: StageContext, frames, masks, layout: MaskLayout) -> None:  # noqa: ANN001
     """Up to eight frames above their mask (white: edited), for the UI."""
     shown = np.unique(np.linspace(0, masks.shape[0] - 1, min(SHOWN_FRAMES, masks.shape[0])).round().astype(int))
-    picture = ctx.picture("mask", contact_sheet(np.asarray(frames.oindex[shown]), [np.asarray(masks.oindex[shown], np.float32)]))
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", f"### `{ctx.call.stage_id}`: region mask per frame (white: "
-                     f"edited), from a mask {layout.form}; frames {', '.join(map(str, shown))}\n\n{picture}",
-                     description="mask per frame")  # fmt: skip
+    labels = frame_labels(ctx.store, ctx.input("frames"), shown)
+    picture = ctx.picture("mask", contact_sheet(np.asarray(frames.oindex[shown]), [np.asarray(masks.oindex[shown], np.float32)],
+                                                labels=labels))  # fmt: skip
+    ctx.publish(f"**region mask** per frame (white: "
+                     f"edited), from a mask {layout.form}; frames {', '.join(map(str, shown))}\n\n{picture}")  # fmt: skip
 
 
 @stage_check("decode_mask")

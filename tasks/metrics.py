@@ -21,8 +21,9 @@ from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.metrics import METRICS, ComputeMetricsParams
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet, markdown_table, publish_markdown
+from reelflow.tasks.artifacts import contact_sheet, markdown_table
 from reelflow.tasks.preflight import PreflightContext, stage_check
+from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 
@@ -174,20 +175,21 @@ def _publish(
     """The contact sheet (source frames above, edited frames below) and the metrics per frame (a pair's value on the
     row of its first frame)."""
     shown = np.unique(np.linspace(0, len(source) - 1, min(SHEET_FRAMES, len(source))).round().astype(int))
-    sheet = ctx.picture("contact-sheet", contact_sheet(source[shown], rows=[edited[shown]]))
+    labels = frame_labels(ctx.store, ctx.input("source"), shown)
+    sheet = ctx.picture("contact-sheet", contact_sheet(source[shown], rows=[edited[shown]], labels=labels))
 
     def cell(values: np.ndarray, i: int) -> str:
         return f"{values[i]:.3f}" if i < len(values) else ""
 
     rows = [(f"frame {i}", *(cell(per_frame[m], i) for m in means)) for i in shown]
     lines = [
-        f"### `{ctx.call.stage_id}`: source (top) and edited (bottom), frames {', '.join(map(str, shown))}",
+        f"**source** (top) **and edited** (bottom), frames {', '.join(map(str, shown))}",
         "",
         sheet,
         "",
         markdown_table(("", *means), [("mean", *(f"{v:.3f}" for v in means.values())), *rows]),
     ]
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join(lines), description="contact sheet and metrics")
+    ctx.publish("\n".join(lines))
 
 
 DINO_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")

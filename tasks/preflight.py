@@ -27,7 +27,7 @@ from reelflow.core.frames import Fit
 from reelflow.core.masks import probe_masks
 from reelflow.core.video import VideoInfo, probe_video
 from reelflow.schemas.calls import SourceRef, StageCall
-from reelflow.schemas.errors import ModelError, ReelflowError, RegistryError, SpecError
+from reelflow.schemas.errors import ReelflowError, RegistryError, SpecError
 from reelflow.schemas.graph import Node
 from reelflow.schemas.settings import Settings
 from reelflow.schemas.stages import STAGE_TYPES, StageSpec, stage_tag

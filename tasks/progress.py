@@ -1,53 +1,72 @@
-"""Progress of long stages as a Prefect progress artifact, updated at a bounded rate.
+"""Progress of long stages: shown in the stage's card (updated in place, at a bounded rate) and logged
+at every tenth of the work, so the run's log keeps its real messages.
 
-Each update is an API call, so updates closer than ``min_interval`` seconds are dropped (the last
-one always goes through). Outside a Prefect task run (``task.fn()`` in tests, a plain loop) it only
-keeps count.
+Each card update is an API call, so updates closer than ``min_interval`` seconds are dropped; the
+finished card replaces the last one. Outside a Prefect task run it only keeps count.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from uuid import UUID
+from typing import Protocol
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 
+class Shows(Protocol):
+    def show(self, markdown: str) -> None: ...
+
+
 class Progress:
-    def __init__(self, name: str, *, description: str = "", min_interval: float = 1.0) -> None:
-        self.key = "progress-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    def __init__(self, card: Shows | None = None, *, title: str = "", description: str = "", min_interval: float = 2.0) -> None:
+        self.card = card
+        self.title = title
         self.description = description
         self.min_interval = min_interval
         self.total = 0
         self.done = 0
-        self._artifact: UUID | None = None
+        self.unit = "steps"
+        self._started = 0.0
         self._last = 0.0
+        self._logged_tenth = -1
         self._enabled = TaskRunContext.get() is not None
 
-    def start(self, total: int) -> None:
-        self.total, self.done = max(total, 1), 0
-        if self._enabled:
-            self._artifact = create_progress_artifact(0.0, key=self.key, description=self.description)
-            self._last = time.monotonic()
+    def start(self, total: int, unit: str = "steps") -> None:
+        self.total, self.done, self.unit = max(total, 1), 0, unit
+        self._started = self._last = time.monotonic()
+        self._logged_tenth = 0
+        if self._enabled and self.card is not None:
+            self.card.show(self._markdown())
 
     def advance(self, count: int = 1) -> None:
         self.done = min(self.total, self.done + count)
-        if self._artifact is not None and time.monotonic() - self._last >= self.min_interval:
-            self._publish()
+        if not self._enabled:
+            return
+        tenth = int(10 * self.done / self.total)
+        if tenth > self._logged_tenth:
+            self._logged_tenth = tenth
+            get_run_logger().info("%s: %s", self.description, self.status())
+        if self.card is not None and time.monotonic() - self._last >= self.min_interval:
+            self._last = time.monotonic()
+            self.card.show(self._markdown())
 
     def finish(self) -> None:
-        if self._artifact is not None:
+        if self.total:
             self.done = self.total
-            self._publish()
 
     @property
     def percent(self) -> float:
         return 100.0 * self.done / self.total if self.total else 0.0
 
-    def _publish(self) -> None:
-        update_progress_artifact(self._artifact, self.percent)
-        self._last = time.monotonic()
-        get_run_logger().info("%s: %d/%d (%.0f%%)", self.description, self.done, self.total, self.percent)
+    def status(self) -> str:
+        """``27/50 steps (54%), 3.1 steps/s, about 8 s left``."""
+        elapsed = time.monotonic() - self._started
+        text = f"{self.done}/{self.total} {self.unit} ({self.percent:.0f}%)"
+        if self.done and elapsed > 0:
+            rate = self.done / elapsed
+            text += f", {rate:.3g} {self.unit}/s, about {(self.total - self.done) / rate:.0f} s left"
+        return text
+
+    def _markdown(self) -> str:
+        return f"{self.title}\n\n**running**: {self.status()}"

@@ -9,7 +9,6 @@ records) costs one metadata read.
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import threading
 import time
@@ -35,7 +34,8 @@ from reelflow.schemas.settings import Settings
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases, default_holder, renewing
 from reelflow.storage.store import ArtifactStore, ArtifactWriter
-from reelflow.tasks.artifacts import in_run, picture_markdown, publish_markdown, stage_summary
+from reelflow.tasks.artifacts import picture_markdown
+from reelflow.tasks.cards import Card, card_title
 from reelflow.tasks.models import load_role, resolve_device, role_json
 from reelflow.tasks.progress import Progress
 
@@ -58,6 +58,7 @@ class StageContext:
     progress: Progress
     settings: Settings
     extras: dict[str, Any] = field(default_factory=dict)
+    sections: list[str] = field(default_factory=list)
 
     def input(self, slot: str) -> zarr.Group:
         ref = self.call.inputs[slot]
@@ -98,8 +99,13 @@ class StageContext:
         self.extras.update(values)
 
     def picture(self, name: str, png: bytes) -> str:
-        """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts)."""
-        return picture_markdown(self.store, self.call.stage_type, self.call.key, name, png, self.settings)
+        """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts); put it in :meth:`publish`."""
+        return picture_markdown(self.store, self.call.stage_type, self.call.key, name, png)
+
+    def publish(self, markdown: str) -> None:
+        """Add a section (notes, tables, :meth:`picture` markdown) to this stage's card, shown when it finishes and
+        again by every run that finds it cached (see tasks.cards)."""
+        self.sections.append(markdown)
 
 
 @lru_cache(maxsize=16)
@@ -129,23 +135,15 @@ def run_stage(call: StageCall, body: Body, *, resumable: bool = False) -> Artifa
     settings = Settings()
     with compute_lease(store, call, settings.lease_seconds) as lease:
         if not store.is_complete(call.stage_type, call.key):
-            with _model_slot(call, settings):
-                _compute(call, store, settings, body, lease, resumable)
-            _publish_summary(call, store)
+            card = Card(call, store, settings)
+            try:
+                with _model_slot(call, settings):
+                    sections = _compute(call, store, settings, body, lease, resumable, card)
+            except BaseException as exc:
+                card.fail(exc)
+                raise
+            card.finish(sections)  # the artifact is committed: nothing here may fail it
     return store.ref(call.stage_type, call.key)
-
-
-def _publish_summary(call: StageCall, store: ArtifactStore) -> None:
-    """The stage's markdown artifact; the artifact is already committed, so nothing here may fail it."""
-    if not in_run():
-        return
-    try:
-        attrs = store.read_attrs(store.artifact_path(call.stage_type, call.key))
-        summary = stage_summary(store, call.stage_type, call.key, attrs)
-    except Exception as exc:  # noqa: BLE001
-        logging.getLogger(__name__).warning("no summary for %s: %s", call.stage_id, exc)
-        return
-    publish_markdown(f"stage-{call.stage_id}-{call.key[:8]}", summary, f"{call.stage_id} of {call.pipeline}")
 
 
 @contextmanager
@@ -171,11 +169,13 @@ def _compute(
     body: Body,
     lease: LeaseGuard,
     resumable: bool,
-) -> None:
+    card: Card,
+) -> list[str]:
+    """Run the body into the artifact and commit it; returns the sections the body published for its card."""
     started = time.time()
     attrs_in = {"provenance": provenance(call, store, settings)}
     with store.write(call.stage_type, call.key, attrs_in, resumable=resumable) as writer:
-        progress = Progress(f"{call.stage_id}-{call.key[:8]}", description=f"{call.stage_id} ({call.stage.tag})")
+        progress = Progress(card, title=card_title(call), description=f"{call.clip} {call.pipeline} {call.stage_id}".strip())
         ctx = StageContext(call, store, writer, progress, settings)
         with PeakMemory() as peak:
             attrs = _kind_attrs(call, body(ctx))
@@ -186,6 +186,7 @@ def _compute(
         if resumable:  # which parts an earlier, interrupted attempt stored
             done["provenance"] = {**attrs_in["provenance"], "resumed_parts": list(writer.resumed_parts)}
         writer.update_attrs(done)
+    return ctx.sections
 
 
 def _kind_attrs(call: StageCall, returned: Attrs | None) -> Attrs:

@@ -32,7 +32,7 @@ def _encode(ctx: StageContext) -> Latents:
     dims = ("frame", "latent_channel", "y", "x")
     latents = ctx.writer.create_array("latents", shape=shape, dtype=np.float16, dims=dims)
     generator = torch.Generator().manual_seed(ctx.call.seed) if p.sample else None
-    ctx.progress.start(count)
+    ctx.progress.start(count, unit="frames")
 
     def store_chunk(start: int, stop: int, chunk: torch.Tensor) -> None:
         latents[start:stop] = chunk.numpy().astype(np.float16)
@@ -57,7 +57,7 @@ def _decode(ctx: StageContext) -> None:
     scale = downscale_factor(vae)
     shape = (count, height * scale, width * scale, 3)
     frames = ctx.writer.create_array("frames", shape=shape, dtype=np.uint8, dims=("frame", "y", "x", "rgb"))
-    ctx.progress.start(count)
+    ctx.progress.start(count, unit="frames")
 
     def store_chunk(start: int, stop: int, chunk: torch.Tensor) -> None:
         frames[start:stop] = from_model_range(chunk)

@@ -46,7 +46,7 @@ from reelflow.schemas.errors import ArtifactMismatch
 from reelflow.schemas.kinds import Resize, VideoFrames
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.videoshop import EdmInversion, ImageContent, VideoshopInvertParams, VideoshopParams, WindowInfo
-from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table, publish_markdown
+from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -83,8 +83,8 @@ def _embed(ctx: StageContext) -> ImageContent:
     ctx.writer.write_array("latents", condition.clean.numpy(), dims=LATENT_DIMS, dtype=np.float32)
     source = np.asarray(ctx.input("frames")["frames"][0])
     picture = ctx.picture("first-frames", contact_sheet(np.stack([source, image])))
-    publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", f"### `{ctx.call.stage_id}`: the source's first frame "
-                     f"and the edited one\n\n{picture}", description="edited first frame")  # fmt: skip
+    ctx.publish(f"**the source's first frame** "
+                     f"and the edited one\n\n{picture}")  # fmt: skip
     return ImageContent(image_size=(given.shape[1], given.shape[0]), size=(image.shape[1], image.shape[0]),
                         resize=Resize(scaled=(plan.scaled_w, plan.scaled_h), output=(plan.out_w, plan.out_h),
                                       fit=video.resize.fit),
@@ -244,10 +244,10 @@ class _InversionStore:
         for window in reversed(windows):
             per_frame[window.start : window.stop] = per_window[window.index, : window.stop - window.start]
         chart = ctx.picture("reconstruction-error", bar_chart(per_frame))
-        publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", (
-            f"### `{ctx.call.stage_id}`: reconstruction error per frame\n\nRMS latent error of each frame regenerated "
+        ctx.publish((
+            f"**reconstruction error** per frame\n\nRMS latent error of each frame regenerated "
             f"from its inversion with the source conditioning (mean {per_frame.mean():.4f}, largest "
-            f"{per_frame.max():.4f} at frame {int(per_frame.argmax())}).\n\n{chart}"), description="Videoshop inversion")  # fmt: skip
+            f"{per_frame.max():.4f} at frame {int(per_frame.argmax())}).\n\n{chart}"))  # fmt: skip
         return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
 
 
@@ -385,12 +385,12 @@ class _EditStore:
         rows = [(w.index, f"{w.start}-{w.stop - 1}", w.head, f"{mismatch[w.index, 0]:.2f}", f"{mismatch[w.index, 1]:.2f}")
                 for w in windows[1:]]  # fmt: skip
         sheet = ctx.picture("condition-frames", contact_sheet(np.asarray(self.conditions[:])))
-        publish_markdown(f"{ctx.call.stage_id}-{ctx.call.key[:8]}", "\n".join([
-            f"### `{ctx.call.stage_id}`: {len(windows)} windows, colour kept by `{p.window_colour}`", "",
+        ctx.publish("\n".join([
+            f"**{len(windows)} windows**, colour kept by `{p.window_colour}`", "",
             markdown_table(("window", "frames", "shared", "mismatch before", "after"), rows) if rows else "one window", "",
             f"colour change across boundaries: largest {jumps['boundary_max']:.2f}, mean {jumps['boundary_mean']:.2f}; "
             f"between frames inside a window: mean {jumps['within_mean']:.2f}, largest {jumps['within_max']:.2f}", "",
-            "**the frame each window is conditioned on**", "", sheet]), description="Videoshop edit")  # fmt: skip
+            "**the frame each window is conditioned on**", "", sheet]))  # fmt: skip
         ctx.record(colour=jumps)
 
 

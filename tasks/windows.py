@@ -51,7 +51,7 @@ def run_windows(
         chunks=(1, plan.length, *out.shape[1:]),
     )  # fmt: skip
     computed = []
-    ctx.progress.start(len(windows))
+    ctx.progress.start(len(windows), unit="windows")
     for window in windows:
         part = f"window-{window.index}"
         if not ctx.writer.is_done(part):

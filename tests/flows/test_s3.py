@@ -61,7 +61,7 @@ def test_an_edit_on_s3_fails_then_resumes_from_its_cached_stages(make_spec, clip
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[failed["run_id"]]))
         )
-    sheet = next(a for a in artifacts if a.key and a.key.startswith("compute-metrics-"))
+    sheet = next(a for a in artifacts if a.key and a.key.endswith("-compute-metrics"))
     url = re.search(r"!\[contact-sheet\]\((http[^)]+)\)", sheet.data)[1]
     assert "Signature=" in url or "X-Amz-Signature=" in url
     with urllib.request.urlopen(url, timeout=10) as response:
