@@ -21,6 +21,7 @@ from reelflow.schemas.settings import Settings
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
 from reelflow.tasks import task_for
+from reelflow.tasks.cards import republish_card
 
 
 def _run_name() -> str:
@@ -63,6 +64,8 @@ def run_stage(
         if storage is not None:
             options["result_storage"] = storage
         ref: ArtifactRef = task_for(target.call.stage).with_options(**options)(call=target.call)
+    if complete:  # stored before: its card, as the run that computed it left it
+        republish_card(target.call, run.store, run.settings)
     logger.info("%s %s -> %s", target.id, target.key[:12], run.store.url_of(ref.path))
     return ref
 

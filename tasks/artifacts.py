@@ -154,6 +154,9 @@ def resolve_pictures(markdown: str, store: ArtifactStore, settings: Settings) ->
         name, rel = match[1], match[2]
         if not rel.startswith(f"{PICTURES}/") or ".." in rel.split("/"):  # text from a prompt never reads the store
             return f"*{name}: not a picture of the store*"
+        url = served_url(store, rel, settings)
+        if url is not None:  # served or presigned: no need to read the picture
+            return f"![{name}]({url})\n\n[{name} at full size]({url})"
         try:
             png = store.fs.cat_file(store.abspath(rel))
         except (FileNotFoundError, OSError):
@@ -169,7 +172,8 @@ def resolve_pictures(markdown: str, store: ArtifactStore, settings: Settings) ->
     return _PICTURE.sub(resolve, markdown)
 
 
-def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) -> str:
+def served_url(store: ArtifactStore, rel: str, settings: Settings) -> str | None:
+    """The picture's URL on the picture server, or presigned on an object store; None where it must be embedded."""
     if settings.pictures_url:
         return f"{settings.pictures_url.rstrip('/')}/{rel.removeprefix(PICTURES + '/')}"
     if not store.atomic_rename and store.fs.protocol not in ("memory", ("memory",)):
@@ -179,6 +183,13 @@ def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) 
             pass
         except Exception as exc:  # noqa: BLE001  (no signing credentials must not fail a finished stage)
             logging.getLogger(__name__).warning("cannot presign %s (%s); embedding the picture instead", rel, exc)
+    return None
+
+
+def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) -> str:
+    served = served_url(store, rel, settings)
+    if served is not None:
+        return served
     if len(png) <= EMBED_BYTES:
         return f"data:image/{PurePosixPath(rel).suffix.lstrip('.') or 'png'};base64,{base64.b64encode(png).decode()}"
     return f"data:image/jpeg;base64,{base64.b64encode(thumbnail(png, EMBED_BYTES)).decode()}"

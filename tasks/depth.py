@@ -78,4 +78,4 @@ def _publish(ctx: StageContext, frames: zarr.Array, depth: zarr.Array, p: Estima
                                                  labels=frame_labels(ctx.store, ctx.input("frames"), shown)))  # fmt: skip
     said = "one scale and shift for the clip" if p.normalise == "video" else "each frame on its own"
     ctx.publish(f"**inverse depth** (near is "
-                     f"bright), normalised {said}; frames {', '.join(map(str, shown))}\n\n{picture}")  # fmt: skip
+                     f"bright), normalised {said}\n\n{picture}")  # fmt: skip

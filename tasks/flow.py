@@ -81,9 +81,8 @@ def _publish(ctx: StageContext, frames, forward, occluded, backend: str) -> None
     mask = np.repeat(np.asarray(occluded.oindex[shown], np.uint8)[..., None] * 255, 3, axis=-1)
     labels = [f"{label} -> next" for label in frame_labels(ctx.store, ctx.input("frames"), shown)]
     picture = ctx.picture("flow", contact_sheet(np.asarray(frames.oindex[shown]), [colours, mask], labels=labels))
-    ctx.publish(f"**optical flow** ({backend}), "
-                     f"frame to next: frame, flow (hue: direction, saturation: speed), occluded (white); pairs "
-                     f"{', '.join(map(str, shown))}\n\n{picture}")  # fmt: skip
+    ctx.publish(f"**optical flow** ({backend}), frame to next: frame, flow (hue: direction, saturation: speed), "
+                f"occluded (white)\n\n{picture}")  # fmt: skip
 
 
 @stage_check("estimate_flow", "raft")

@@ -61,7 +61,7 @@ def _publish(ctx: StageContext, frames, masks, layout: MaskLayout) -> None:  # n
     picture = ctx.picture("mask", contact_sheet(np.asarray(frames.oindex[shown]), [np.asarray(masks.oindex[shown], np.float32)],
                                                 labels=labels))  # fmt: skip
     ctx.publish(f"**region mask** per frame (white: "
-                     f"edited), from a mask {layout.form}; frames {', '.join(map(str, shown))}\n\n{picture}")  # fmt: skip
+                     f"edited), from a mask {layout.form}\n\n{picture}")  # fmt: skip
 
 
 @stage_check("decode_mask")

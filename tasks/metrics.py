@@ -181,9 +181,9 @@ def _publish(
     def cell(values: np.ndarray, i: int) -> str:
         return f"{values[i]:.3f}" if i < len(values) else ""
 
-    rows = [(f"frame {i}", *(cell(per_frame[m], i) for m in means)) for i in shown]
+    rows = [(label, *(cell(per_frame[m], i) for m in means)) for label, i in zip(labels, shown, strict=True)]
     lines = [
-        f"**source** (top) **and edited** (bottom), frames {', '.join(map(str, shown))}",
+        "**source** (top) **and edited** (bottom)",
         "",
         sheet,
         "",
