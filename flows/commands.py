@@ -85,7 +85,7 @@ def bulk(args: argparse.Namespace) -> int:
     from reelflow.flows.bulk import BulkReport, bulk_edit
     from reelflow.flows.runners import supervised_here
     from reelflow.schemas.errors import StageFailed
-    from reelflow.storage.files import join_url, normalize_url, url_to_fs
+    from reelflow.storage.files import join_url, normalize_url
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
@@ -95,13 +95,19 @@ def bulk(args: argparse.Namespace) -> int:
                 skip_existing=args.skip_existing, dispatch=args.dispatch,
             )  # fmt: skip
     except StageFailed:
-        url = join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json")
-        fs, path = url_to_fs(url, Settings().storage_options)
-        if fs.isfile(path):
-            print_bulk(BulkReport.model_validate_json(fs.cat_file(path)))
+        print_written(join_url(normalize_url(args.output or spec.output), f"{spec.name}.bulk.json"), BulkReport, print_bulk)
         raise
     print_bulk(report)
     return 0
+
+
+def print_written(url: str, model: Any, show: Any) -> None:
+    """Show the report a failed bulk edit or comparison still wrote at ``url`` (a JSON ``model``), if it did."""
+    from reelflow.storage.files import url_to_fs
+
+    fs, path = url_to_fs(url, Settings().storage_options)
+    if fs.isfile(path):
+        show(model.model_validate_json(fs.cat_file(path)))
 
 
 def print_bulk(report: Any) -> None:
@@ -150,13 +156,12 @@ def compare(args: argparse.Namespace) -> int:
     try:
         comparison = compare(methods=methods, specs=specs, clips=args.clips, overrides=args.overrides,
                              store=args.store, output=args.output, name=args.name)  # fmt: skip
-    except StageFailed:  # the table is written either way: show it, then the failure
+    except StageFailed:
         from reelflow.schemas.manifest import Comparison
-        from reelflow.storage.files import join_url, normalize_url, url_to_fs
+        from reelflow.storage.files import join_url, normalize_url
 
-        fs, path = url_to_fs(join_url(normalize_url(args.output or pipelines[0].output), f"{args.name}.json"))
-        if fs.isfile(path):
-            print_comparison(Comparison.model_validate_json(fs.cat_file(path)))
+        print_written(join_url(normalize_url(args.output or pipelines[0].output), f"{args.name}.json"), Comparison,
+                      print_comparison)  # fmt: skip
         raise
     print_comparison(comparison)
     return 0

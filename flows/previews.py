@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from reelflow.flows.reports import Clip
+from reelflow.flows.reports import Clip, scaled_down
 
 PREVIEW_SIDE = 192
 PREVIEW_FRAMES = 48
@@ -34,7 +34,7 @@ def side_by_side(source: Clip, output: Clip, max_bytes: int | None = None) -> by
 
 
 def _animate(source: Clip, output: Clip, shown: np.ndarray, count: int) -> bytes:
-    left, right = _small(source.frames[shown]), _small(output.frames[shown])
+    left, right = scaled_down(source.frames[shown], PREVIEW_SIDE), scaled_down(output.frames[shown], PREVIEW_SIDE)
     height = max(left.shape[1], right.shape[1])
     pages = []
     for a, b in zip(left, right, strict=True):
@@ -47,8 +47,3 @@ def _animate(source: Clip, output: Clip, shown: np.ndarray, count: int) -> bytes
     pages[0].save(buffer, format="WEBP", save_all=True, append_images=pages[1:], duration=max(20, round(period)), loop=0,
                   quality=80, method=4)  # fmt: skip
     return buffer.getvalue()
-
-
-def _small(frames: np.ndarray) -> np.ndarray:
-    step = -(-max(frames.shape[1:3]) // PREVIEW_SIDE)
-    return frames[:, ::step, ::step] if step > 1 else frames

@@ -35,7 +35,7 @@ from reelflow.storage.store import PICTURES, ArtifactStore
 
 STRIP_FRAMES = 8  # frames shown side by side as stills
 _SOURCE_KIND, _FRAMES_KIND = "video_frames", "frames"
-PREVIEW_SIDE = 512  # previews and stills are scaled down (by a whole factor) to at most this many pixels a side
+REPORT_SIDE = 512  # a report's videos and stills are scaled down (by a whole factor) to at most this many pixels a side
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -311,12 +311,12 @@ def _videos(clips: Sequence[tuple[str, Clip | None]], what: str) -> str:
             figures.append(f"<figure><figcaption>{_e(label)}: not available</figcaption></figure>")
             continue
         try:
-            data = base64.b64encode(encode_webm(_small(clip.frames), clip.fps)).decode()
+            data = base64.b64encode(encode_webm(scaled_down(clip.frames, REPORT_SIDE), clip.fps)).decode()
         except Exception as exc:  # noqa: BLE001
             _log.warning("report: cannot encode the %s preview of %s (%s)", label, what, exc)
             figures.append(f"<figure><figcaption>{_e(label)}: no preview ({_e(str(exc))})</figcaption></figure>")
             continue
-        height, width = _small(clip.frames[:1]).shape[1:3]
+        height, width = scaled_down(clip.frames[:1], REPORT_SIDE).shape[1:3]
         scale = max(1, 256 // max(height, width))
         figures.append(
             f'<figure><video src="data:video/webm;base64,{data}" width={width * scale} height={height * scale} '
@@ -340,7 +340,7 @@ def _strip(clips: Sequence[tuple[str, Clip | None]]) -> str:
         cells.append(f"<div>{_e(label)}</div>")
         for i in shown:
             if i < len(clip.frames):
-                frame = _small(clip.frames[i : i + 1])[0]
+                frame = scaled_down(clip.frames[i : i + 1], REPORT_SIDE)[0]
                 scale = max(1, 128 // max(frame.shape[:2]))
                 cells.append(f'<img class=frame alt="{_e(label)} frame {clip.numbers[i]}" width={frame.shape[1] * scale} '
                              f'height={frame.shape[0] * scale} src="{_jpeg_url(frame)}">')  # fmt: skip
@@ -440,9 +440,9 @@ def _by_clip(views: Sequence[EditView]) -> list[tuple[str, list[EditView]]]:
     return [(PurePosixPath(url).name, group) for url, group in groups.items()]
 
 
-def _small(frames: np.ndarray) -> np.ndarray:
-    """``frames`` ``(F, H, W, 3)`` scaled down by a whole factor to at most PREVIEW_SIDE pixels a side."""
-    step = -(-max(frames.shape[1:3]) // PREVIEW_SIDE)
+def scaled_down(frames: np.ndarray, side: int) -> np.ndarray:
+    """``frames`` ``(F, H, W, 3)`` scaled down by a whole factor (every n-th pixel) to at most ``side`` pixels a side."""
+    step = -(-max(frames.shape[1:3]) // side)
     return frames[:, ::step, ::step] if step > 1 else frames
 
 

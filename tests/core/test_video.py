@@ -337,3 +337,15 @@ def test_audio_only_file(tmp_path: Path) -> None:
         probe_video(m4a)
     track = decode_audio(m4a, 0.0, 0.5)
     assert track is not None and np.abs(track.samples).max() > 0.1
+
+
+def test_a_webm_preview_decodes_with_pyav_to_the_frames_at_their_rate(clip_frames: np.ndarray) -> None:
+    """encode_webm checked by an independent decoder (FFmpeg's VP9 through PyAV): every frame, the rate, the pixels."""
+    frames = np.ascontiguousarray(clip_frames[:, :63])  # an odd height is padded by one edge row
+    with av.open(io.BytesIO(video.encode_webm(frames, Fraction(24)))) as container:
+        stream = container.streams.video[0]
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        assert (stream.codec_context.name, container.format.name.split(",")[0]) == ("vp9", "matroska")
+        assert stream.average_rate == 24
+    assert decoded.shape == (len(frames), 64, frames.shape[2], 3)
+    assert np.abs(decoded[:, :63].astype(np.float32) - frames).mean() < 6  # lossy, but the same pictures
