@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/soundini.py --backbone adm
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/pictures.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -74,22 +74,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_spec(spec: Any) -> Any:
+    """Check the inputs, then run the edit, its stages' progress drawn live when on a terminal."""
     from reelflow.flows.edit import check_inputs, edit_video_with_settings
+    from reelflow.flows.terminal import live_progress
 
     settings = Settings()
     check_inputs(spec, settings)
-    return edit_video_with_settings(settings)(spec)
+    with live_progress():
+        return edit_video_with_settings(settings)(spec)
 
 
 def bulk(args: argparse.Namespace) -> int:
     from reelflow.flows.bulk import BulkReport, bulk_edit
     from reelflow.flows.runners import supervised_here
+    from reelflow.flows.terminal import live_progress
     from reelflow.schemas.errors import StageFailed
     from reelflow.storage.files import join_url, normalize_url
 
     spec = load_spec(spec_path(args.spec), args.overrides)
     try:
-        with supervised_here():  # this process runs the bulk run and its edits, so no heartbeats
+        with supervised_here(), live_progress():  # this process runs the bulk run and its edits, so no heartbeats
             report = bulk_edit(
                 library=args.library, spec=spec, output=args.output, store=args.store, concurrency=args.concurrency,
                 skip_existing=args.skip_existing, dispatch=args.dispatch,
@@ -136,6 +140,7 @@ def serve_pictures(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from reelflow.flows.compare import compare_methods, resolve_methods
     from reelflow.flows.runners import task_runner
+    from reelflow.flows.terminal import live_progress
     from reelflow.schemas.errors import StageFailed
     from reelflow.schemas.manifest import COMPARISON_NAME
 
@@ -154,8 +159,9 @@ def compare(args: argparse.Namespace) -> int:
     pipelines = resolve_methods(methods, specs, args.overrides)  # a bad method or override stops here, before a run starts
     compare = compare_methods.with_options(task_runner=task_runner(Settings()))  # REELFLOW_TASK_RUNNER, _MAX_CONCURRENCY
     try:
-        comparison = compare(methods=methods, specs=specs, clips=args.clips, overrides=args.overrides,
-                             store=args.store, output=args.output, name=args.name)  # fmt: skip
+        with live_progress():
+            comparison = compare(methods=methods, specs=specs, clips=args.clips, overrides=args.overrides,
+                                 store=args.store, output=args.output, name=args.name)  # fmt: skip
     except StageFailed:
         from reelflow.schemas.manifest import Comparison
         from reelflow.storage.files import join_url, normalize_url

@@ -25,16 +25,16 @@ from reelflow.schemas.calls import SourceRef, StoreSpec
 from reelflow.schemas.errors import SpecError, StageFailed
 from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.loading import load_spec, validate_spec
-from reelflow.schemas.manifest import RunCost, RunManifest, SourceRecord
+from reelflow.schemas.manifest import RunCost, RunManifest, SourceRecord, StageRecord
 from reelflow.schemas.pipeline import VIDEO, PipelineSpec
 from reelflow.schemas.settings import Settings
 from reelflow.storage.files import human_bytes, join_url, options_for, write_bytes
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks.artifacts import (EMBED_BYTES, browser_url, clip_label, in_run, markdown_table, picture_markdown, publish_link, publish_markdown,
-                                      publish_table, resolve_pictures)
-from reelflow.tasks.cards import card_link, republish_card
+from reelflow.tasks.artifacts import (EMBED_BYTES, PICTURE_SCHEME, browser_url, clip_label, in_run, markdown_table, picture_markdown,
+                                      publish_link, publish_markdown, publish_table, resolve_pictures, summary_path)
+from reelflow.tasks.cards import card_links, output_path, republish_card
 from reelflow.tasks.preflight import preflight
 from reelflow.tasks.models import resolve_device, resolve_dtype
 
@@ -285,9 +285,10 @@ def publish_run(manifest: RunManifest, planned: list[PlannedStage] | None = None
     stem = PurePosixPath(manifest.input.url).stem
     clip = clip_label(manifest.input.url)  # the URL's hash keeps intro.mp4 of one folder apart from another's
     done = {r.name for r in manifest.stages if r.status in ("computed", "cached")}
-    links = {p.id: card_link(p.call) for p in planned or () if p.id in done}
+    links = card_links({p.id: p.call for p in planned or () if p.id in done})
+    records = {r.name: r for r in manifest.stages}
     rows = [(f"[`{r.name}`]({links[r.name]})" if links.get(r.name) else f"`{r.name}`", r.stage, r.status, f"{r.seconds:.2f} s",
-             _size(r.peak_memory), _size(r.bytes), f"`{r.key[:12]}`", f"`{r.artifact or r.error or ''}`")
+             _size(r.peak_memory), _size(r.bytes), f"`{r.key[:12]}`", _artifact_cell(r, store))
             for r in manifest.stages]  # fmt: skip
     cost = manifest.cost
     spent = (f"; computed {cost.computed_seconds:.1f} s, stored {human_bytes(cost.stored_bytes)}, reused "
@@ -298,9 +299,15 @@ def publish_run(manifest: RunManifest, planned: list[PlannedStage] | None = None
         *((preview, "") if (preview := _preview(manifest, store)) else ()),
         markdown_table(("stage", "type", "status", "time", "peak memory", "bytes", "key", "artifact"), rows),
         "",
-        *(f"- {name}: `{url}`" for name, url in manifest.outputs.items()),
+        *(f"- {name}: `{url}`{_open_link(records.get(name), url, store)}" for name, url in manifest.outputs.items()),
     ]
-    publish_markdown(f"edit-{clip}-{manifest.pipeline}", "\n".join(lines), description=f"{manifest.pipeline}: {stem}")
+    markdown = "\n".join(lines)
+    if store is not None:  # store paths as links the browser opens (served or presigned)
+        try:
+            markdown = resolve_pictures(markdown, store, Settings())
+        except Exception as exc:  # noqa: BLE001  (a view of work already done)
+            logging.getLogger(__name__).warning("the summary's links are not resolved: %s", exc)
+    publish_markdown(f"edit-{clip}-{manifest.pipeline}", markdown, description=f"{manifest.pipeline}: {stem}")
     metrics = [
         {"stage": stage_id, "metric": name, "value": value}
         for stage_id, values in manifest.metrics.items()
@@ -328,6 +335,30 @@ def _preview(manifest: RunManifest, store: ArtifactStore | None) -> str | None:
     except Exception as exc:  # noqa: BLE001  (a view of work already done)
         logging.getLogger(__name__).warning("no preview for %s: %s", manifest.pipeline, exc)
         return None
+
+
+def _artifact_cell(record: StageRecord, store: ArtifactStore | None) -> str:
+    """A stage's artifact in the summary: a link to its summary as JSON (once resolved) where one is kept, else its
+    path."""
+    rel = summary_path(record.stage, record.key)
+    if store is None or record.artifact is None or not _kept(store, rel):
+        return f"`{record.artifact or record.error or ''}`"
+    return f"[{record.stage}/{record.key[:12]}]({PICTURE_SCHEME}{rel})"
+
+
+def _open_link(record: StageRecord | None, url: str, store: ArtifactStore | None) -> str:
+    """`` ([open](...))``, linking the copy of an output file its stage kept beside its card, where one is kept."""
+    if store is None or record is None or record.artifact is None:
+        return ""
+    rel = output_path(record.stage, record.key, PurePosixPath(url).suffix.lstrip("."))
+    return f" ([open]({PICTURE_SCHEME}{rel}))" if _kept(store, rel) else ""
+
+
+def _kept(store: ArtifactStore, rel: str) -> bool:
+    try:
+        return bool(store.fs.exists(store.abspath(rel)))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _size(value: int | None) -> str:

@@ -166,7 +166,8 @@ def _read_clip(store: ArtifactStore, record: StageRecord, source: Clip | None, l
 
 def _pictures(store: ArtifactStore, record: StageRecord) -> list[tuple[str, bytes]]:
     folder = store.abspath(f"{PICTURES}/{record.stage}/{record.key}")
-    return [(PurePosixPath(path).stem, store.fs.cat_file(path)) for path in sorted(store.fs.glob(f"{folder}/*.png"))]
+    paths = sorted(path for suffix in ("png", "jpeg") for path in store.fs.glob(f"{folder}/*.{suffix}"))  # not the preview
+    return [(PurePosixPath(path).stem, store.fs.cat_file(path)) for path in paths]
 
 
 def _series(store: ArtifactStore, record: StageRecord) -> list[Series]:
@@ -217,7 +218,7 @@ def edit_report(view: EditView) -> str:
         parts.append("<h2>What the stages saw and made</h2>")
         for picture in view.pictures:
             parts += [f"<h3>{_e(picture.stage)}: {_e(picture.name)}</h3>",
-                      f'<img class=picture alt="{_e(picture.stage)} {_e(picture.name)}" src="{_png_url(picture.png)}">']  # fmt: skip
+                      f'<img class=picture alt="{_e(picture.stage)} {_e(picture.name)}" src="{_image_url(picture.png)}">']  # fmt: skip
     if view.series:
         parts += ["<h2>Metrics</h2>", _metric_table(view.series), *(_plot(s) for s in view.series)]
     parts += ["<h2>Stages: time, memory, bytes, cache</h2>", _stage_table(m), _cost(m)]
@@ -454,8 +455,10 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _png_url(png: bytes) -> str:
-    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+def _image_url(data: bytes) -> str:
+    """A data URL of a kept picture: a PNG, or a JPEG (a large one, see StageContext.picture)."""
+    kind = "jpeg" if data[:2] == b"\xff\xd8" else "png"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
 def _jpeg_url(frame: np.ndarray) -> str:

@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any
 
 import numpy as np
@@ -46,18 +47,28 @@ _GAP, _GREY, _LABEL = 3, 128, 16
 # The largest picture embedded as is, and the bound on a thumbnail: a few pictures per markdown stay
 # far below Prefect's 1.5 MB event limit (a data URL is 4/3 of the bytes).
 EMBED_BYTES = 128 * 1024
+KEEP_PNG_BYTES = 256 * 1024  # a stage's picture over this is kept as a JPEG (see StageContext.picture)
+JPEG_QUALITY = 90
 
 
 def contact_sheet(
-    frames: np.ndarray, rows: Sequence[np.ndarray] = (), *, labels: Sequence[str] = (), columns: int = COLUMNS
+    frames: np.ndarray,
+    rows: Sequence[np.ndarray] = (),
+    *,
+    labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    key: str | None = None,
+    columns: int = COLUMNS,
 ) -> bytes:
     """PNG of frames side by side: ``(F, h, w)`` in [0, 1] (drawn as a heat map) or uint8 ``(F, h, w, 3)``.
 
     Each of ``rows`` (same layout as ``frames``) is drawn under it, so a frame and what was made of it stand
-    in one column; ``labels`` (one per frame: its source frame number and time) go above the columns. At
-    most ``columns`` frames a row (more wrap into blocks below), each tile scaled to between MIN_TILE and
-    MAX_TILE pixels a side, so the sheet stays legible at the width the UI shows it; grey separators stay
-    visible on white and black content alike; a sheet with a heat map ends with its colour key.
+    in one column; ``labels`` (one per frame: its source frame number and time) go above the columns, and
+    ``row_labels`` (one per series, ``frames`` first) above each row. At most ``columns`` frames a row (more
+    wrap into blocks below), each tile scaled to between MIN_TILE and MAX_TILE pixels a side, so the sheet
+    stays legible at the width the UI shows it; grey separators stay visible on white and black content
+    alike. A sheet with a heat map (or given a ``key``: the scale of heat maps already drawn, as by
+    :func:`overlay`) ends with its colour key, ``key`` stating what 0 and 1 mean.
     """
     columns = max(1, min(columns, len(frames)))
     series = [_tiles(f) for f in (frames, *rows)]
@@ -71,13 +82,15 @@ def contact_sheet(
             cells += [_blank(_LABEL, width)] * (columns - (stop - start))
             lines.append(np.pad(np.concatenate(cells, axis=1), ((0, 0), (_GAP, 0), (0, 0)), constant_values=255))
         for index, tiles in enumerate(series):
+            if index < len(row_labels) and row_labels[index]:
+                lines.append(_strip(row_labels[index], columns * (width + _GAP) + _GAP))
             cells = [np.pad(tiles[i], ((0, 0), (0, _GAP), (0, 0)), constant_values=_GREY) for i in range(start, stop)]
             cells += [_blank(height, width)] * (columns - (stop - start))
             top = _GAP if index == 0 else 0
             lines.append(np.pad(np.concatenate(cells, axis=1), ((top, _GAP), (_GAP, 0), (0, 0)), constant_values=_GREY))
         blocks.append(np.concatenate(lines, axis=0))
-    if any(f.ndim == 3 for f in (frames, *rows)):
-        blocks.append(_colour_key(blocks[0].shape[1]))
+    if key is not None or any(f.ndim == 3 for f in (frames, *rows)):
+        blocks.append(_colour_key(blocks[0].shape[1], key or "values in [0, 1]"))
     sheet = np.concatenate(blocks, axis=0)
     buffer = io.BytesIO()
     Image.fromarray(sheet).save(buffer, format="PNG")
@@ -105,8 +118,15 @@ def _label(text: str, width: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def _colour_key(width: int) -> np.ndarray:
-    """The heat map's colours from 0 (left) to 1 (right), named under the bar; ``width`` pixels wide."""
+def _strip(text: str, width: int) -> np.ndarray:
+    """A row's name: dark text on a light band across the sheet."""
+    image = Image.new("RGB", (width, _LABEL + 2), (235, 235, 235))
+    ImageDraw.Draw(image).text((4, 3), text, fill=(20, 20, 20))
+    return np.asarray(image)
+
+
+def _colour_key(width: int, text: str) -> np.ndarray:
+    """The heat map's colours from 0 (left) to 1 (right), ``text`` (what the values are) under the bar."""
     span = max(16, min(256, width - 40))
     bar = _heat(np.tile(np.linspace(0.0, 1.0, span, dtype=np.float32), (10, 1)))
     image = Image.new("RGB", (width, 26), (255, 255, 255))
@@ -114,7 +134,7 @@ def _colour_key(width: int) -> np.ndarray:
     draw = ImageDraw.Draw(image)
     draw.text((2, 0), "0", fill=(30, 30, 30))
     draw.text((span + 18, 0), "1", fill=(30, 30, 30))
-    draw.text((14, 12), "colour key: values in [0, 1]", fill=(30, 30, 30))
+    draw.text((14, 12), f"colour key: {text}", fill=(30, 30, 30))
     return np.asarray(image)
 
 
@@ -131,6 +151,50 @@ def bar_chart(values: np.ndarray, *, height: int = 96, bar: int = 6) -> bytes:
     return buffer.getvalue()
 
 
+def overlay(frames: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Heat maps over the frames they describe: uint8 ``(F, H, W, 3)`` from frames ``(F, H, W, 3)`` and maps
+    ``(F, h, w)`` in [0, 1], each map scaled to its frame's size by nearest neighbour (its cells stay visible)
+    and drawn with ``alpha`` over the frame. Draw the sheet with a ``key`` naming the maps' scale."""
+    frames = np.asarray(frames)
+    scaled = fit(maps, frames.shape[1:3])
+    blended = (1 - alpha) * frames.astype(np.float32) + alpha * _heat(scaled).astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def fit(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Maps ``(F, h, w)`` scaled to ``size`` ``(H, W)`` by nearest neighbour, float32: a map at a coarser grid (the
+    latents', attention's) drawn beside the frame it describes, tile for tile."""
+    height, width = size
+    return np.stack([np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize((width, height), Image.Resampling.NEAREST))
+                     for m in maps])  # fmt: skip
+
+
+def latent_view(latents: np.ndarray) -> np.ndarray:
+    """False colour of latents ``(N, C, h, w)``, uint8 ``(N, h, w, 3)``: red, green and blue are their first three
+    principal components over all N (one projection, so tiles compare), each stretched from its 1st to its 99th
+    percentile. Cheap (no VAE) and the same for any count of three channels or more (4 of SD, 16 of Wan, the 3
+    of a pixel-space model); one or two channels are shown as they are."""
+    x = np.nan_to_num(np.asarray(latents, np.float32))
+    count, channels, height, width = x.shape
+    flat = np.moveaxis(x, 1, -1).reshape(-1, channels)
+    flat = flat - flat.mean(axis=0)
+    if channels >= 3:
+        sample = flat[:: max(1, len(flat) // 65536)]
+        _, _, basis = np.linalg.svd(sample, full_matrices=False)
+        basis = basis[:3] * np.sign(basis[:3].sum(axis=1, keepdims=True) + 1e-12)  # a fixed sign per component
+        flat = flat @ basis.T
+    else:  # one or two channels: shown as they are, blue (and green) left dark
+        flat = np.concatenate([flat, np.zeros((len(flat), 3 - channels), np.float32)], axis=1)
+    low, high = np.percentile(flat, 1, axis=0), np.percentile(flat, 99, axis=0)
+    scaled = (flat - low) / np.where(high > low, high - low, 1.0)
+    return (scaled.clip(0, 1) * 255).round().astype(np.uint8).reshape(count, height, width, 3)
+
+
+def spread(count: int, shown: int = COLUMNS) -> list[int]:
+    """At most ``shown`` positions of ``count``, evenly spread from the first to the last."""
+    return sorted({round(i) for i in np.linspace(0, count - 1, min(count, shown))}) if count else []
+
+
 def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png: bytes, suffix: str = "png") -> str:
     """Save ``png`` in the store beside the artifact it depicts; return markdown that names it by its place in
     the store (``![name](picture:<path>)``), which :func:`resolve_pictures` turns into a URL when the card is
@@ -143,17 +207,21 @@ def picture_markdown(store: ArtifactStore, stage: str, key: str, name: str, png:
 
 
 PICTURE_SCHEME = "picture:"
+IMAGE_SUFFIXES = (".png", ".jpeg", ".webp")  # what a picture token may show (a kept video is only linked)
 _PICTURE = re.compile(r"!\[([^\]]*)\]\(picture:([^)\s]+)\)")
+_LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(picture:([^)\s]+)\)")  # a file of pictures/ (JSON, a video) to open
 
 
 def resolve_pictures(markdown: str, store: ArtifactStore, settings: Settings) -> str:
     """``markdown`` with each picture saved by :func:`picture_markdown` linked by a URL the browser can load: the
-    picture (or its thumbnail), and a link to the full-size PNG where it has a URL of its own."""
+    picture (or its thumbnail), and a link to the full-size PNG where it has a URL of its own. A plain link to a
+    file of ``pictures/`` (``[text](picture:<path>)``: a summary's JSON, an output video) gets the file's URL on the
+    picture server or presigned; where there is neither, its place in the store is named instead."""
 
     def resolve(match: re.Match) -> str:
         name, rel = match[1], match[2]
-        if not rel.startswith(f"{PICTURES}/") or ".." in rel.split("/"):  # text from a prompt never reads the store
-            return f"*{name}: not a picture of the store*"
+        if not rel.startswith(f"{PICTURES}/") or ".." in rel.split("/") or PurePosixPath(rel).suffix not in IMAGE_SUFFIXES:
+            return f"*{name}: not a picture of the store*"  # text from a prompt never reads the store
         url = served_url(store, rel, settings)
         if url is not None:  # served or presigned: no need to read the picture
             return f"![{name}]({url})\n\n[{name} at full size]({url})"
@@ -164,12 +232,19 @@ def resolve_pictures(markdown: str, store: ArtifactStore, settings: Settings) ->
         url = picture_url(store, rel, png, settings)
         if url.startswith("data:"):
             if len(png) > EMBED_BYTES:
-                return f"![{name}]({url})\n\n*thumbnail; the full-size PNG ({human_bytes(len(png))}) is `{store.url_of(rel)}`*"
+                return f"![{name}]({url})\n\n*thumbnail; the full-size picture ({human_bytes(len(png))}) is `{store.url_of(rel)}`*"
             return f"![{name}]({url})"
         # A separate link: the UI's markdown renderer does not show an image inside a link.
         return f"![{name}]({url})\n\n[{name} at full size]({url})"
 
-    return _PICTURE.sub(resolve, markdown)
+    def link(match: re.Match) -> str:
+        text, rel = match[1], match[2]
+        if not rel.startswith(f"{PICTURES}/") or ".." in rel.split("/"):
+            return f"*{text}: not a file of the store*"
+        url = served_url(store, rel, settings)
+        return f"[{text}]({url})" if url is not None else f"{text}: `{store.url_of(rel)}`"
+
+    return _LINK.sub(link, _PICTURE.sub(resolve, markdown))
 
 
 def served_url(store: ArtifactStore, rel: str, settings: Settings) -> str | None:
@@ -193,6 +268,13 @@ def picture_url(store: ArtifactStore, rel: str, png: bytes, settings: Settings) 
     if len(png) <= EMBED_BYTES:
         return f"data:image/{PurePosixPath(rel).suffix.lstrip('.') or 'png'};base64,{base64.b64encode(png).decode()}"
     return f"data:image/jpeg;base64,{base64.b64encode(thumbnail(png, EMBED_BYTES)).decode()}"
+
+
+def as_jpeg(png: bytes, quality: int = JPEG_QUALITY) -> bytes:
+    """``png`` as a JPEG of the same size."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def thumbnail(png: bytes, max_bytes: int) -> bytes:
@@ -281,31 +363,66 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def stage_summary(store: ArtifactStore, stage: str, key: str, attrs: Mapping[str, Any]) -> str:
-    """Markdown of one stored artifact: every array in it (nested groups too: an attention store's), with shape,
-    dtype, chunks and bytes, the artifact's total in the store, timing, inputs and URL."""
+def artifact_summary(store: ArtifactStore, stage: str, key: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """One stored artifact as plain data: its place, every array in it (nested groups too: an attention store's)
+    with shape, dtype, dims, chunks and bytes, its total in the store and its attrs (provenance included). Kept
+    as ``summary.json`` beside the stage's card, where the browser can open it."""
     rel = store.artifact_path(stage, key)
     group = store.open(stage, key)
     arrays = sorted((path, member) for path, member in group.members(max_depth=None) if isinstance(member, zarr.Array))
-    rows = []
-    for name, array in arrays[:MAX_ROWS]:
-        dims = ", ".join(array.metadata.dimension_names or ())
-        rows.append((f"`{name}`", str(tuple(array.shape)), str(array.dtype), f"({dims})", str(tuple(array.chunks)),
-                     human_bytes(array.nbytes), human_bytes(array.nbytes_stored())))  # fmt: skip
+    return {
+        "stage": stage,
+        "key": key,
+        "url": store.url_of(rel),
+        "stored_bytes": store.size(rel),
+        "arrays": {name: {"shape": list(array.shape), "dtype": str(array.dtype), "dims": list(array.metadata.dimension_names or ()),
+                          "chunks": list(array.chunks), "bytes": array.nbytes, "stored_bytes": array.nbytes_stored()}
+                   for name, array in arrays},  # fmt: skip
+        "attrs": _without_secrets(dict(attrs)),
+    }
+
+
+def _without_secrets(value: Any) -> Any:
+    """``value`` with every URL's user info and query (credentials, signatures) removed: the summary is served."""
+    if isinstance(value, dict):
+        return {k: _without_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    if isinstance(value, str) and _URL.match(value):
+        parts = urlsplit(value)
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return value
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def stage_summary(summary: Mapping[str, Any]) -> str:
+    """Markdown of an :func:`artifact_summary`: the arrays (at most MAX_ROWS), the total in the store, timing,
+    inputs, and the store path, linked to the summary as JSON."""
+    arrays = list(summary["arrays"].items())
+    rows = [(f"`{name}`", str(tuple(a["shape"])), a["dtype"], f"({', '.join(a['dims'])})", str(tuple(a["chunks"])),
+             human_bytes(a["bytes"]), human_bytes(a["stored_bytes"])) for name, a in arrays[:MAX_ROWS]]  # fmt: skip
     if len(arrays) > MAX_ROWS:
-        rows.append((f"... {len(arrays) - MAX_ROWS} more arrays", "", "", "", "", "", ""))
+        rows.append((f"... {len(arrays) - MAX_ROWS} more arrays (all in the JSON)", "", "", "", "", "", ""))
+    attrs = summary["attrs"]
     prov = attrs.get("provenance", {})
     inputs = ", ".join(f"{slot} `{ref['key'][:12]}`" for slot, ref in prov.get("inputs", {}).items()) or "none"
+    json_link = f"{PICTURE_SCHEME}{summary_path(summary['stage'], summary['key'])}"
     lines = [
         markdown_table(("array", "shape", "dtype", "dims", "chunks", "in memory", "stored"), rows),
         "",
-        f"{human_bytes(store.size(rel))} in the store; computed in {attrs.get('seconds', 0):.2f} s on "
-        f"{prov.get('host', '?')} ({prov.get('device', '?')}) by run `{prov.get('run_id', '?')}`; key `{key[:16]}`; "
-        f"inputs: {inputs}",
+        f"{human_bytes(summary['stored_bytes'])} in the store; computed in {attrs.get('seconds', 0):.2f} s on "
+        f"{prov.get('host', '?')} ({prov.get('device', '?')}) by run `{prov.get('run_id', '?')}`; "
+        f"key `{summary['key'][:16]}`; inputs: {inputs}",
         "",
-        f"store: `{store.url_of(rel)}`",
+        f"store: `{summary['url']}` ([summary as JSON]({json_link}))",
     ]
     return "\n".join(lines)
+
+
+def summary_path(stage: str, key: str) -> str:
+    return f"{PICTURES}/{stage}/{key}/summary.json"
 
 
 def _heat(values: np.ndarray) -> np.ndarray:

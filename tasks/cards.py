@@ -14,18 +14,22 @@ Publishing is best effort: the UI is a view of the work, so an API hiccup is log
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+from typing import Any
 from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact
 
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.settings import Settings
-from reelflow.storage.files import put_atomic
+from reelflow.storage.files import human_bytes, put_atomic
 from reelflow.storage.store import PICTURES, ArtifactStore
-from reelflow.tasks.artifacts import card_key, in_run, resolve_pictures, stage_summary
+from reelflow.tasks.artifacts import (PICTURE_SCHEME, artifact_summary, card_key, in_run, resolve_pictures, stage_summary,
+                                      summary_path)
 
 CARD = "card.md"
+_PAGE = 50  # card keys looked up a request (the server returns at most 200 artifacts)
 _SHOWN: dict[tuple[str, str], UUID] = {}  # (run id, card key) -> the card's artifact id
 _log = logging.getLogger(__name__)
 
@@ -36,10 +40,41 @@ def card_title(call: StageCall) -> str:
     return f"### {clip}{call.pipeline} · {call.position + 1}. `{call.stage_id}`{tag}"
 
 
-def card_link(call: StageCall) -> str | None:
-    """The URL of the stage's card in the Prefect UI (its key's page), where the UI's address is known."""
+def card_links(calls: dict[str, StageCall]) -> dict[str, str]:
+    """The URL of each stage's card in the Prefect UI, where the UI's address is known: the card this flow run
+    showed (its artifact's page), else the card's key page (its newest version)."""
     base = ui_url()
-    return f"{base}/artifacts/key/{card_key(call)}" if base else None
+    if not base:
+        return {}
+    keys = {name: card_key(call) for name, call in calls.items()}
+    shown = _shown_cards(sorted(set(keys.values())))
+    return {name: f"{base}/artifacts/artifact/{shown[key]}" if key in shown else f"{base}/artifacts/key/{key}"
+            for name, key in keys.items()}  # fmt: skip
+
+
+def _shown_cards(keys: list[str]) -> dict[str, UUID]:
+    """The cards with these keys that this flow run (its tasks included) showed, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or not keys:
+        return {}
+    shown: dict[str, UUID] = {}
+    try:
+        with get_client(sync_client=True) as client:
+            for start in range(0, len(keys), _PAGE):  # newest first: a retry's card over an earlier attempt's
+                found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=keys[start : start + _PAGE]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[context.flow_run.id])), sort=ArtifactSort.UPDATED_DESC,
+                    limit=200)  # fmt: skip
+                for artifact in found:
+                    shown.setdefault(artifact.key, artifact.id)
+    except Exception as exc:  # noqa: BLE001  (the key pages still lead there)
+        _log.warning("could not look up this run's cards: %s", exc)
+    return shown
 
 
 def ui_url() -> str | None:
@@ -97,14 +132,19 @@ class Card:
             _log.warning("could not publish the card %s: %s", self.key, exc)
 
     def finish(self, sections: list[str]) -> None:
-        """The finished card: what the stage published, then its arrays; kept in the store, then shown."""
+        """The finished card: what the stage published, its output files to open, then its arrays; kept in the
+        store with the summary as JSON, then shown."""
         try:
-            rel = self.store.artifact_path(self.call.stage_type, self.call.key)
-            summary = stage_summary(self.store, self.call.stage_type, self.call.key, self.store.read_attrs(rel))
+            outputs = keep_outputs(self.call, self.store)
         except Exception as exc:  # noqa: BLE001  (the artifact is committed; nothing here may fail it)
+            _log.warning("could not keep the outputs of %s to open in the browser: %s", self.call.stage_id, exc)
+            outputs = []
+        try:
+            summary = stage_summary(keep_summary(self.call.stage_type, self.call.key, self.store))
+        except Exception as exc:  # noqa: BLE001
             _log.warning("no summary for %s: %s", self.call.stage_id, exc)
             summary = ""
-        body = "\n\n".join([*sections, summary]).strip()
+        body = "\n\n".join([*sections, *outputs, summary]).strip()
         try:
             put_atomic(self.store.fs, self.store.abspath(card_path(self.call.stage_type, self.call.key)), body.encode())
         except Exception as exc:  # noqa: BLE001
@@ -116,6 +156,35 @@ def card_path(stage: str, key: str) -> str:
     return f"{PICTURES}/{stage}/{key}/{CARD}"
 
 
+def keep_summary(stage: str, key: str, store: ArtifactStore) -> dict[str, Any]:
+    """The artifact's summary, also kept as JSON beside its card (the browser opens it from the card)."""
+    summary = artifact_summary(store, stage, key, store.read_attrs(store.artifact_path(stage, key)))
+    data = json.dumps(summary, indent=1, default=str).encode()
+    put_atomic(store.fs, store.abspath(summary_path(stage, key)), data, content_type="application/json")
+    return summary
+
+
+def output_path(stage: str, key: str, suffix: str) -> str:
+    return f"{PICTURES}/{stage}/{key}/output.{suffix}"
+
+
+def keep_outputs(call: StageCall, store: ArtifactStore) -> list[str]:
+    """The files the stage exports (an output video), copied beside its card so the browser can open them from
+    the picture server or a presigned URL; returns the card's links to them."""
+    links = []
+    group = store.open(call.stage_type, call.key)
+    for export in call.stage.exports:
+        if export.kind == "file" and export.array in group:
+            data = bytes(group[export.array][:])
+            rel = output_path(call.stage_type, call.key, export.suffix)
+            put_atomic(store.fs, store.abspath(rel), data, content_type=_CONTENT_TYPES.get(export.suffix, "application/octet-stream"))
+            links.append(f"output: [{export.suffix.upper()} ({human_bytes(len(data))})]({PICTURE_SCHEME}{rel})")
+    return links
+
+
+_CONTENT_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "json": "application/json", "csv": "text/csv"}
+
+
 def republish_card(call: StageCall, store: ArtifactStore, settings: Settings) -> None:
     """The card of a stage this run found cached: the card its computing run kept, under this run's key, with a
     line naming that run and when it finished (built from the artifact alone when no card was kept)."""
@@ -123,10 +192,14 @@ def republish_card(call: StageCall, store: ArtifactStore, settings: Settings) ->
         return
     try:
         attrs = store.read_attrs(store.artifact_path(call.stage_type, call.key))
+        summary = None
+        if not store.fs.exists(store.abspath(summary_path(call.stage_type, call.key))):  # computed before it was kept
+            summary = keep_summary(call.stage_type, call.key, store)
+            keep_outputs(call, store)
         try:
             body = store.fs.cat_file(store.abspath(card_path(call.stage_type, call.key))).decode()
         except FileNotFoundError:  # computed before cards were kept
-            body = stage_summary(store, call.stage_type, call.key, attrs)
+            body = stage_summary(summary or keep_summary(call.stage_type, call.key, store))
         prov = attrs.get("provenance", {})
         when = dt.datetime.fromtimestamp(attrs.get("completed_at", 0), dt.UTC).isoformat(sep=" ", timespec="seconds")
         if prov.get("run_id") == call.run_id:  # a stage two pipelines of this run share (a comparison)

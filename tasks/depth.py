@@ -13,7 +13,7 @@ from reelflow.schemas.calls import StageCall
 from reelflow.schemas.depth import DepthMaps, EstimateDepthParams
 from reelflow.schemas.errors import ModelError
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet
+from reelflow.tasks.artifacts import contact_sheet, spread
 from reelflow.tasks.frames import frame_labels, frame_times
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -72,7 +72,7 @@ def load_predictor(ctx: StageContext) -> Predictor:
 
 def _publish(ctx: StageContext, frames: zarr.Array, depth: zarr.Array, p: EstimateDepthParams) -> None:
     """Up to eight frames, evenly spaced, above their depth as a heat map, for the UI."""
-    shown = np.unique(np.linspace(0, frames.shape[0] - 1, min(SHOWN_FRAMES, frames.shape[0])).round().astype(int))
+    shown = spread(frames.shape[0], SHOWN_FRAMES)
     picture = ctx.picture("depth", contact_sheet(np.asarray(frames.oindex[shown]),
                                                  [np.asarray(depth.oindex[shown], np.float32)],
                                                  labels=frame_labels(ctx.store, ctx.input("frames"), shown)))  # fmt: skip

@@ -18,6 +18,7 @@ from reelflow.core.editing.fatezero import (
     FusionPlan,
     RecordingController,
     SelfTokens,
+    fused_word_maps,
     fusion_plan,
     recorded_steps,
     word_heatmaps,
@@ -31,7 +32,8 @@ from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.attention import ATTENTION, KEYS, QUERIES, AttentionReader, AttentionWriter, StoredTokens
-from reelflow.tasks.artifacts import artifact_key, contact_sheet
+from reelflow.tasks.artifacts import contact_sheet, overlay, spread
+from reelflow.tasks.frames import decoded_frames, frame_labels
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -80,6 +82,7 @@ def _invert(ctx: StageContext) -> DdimAttentionInversion:
     recorder = RecordingController(p.max_query_len, set(cross_steps), lambda k, layer, cross, recorded: maps.write(
         k, layer, cross, _to_store(recorded)), self_steps=set(self_steps))
     ctx.progress.start(steps - start)
+    ctx.steps.start(steps, "DDIM inversion")
     on_step, started = _StepStream(latents, maps, ctx), time.perf_counter()
     try:
         with frame_attention(unet, frame_keys=p.frame_keys, min_channels=p.min_channels, controller=recorder):
@@ -122,6 +125,7 @@ class _StepStream:
 
     def __call__(self, k: int, t: int, z: torch.Tensor) -> None:
         self.latents[k + 1] = z.cpu().numpy()
+        self.ctx.steps.keep(k, z, f"step {k + 1} · t={int(t)}")
         self.pending.append(k)
         while self.pending and self.maps.flushed(self.pending[0]):
             self.ctx.writer.mark_done(f"step-{self.pending.pop(0)}")
@@ -191,15 +195,21 @@ def _denoise(ctx: StageContext) -> Latents:
     embeddings = encode_prompts(tokenizer, text_encoder, [p.negative_prompt, p.target_prompt])
     blender = LatentBlender(controller, _inversion_latent(inversion)) if p.blend_latents else None
     ctx.progress.start(attrs.num_steps)
+    ctx.steps.start(attrs.num_steps, "denoising")
     started = time.perf_counter()
+
+    def on_step(i: int, t: int, latents: torch.Tensor) -> None:
+        ctx.progress.advance()
+        ctx.steps.keep(i, latents, f"step {i + 1} · t={int(t)}")
+
     with reader, frame_attention(unet, frame_keys=tuple(attrs.frame_keys), min_channels=attrs.min_channels,
                                  controller=controller):  # fmt: skip
         z = fatezero_edit(
             unet, z, embeddings, scheduler, attrs.num_steps, controller, p.guidance_scale, blender=blender,
-            inverted_timesteps=attrs.timesteps, on_step=lambda i, t, latents: ctx.progress.advance(),
+            inverted_timesteps=attrs.timesteps, on_step=on_step,
         )  # fmt: skip
     ctx.writer.write_array("latents", z.cpu().numpy(), dims=("frame", "latent_channel", "y", "x"), dtype=np.float16)
-    _publish_edit(ctx, p, fusion, _write_blend_maps(ctx, controller, tokenizer, attrs.source_prompt, p.blend_words))
+    _publish_edit(ctx, p, fusion, _write_attention(ctx, controller, tokenizer, attrs.source_prompt, p))
     ctx.record(source_prompt=attrs.source_prompt, target_prompt=p.target_prompt, fusion=fusion, num_steps=attrs.num_steps,
                attention_read_seconds=round(reader.read_seconds, 4), attention_wait_seconds=round(reader.wait_seconds, 4),
                denoise_seconds=round(time.perf_counter() - started, 4))  # fmt: skip
@@ -255,31 +265,77 @@ def _inversion_latent(inversion: zarr.Group) -> Callable[[int], torch.Tensor]:
     return lambda k: torch.from_numpy(np.asarray(latents[k]))
 
 
-def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: list[tuple[str, np.ndarray]]) -> None:
+SHOWN_WORDS = 3  # words a side in the attention picture
+
+
+def _publish_edit(ctx: StageContext, p: FateZeroParams, fusion: str, pictures: str | None) -> None:
     lines = [f"**{p.target_prompt}**", "", f"fusion: {fusion}; guidance {p.guidance_scale}; "
              f"cross/self windows {p.cross_replace_steps}/{p.self_replace_steps}"]  # fmt: skip
-    for title, frames in pictures:
-        lines += ["", f"**{title}**", "", ctx.picture(artifact_key(title), contact_sheet(frames))]
-    ctx.publish("\n".join(lines))
+    ctx.publish("\n".join([*lines, *(["", pictures] if pictures else [])]))
 
 
-def _write_blend_maps(
-    ctx: StageContext,
-    controller: FusionController,
-    tokenizer: Any,
-    source_prompt: str,
-    blend_words: tuple[list[str], list[str]] | None,
-) -> list[tuple[str, np.ndarray]]:
-    """Writes the first blend mask ``(F, r, r)`` and the source blend words' heat maps ``(W, F, r, r)``
-    of a local edit; returns them as pictures for the UI (none for a style edit)."""
-    if controller.first_mask is None:
-        return []
-    mask = controller.first_mask.cpu().numpy().astype(np.uint8)
-    ctx.writer.write_array("blend_mask", mask, dims=MASK_DIMS)
-    words = {w: word_token_indices(tokenizer, source_prompt, w) for w in blend_words[0]}
-    maps = word_heatmaps(controller, list(words.values())).numpy()
-    ctx.writer.write_array(
-        "word_heatmaps", maps, dims=("word", *MASK_DIMS), dtype=np.float16, attrs={"words": list(words)}
-    )
-    pictures = [("blend mask per frame (white: edited)", mask.astype(np.float32))]
-    return pictures + [(f"source cross-attention of '{word}' per frame", heat) for word, heat in zip(words, maps)]
+def _write_attention(
+    ctx: StageContext, controller: FusionController, tokenizer: Any, source_prompt: str, p: FateZeroParams
+) -> str | None:
+    """Stores what the edit's attention looked like and returns its picture (None when nothing was fused):
+
+    * ``blend_mask`` ``(F, r, r)``, the first blend mask, and ``word_heatmaps`` ``(W, F, r, r)``, the source
+      blend words' maps it came from (local edits);
+    * ``source_word_maps`` and ``target_word_maps`` ``(W, F, r, r)``: each word's cross-attention summed over
+      the fused steps, source words from the stored inversion, target words from the edit itself; the words
+      are the blend words of a local edit, else those one prompt has and the other lacks.
+
+    The picture stands each map over the source frame it describes, a few frames a row, labelled by frame
+    number and time, with the colour key.
+    """
+    rows: list[tuple[str, np.ndarray]] = []
+    if controller.first_mask is not None:
+        mask = controller.first_mask.cpu().numpy().astype(np.uint8)
+        ctx.writer.write_array("blend_mask", mask, dims=MASK_DIMS)
+        words = _words(tokenizer, source_prompt, p.blend_words[0])
+        maps = word_heatmaps(controller, list(words.values())).numpy()
+        ctx.writer.write_array("word_heatmaps", maps, dims=("word", *MASK_DIMS), dtype=np.float16, attrs={"words": list(words)})
+        rows.append(("blend mask (1: edited)", mask.astype(np.float32)))
+    source_words, target_words = _shown_words(source_prompt, p)
+    for side, prompt, chosen in (("source", source_prompt, source_words), ("target", p.target_prompt, target_words)):
+        words = _words(tokenizer, prompt, chosen)
+        if not words or not controller.shown_maps[side]:
+            continue
+        maps = fused_word_maps(controller, side, list(words.values())).numpy()
+        ctx.writer.write_array(f"{side}_word_maps", maps, dims=("word", *MASK_DIMS), dtype=np.float16,
+                               attrs={"words": list(words), "prompt": prompt, "summed_over": "fused steps"})  # fmt: skip
+        rows += [(f"{side} '{word}'", heat) for word, heat in zip(words, maps)]
+    return _attention_picture(ctx, rows) if rows else None
+
+
+def _shown_words(source_prompt: str, p: FateZeroParams) -> tuple[list[str], list[str]]:
+    if p.blend_words is not None:
+        return list(p.blend_words[0]), list(p.blend_words[1])
+    source, target = source_prompt.split(), p.target_prompt.split()
+    return [w for w in source if w not in target][:SHOWN_WORDS], [w for w in target if w not in source][:SHOWN_WORDS]
+
+
+def _words(tokenizer: Any, prompt: str, words: list[str]) -> dict[str, list[int]]:
+    """Each word's token positions in ``prompt`` (a word the prompt lacks is left out)."""
+    found = {}
+    for word in dict.fromkeys(words):
+        try:
+            found[word] = word_token_indices(tokenizer, prompt, word)
+        except ValueError:
+            continue
+    return found
+
+
+def _attention_picture(ctx: StageContext, rows: list[tuple[str, np.ndarray]]) -> str:
+    count = rows[0][1].shape[0]
+    shown = spread(count)
+    source = decoded_frames(ctx.store, ctx.input("inversion"))
+    if source is not None and source["frames"].shape[0] == count:
+        frames = np.asarray(source["frames"].oindex[shown])
+        sheet = contact_sheet(frames, [overlay(frames, maps[shown]) for _, maps in rows],
+                              labels=frame_labels(ctx.store, source, shown), row_labels=["source frames", *(n for n, _ in rows)],
+                              key="each word's attention divided by its frame's maximum; the mask is 0 or 1")  # fmt: skip
+    else:  # frames from elsewhere: the maps alone
+        sheet = contact_sheet(rows[0][1][shown], [maps[shown] for _, maps in rows[1:]], labels=[f"#{i}" for i in shown],
+                              row_labels=[n for n, _ in rows])  # fmt: skip
+    return "**attention** over the frames it describes\n\n" + ctx.picture("attention", sheet)

@@ -12,7 +12,7 @@ from reelflow.core.flow.warp import CONSISTENCY_ABSOLUTE, CONSISTENCY_RELATIVE, 
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.flow import FlowFields
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet
+from reelflow.tasks.artifacts import contact_sheet, spread
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -76,7 +76,7 @@ def _estimate(ctx: StageContext, flow: FlowFn, backend: str) -> FlowFields:
 def _publish(ctx: StageContext, frames, forward, occluded, backend: str) -> None:  # noqa: ANN001
     """Up to eight pairs: the first frame, its forward flow colour-coded (hue: direction, saturation: speed), and
     its occluded pixels in white, for the UI."""
-    shown = np.unique(np.linspace(0, forward.shape[0] - 1, min(SHOWN_PAIRS, forward.shape[0])).round().astype(int))
+    shown = spread(forward.shape[0], SHOWN_PAIRS)
     colours = flow_to_image(torch.from_numpy(np.asarray(forward.oindex[shown]))).permute(0, 2, 3, 1).numpy()
     mask = np.repeat(np.asarray(occluded.oindex[shown], np.uint8)[..., None] * 255, 3, axis=-1)
     labels = [f"{label} -> next" for label in frame_labels(ctx.store, ctx.input("frames"), shown)]

@@ -51,11 +51,13 @@ def decoded_frames(store: ArtifactStore, group: zarr.Group) -> zarr.Group | None
 
 
 def frame_labels(store: ArtifactStore, frames: zarr.Group, positions: Sequence[int]) -> list[str]:
-    """``frame N · T s`` for the frames at ``positions`` of a frames artifact: their number and time in the source
-    video (see :func:`frame_times`), or their position where no decoded frames are found up its provenance."""
+    """``frame N · T s`` for the frames at ``positions`` of a frames (or latents) artifact: their number and time in
+    the source video (see :func:`frame_times`), or their position where no decoded frames are found up its
+    provenance, or they are not as many."""
     try:
         source = decoded_frames(store, frames)
-        if source is None or source["frame_index"].shape[0] != frames["frames"].shape[0]:
+        count = next(frames[name].shape[0] for name in ("frames", "latents") if name in frames)
+        if source is None or source["frame_index"].shape[0] != count:
             return [f"#{i}" for i in positions]
         numbers = np.asarray(source["frame_index"][:])
         fps = float(Fraction(VideoFrames.read(source.attrs.asdict()).source_video.fps))

@@ -32,7 +32,8 @@ from reelflow.schemas.gen1 import (
 )
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet
+from reelflow.tasks.artifacts import contact_sheet, fit, spread
+from reelflow.tasks.frames import decoded_frames, frame_labels
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -40,6 +41,7 @@ from reelflow.tasks.stage import stage_task
 from reelflow.tasks.windows import read_window, run_windows
 
 ANCHOR = 0  # the frame every window's video-mode attention also reads
+SHOWN_FRAMES = 8  # frames of the structure picture
 
 
 @stage_task("embed_content", "text")
@@ -139,6 +141,7 @@ def _denoise(ctx: StageContext) -> Latents:
     span = _write_levelled(ctx, depth, p.t_s, size)
 
     mask = _mask(ctx, tuple(latents.shape[-2:]))
+    ctx.steps.start(len(timesteps), "denoising (first window computed)")
 
     def compute(window: Window) -> np.ndarray:
         z0 = torch.from_numpy(read_window(latents, window).astype(np.float32))
@@ -147,12 +150,13 @@ def _denoise(ctx: StageContext) -> Latents:
         z, source = _start(ctx, window, z0, scheduler, timesteps)
         edited = gen1_denoise(unet, z, embeds, structure, scheduler, p.num_steps, timesteps, omega=p.omega,
                               omega_t=p.omega_t, blend=Blend(mask, source) if mask is not None else None,
-                              image_embeds=image_embeds)  # fmt: skip
+                              image_embeds=image_embeds,
+                              on_step=lambda i, t, x: ctx.steps.keep(i, x, f"step {i + 1} · t={int(t)}", part=window.index))  # fmt: skip
         return edited.numpy()  # on window.frames, the anchor first; the stitcher keeps the window's own
 
     with _video_mode(unet, p.frame_keys, adapter, p.ip_adapter_scale):
         run_windows(ctx, WindowPlan(p.window, p.overlap, anchor=ANCHOR), out, compute)
-    _publish(ctx, p)
+    _publish(ctx, p, span)
     ctx.record(timesteps=[int(t) for t in timesteps])
     return Latents()
 
@@ -207,6 +211,7 @@ def _invert(ctx: StageContext) -> Gen1Inversion:
                                      dims=("level", "frame", "latent_channel", "y", "x"),
                                      chunks=(1, min(count, p.chunk_size), *latents.shape[1:]))  # fmt: skip
     ctx.progress.start(count, unit="frames")
+    ctx.steps.start(len(timesteps), "DDIM inversion (first frames computed)")
     # Per-frame processors, held under the model lock: each frame is inverted alone (image mode).
     with _video_mode(unet, ("self",)):
         for start in range(0, count, p.chunk_size):
@@ -217,6 +222,8 @@ def _invert(ctx: StageContext) -> Gen1Inversion:
                 walked = gen1_invert(unet, z0, empty, Structure(levelled, controlnet, p.conditioning_scale, span),
                                      scheduler, p.num_steps, timesteps)  # fmt: skip
                 levels[:, start:stop] = torch.stack(walked).numpy()
+                for k, (t, level) in enumerate(zip(timesteps.flip(0), walked[1:])):
+                    ctx.steps.keep(k, level, f"step {k + 1} · t={int(t)}", part=start)
                 ctx.writer.mark_done(f"frames-{start}")
             ctx.progress.advance(stop - start)
     return Gen1Inversion(num_steps=p.num_steps, strength=p.strength, timesteps=[int(t) for t in timesteps.flip(0)], t_s=p.t_s)
@@ -283,14 +290,22 @@ def _write_levelled(ctx: StageContext, depth: Any, t_s: int, size: tuple[int, in
     return span
 
 
-def _publish(ctx: StageContext, p: Gen1Params) -> None:
-    structure = ctx.writer.group["structure"]
-    step = max(1, structure.shape[0] // 8)
-    picture = ctx.picture(f"structure-t{p.t_s}", contact_sheet(np.stack([np.asarray(structure[i], np.float32)
-                                                                         for i in range(0, structure.shape[0], step)])))  # fmt: skip
+def _publish(ctx: StageContext, p: Gen1Params, span: tuple[float, float]) -> None:
+    """The depth the UNet read at structure level t_s, under the source frames it came from."""
+    structure, (low, high) = ctx.writer.group["structure"], span
+    shown = spread(structure.shape[0], SHOWN_FRAMES)
+    levelled = (np.asarray(structure.oindex[shown], np.float32) - low) / max(high - low, 1e-12)
+    source = decoded_frames(ctx.store, ctx.input("latents"))
+    key = f"depth at structure level {p.t_s}, its clip range [{low:.3g}, {high:.3g}] drawn as [0, 1]"
+    if source is not None and source["frames"].shape[0] == structure.shape[0]:
+        frames = np.asarray(source["frames"].oindex[shown])
+        sheet = contact_sheet(frames, [fit(levelled, frames.shape[1:3])], labels=frame_labels(ctx.store, source, shown), key=key)
+    else:
+        sheet = contact_sheet(levelled, labels=[f"#{i}" for i in shown], key=key)
+    picture = ctx.picture(f"structure-t{p.t_s}", sheet)
     ctx.publish((
         f"t_s {p.t_s}, omega {p.omega}, omega_t {p.omega_t}, strength {p.strength}\n\n"
-        f"**depth at structure level {p.t_s}** (every {step}th frame)\n\n{picture}"))  # fmt: skip
+        f"**depth at structure level {p.t_s}** under the frames it came from\n\n{picture}"))  # fmt: skip
 
 
 @stage_check("invert_latents", "gen1")

@@ -11,7 +11,7 @@ from reelflow.schemas.kinds import VideoFrames
 from reelflow.schemas.masks import DecodeMaskParams, MaskFrames
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.files import url_to_fs
-from reelflow.tasks.artifacts import contact_sheet
+from reelflow.tasks.artifacts import contact_sheet, spread
 from reelflow.tasks.preflight import FramesPreview, PreflightContext, stage_check
 from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -56,7 +56,7 @@ def _decode(ctx: StageContext) -> MaskFrames:
 
 def _publish(ctx: StageContext, frames, masks, layout: MaskLayout) -> None:  # noqa: ANN001
     """Up to eight frames above their mask (white: edited), for the UI."""
-    shown = np.unique(np.linspace(0, masks.shape[0] - 1, min(SHOWN_FRAMES, masks.shape[0])).round().astype(int))
+    shown = spread(masks.shape[0], SHOWN_FRAMES)
     labels = frame_labels(ctx.store, ctx.input("frames"), shown)
     picture = ctx.picture("mask", contact_sheet(np.asarray(frames.oindex[shown]), [np.asarray(masks.oindex[shown], np.float32)],
                                                 labels=labels))  # fmt: skip

@@ -21,7 +21,7 @@ from reelflow.schemas.errors import SpecError
 from reelflow.schemas.kinds import Metrics
 from reelflow.schemas.metrics import METRICS, ComputeMetricsParams
 from reelflow.schemas.refs import ArtifactRef
-from reelflow.tasks.artifacts import contact_sheet, markdown_table
+from reelflow.tasks.artifacts import contact_sheet, markdown_table, spread
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -174,7 +174,7 @@ def _publish(
 ) -> None:
     """The contact sheet (source frames above, edited frames below) and the metrics per frame (a pair's value on the
     row of its first frame)."""
-    shown = np.unique(np.linspace(0, len(source) - 1, min(SHEET_FRAMES, len(source))).round().astype(int))
+    shown = spread(len(source), SHEET_FRAMES)
     labels = frame_labels(ctx.store, ctx.input("source"), shown)
     sheet = ctx.picture("contact-sheet", contact_sheet(source[shown], rows=[edited[shown]], labels=labels))
 

@@ -9,6 +9,7 @@ records) costs one metadata read.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import threading
 import time
@@ -34,10 +35,11 @@ from reelflow.schemas.settings import Settings
 from reelflow.storage.keys import canonical_json
 from reelflow.storage.leases import Leases, default_holder, renewing
 from reelflow.storage.store import ArtifactStore, ArtifactWriter
-from reelflow.tasks.artifacts import picture_markdown
+from reelflow.tasks.artifacts import KEEP_PNG_BYTES, as_jpeg, picture_markdown
 from reelflow.tasks.cards import Card, card_title
 from reelflow.tasks.models import load_role, resolve_device, role_json
 from reelflow.tasks.progress import Progress
+from reelflow.tasks.views import StepStrip, thumbnails
 
 _LIBRARIES = ("reelflow", "torch", "diffusers", "transformers", "zarr", "numpy", "av", "prefect")
 _POLL_SECONDS = 0.5
@@ -59,6 +61,7 @@ class StageContext:
     settings: Settings
     extras: dict[str, Any] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)
+    steps: StepStrip = field(default_factory=StepStrip)  # a sampler's latents a few steps apart, for the card
 
     def input(self, slot: str) -> zarr.Group:
         ref = self.call.inputs[slot]
@@ -99,7 +102,10 @@ class StageContext:
         self.extras.update(values)
 
     def picture(self, name: str, png: bytes) -> str:
-        """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts); put it in :meth:`publish`."""
+        """Markdown showing ``png``, saved beside this stage's artifact (see tasks.artifacts); put it in :meth:`publish`.
+        A picture over KEEP_PNG_BYTES (frames of real footage) is kept as a JPEG, a fraction of the bytes."""
+        if len(png) > KEEP_PNG_BYTES:
+            return picture_markdown(self.store, self.call.stage_type, self.call.key, name, as_jpeg(png), suffix="jpeg")
         return picture_markdown(self.store, self.call.stage_type, self.call.key, name, png)
 
     def publish(self, markdown: str) -> None:
@@ -174,8 +180,9 @@ def _compute(
     """Run the body into the artifact and commit it; returns the sections the body published for its card."""
     started = time.time()
     attrs_in = {"provenance": provenance(call, store, settings)}
-    with store.write(call.stage_type, call.key, attrs_in, resumable=resumable) as writer:
-        progress = Progress(card, title=card_title(call), description=f"{call.clip} {call.pipeline} {call.stage_id}".strip())
+    progress = Progress(card, title=card_title(call), description=f"{call.clip} {call.pipeline} {call.stage_id}".strip(),
+                        label=(call.clip, call.pipeline, call.stage_id))  # fmt: skip
+    with progress, store.write(call.stage_type, call.key, attrs_in, resumable=resumable) as writer:  # done once committed
         ctx = StageContext(call, store, writer, progress, settings)
         with PeakMemory() as peak:
             attrs = _kind_attrs(call, body(ctx))
@@ -186,7 +193,20 @@ def _compute(
         if resumable:  # which parts an earlier, interrupted attempt stored
             done["provenance"] = {**attrs_in["provenance"], "resumed_parts": list(writer.resumed_parts)}
         writer.update_attrs(done)
+        ctx.sections += _views(ctx)  # with the kind's attrs written: frame labels read them
     return ctx.sections
+
+
+def _views(ctx: StageContext) -> list[str]:
+    """The card's views of what the body stored: thumbnails of its frames or latents, its sampler's steps."""
+    views = []
+    for name, draw in (("thumbnails", lambda: thumbnails(ctx.writer.group, ctx.store, ctx.picture)),
+                       ("step strip", lambda: [strip] if (strip := ctx.steps.markdown(ctx.picture)) else [])):  # fmt: skip
+        try:
+            views += draw()
+        except Exception as exc:  # noqa: BLE001  (a view must never fail a stage that has done its work)
+            logging.getLogger(__name__).warning("no %s for %s: %s", name, ctx.call.stage_id, exc)
+    return views
 
 
 def _kind_attrs(call: StageCall, returned: Attrs | None) -> Attrs:

@@ -91,10 +91,12 @@ def _denoise(ctx: StageContext) -> NoAttrs:
 
     def keep(i: int, latents: torch.Tensor) -> None:
         state[(first + i) % 2] = latents.numpy()
+        ctx.steps.keep(first + i, latents, f"step {first + i + 1} · t={int(timesteps[first + i])}")
         ctx.writer.mark_done(f"step-{first + i}")
         ctx.progress.advance(1)
 
     ctx.progress.start(len(timesteps) - first)
+    ctx.steps.start(len(timesteps), "guided denoising")
     with model_lock(unet):
         z = soundini_denoise(unet, backbone.vae, z, backbone.embeds, scheduler, p.num_steps, timesteps[first:], region, losses,
                              chunk=p.chunk, on_step=keep, first_step=first)  # fmt: skip

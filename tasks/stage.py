@@ -13,7 +13,6 @@ import importlib
 from collections.abc import Callable, Mapping
 
 from prefect import Task, task
-from prefect.tasks import exponential_backoff
 
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import RegistryError
@@ -22,6 +21,7 @@ from reelflow.schemas.registry import load_methods
 from reelflow.schemas.stages import STAGE_TYPES, StageSpec, stage_tag
 from reelflow.tasks.caching import StageKeyPolicy, retry_transient
 
+RETRY_DELAY_SECONDS = 2
 TASKS: dict[tuple[str, str | None], Task] = {}
 _loaded: list[bool] = []
 
@@ -46,7 +46,8 @@ def stage_task(stage: str, method: str | None = None, *, retries: int = 2) -> Ca
             persist_result=True,
             result_serializer="json",
             retries=retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=1),
+            # One number, not a backoff list: the UI shows a list's delay as "NaNs"; the jitter spreads retries.
+            retry_delay_seconds=RETRY_DELAY_SECONDS,
             retry_jitter_factor=0.3,
             retry_condition_fn=retry_transient,
         )

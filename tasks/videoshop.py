@@ -47,6 +47,7 @@ from reelflow.schemas.kinds import Resize, VideoFrames
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.videoshop import EdmInversion, ImageContent, VideoshopInvertParams, VideoshopParams, WindowInfo
 from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table
+from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
@@ -82,7 +83,8 @@ def _embed(ctx: StageContext) -> ImageContent:
     ctx.writer.write_array("conditioning_latents", condition.latents.numpy(), dims=LATENT_DIMS, dtype=np.float32)
     ctx.writer.write_array("latents", condition.clean.numpy(), dims=LATENT_DIMS, dtype=np.float32)
     source = np.asarray(ctx.input("frames")["frames"][0])
-    picture = ctx.picture("first-frames", contact_sheet(np.stack([source, image])))
+    label = frame_labels(ctx.store, ctx.input("frames"), [0])[0]
+    picture = ctx.picture("first-frames", contact_sheet(np.stack([source, image]), labels=[f"source, {label}", "edited"]))
     ctx.publish(f"**the source's first frame** "
                      f"and the edited one\n\n{picture}")  # fmt: skip
     return ImageContent(image_size=(given.shape[1], given.shape[0]), size=(image.shape[1], image.shape[0]),
@@ -152,6 +154,7 @@ def _invert(ctx: StageContext) -> EdmInversion:
     plan, windows = plan_windows(_window_length(p, svd.unet.config), p.overlap, latents.shape[0])
     store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), plan.length, latents.shape[1:], p)
     ctx.progress.start(len(windows) * store.count * (2 if p.check_reconstruction else 1))
+    ctx.steps.start(store.count, "EDM inversion (first window computed)")
     for window in windows:
         if ctx.writer.is_done(f"window-{window.index}"):
             ctx.progress.advance(store.count * (2 if p.check_reconstruction else 1))
@@ -200,6 +203,7 @@ def _stream(ctx: StageContext, store: _InversionStore, index: int) -> Callable[[
 
     def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
         store.steps[index, i + 1] = x.numpy()
+        ctx.steps.keep(i, x, f"step {i + 1} · σ={float(sigma):.3g}", part=index)
         ctx.writer.mark_done(f"window-{index}-step-{i}")
         ctx.progress.advance()
 
@@ -384,7 +388,8 @@ class _EditStore:
         mismatch = np.asarray(self.mismatch[:])
         rows = [(w.index, f"{w.start}-{w.stop - 1}", w.head, f"{mismatch[w.index, 0]:.2f}", f"{mismatch[w.index, 1]:.2f}")
                 for w in windows[1:]]  # fmt: skip
-        sheet = ctx.picture("condition-frames", contact_sheet(np.asarray(self.conditions[:])))
+        sheet = ctx.picture("condition-frames", contact_sheet(np.asarray(self.conditions[:]),
+                                                              labels=[f"window {w.index} (frame {w.start})" for w in windows]))
         ctx.publish("\n".join([
             f"**{len(windows)} windows**, colour kept by `{p.window_colour}`", "",
             markdown_table(("window", "frames", "shared", "mismatch before", "after"), rows) if rows else "one window", "",
@@ -411,7 +416,9 @@ class _WindowEdit:
         # 2. generate from the window's inversion, 3. rescale to the reference latents
         start = torch.from_numpy(np.asarray(self.steps[window.index, -1]))
         model = SvdDenoiser(self.svd.unet, condition, self.time_ids, guidance=self.guidance)
-        x = generate(model, start, self.schedule, strength=self.attrs.strength)
+        self.ctx.steps.start(self.schedule.steps(self.attrs.strength), "denoising (first window)")
+        x = generate(model, start, self.schedule, strength=self.attrs.strength, on_step=lambda i, sigma, x: self.ctx.steps.keep(
+            i, x, f"step {i + 1} · σ={float(sigma):.3g}", part=window.index))  # fmt: skip
         if self.p.rescale:
             x = rescale_latents(x, self.edited.condition.clean if self.p.window_colour == "first_frame" else condition.clean)
         # 4. decode with the temporal decoder, 5. match the colour of the frames shared with the previous window

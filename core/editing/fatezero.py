@@ -179,6 +179,10 @@ class FusionController:
     first_mask: torch.Tensor | None = None  # (F, r, r) at the blend resolution, for the UI
     first_maps: list[torch.Tensor] = field(default_factory=list)  # the source cross maps it came from
     target_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # edit cross maps summed over steps
+    # For display: the source's (stored) and the edit's own cross maps at the blend resolution, mean over heads
+    # ``(F, 1, q, 77)``, summed over the steps that fuse them; only maps the fusion forms anyway, so showing them
+    # changes nothing computed.
+    shown_maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=lambda: {"source": {}, "target": {}})
     _maps: Mapping[str, Recorded] = field(default_factory=dict)
 
     def begin_step(self, step: int) -> None:
@@ -241,6 +245,11 @@ class FusionController:
         if not is_cross:
             raise TypeError(f"{layer}: self-attention is fused from its stored tokens, through attend(), not from maps")
         source = self._maps[layer].to(device=probs.device, non_blocking=True).to(probs.dtype)
+        if layer in self._blend_layers():
+            for side, maps in (("source", source), ("target", edit)):
+                summed = self.shown_maps[side].get(layer)
+                heads = maps.detach().float().mean(dim=1, keepdim=True)
+                self.shown_maps[side][layer] = heads + (summed if summed is not None else 0)
         fused = self._fuse_cross(source, edit)
         return torch.cat([probs[:-num_frames], fused]) if probs.shape[0] > num_frames else fused
 
@@ -378,9 +387,31 @@ def word_heatmaps(controller: FusionController, words: Sequence[Sequence[int]]) 
     """
     if not controller.first_maps:
         raise ValueError("the controller has made no blend mask yet, so there are no maps to show")
+    return _word_maps(controller.first_maps, words, controller.plan)
+
+
+def fused_word_maps(controller: FusionController, side: str, words: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each word's cross-attention summed over the steps that fused it, for display: ``side`` ``"source"`` (the
+    inversion's stored maps; token positions of the source prompt) or ``"target"`` (the edit's own maps before
+    fusion; positions of the target prompt). Mean over heads, summed over the word's tokens, mean over the
+    layers at the blend resolution, divided by each frame's maximum.
+
+    Returns:
+        ``(W, F, r_h, r_w)`` float32 on the CPU, each frame's maximum 1 (0 where a frame has no attention).
+
+    Raises:
+        ValueError: No step fused cross-attention at the blend resolution (nothing was recorded to fuse).
+    """
+    maps = list(controller.shown_maps[side].values())
+    if not maps:
+        raise ValueError("no step fused cross-attention at the blend resolution, so there are no maps to show")
+    return _word_maps(maps, words, controller.plan)
+
+
+def _word_maps(maps: Sequence[torch.Tensor], words: Sequence[Sequence[int]], plan: FusionPlan) -> torch.Tensor:
     per_word = []
     for tokens in words:
-        heat = torch.stack([m.mean(dim=1)[..., list(tokens)].sum(-1) for m in controller.first_maps]).mean(0)
-        heat = heat.reshape(-1, *controller.plan.grid(heat.shape[-1]))
+        heat = torch.stack([m.mean(dim=1)[..., list(tokens)].sum(-1) for m in maps]).mean(0)
+        heat = heat.reshape(-1, *plan.grid(heat.shape[-1]))
         per_word.append(heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))
     return torch.stack(per_word).cpu().float()

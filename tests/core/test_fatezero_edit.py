@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from reelflow.core.editing.fatezero import FusionController, FusionPlan, RecordingController, fusion_plan, word_heatmaps
+from reelflow.core.editing.fatezero import (FusionController, FusionPlan, RecordingController, fused_word_maps, fusion_plan,
+                                            word_heatmaps)
 from reelflow.core.editing.fatezero_edit import LatentBlender, fatezero_edit, fatezero_invert
-from reelflow.core.editing.prompt_to_prompt import refine_mapper
+from reelflow.core.editing.prompt_to_prompt import apply_cross_fusion, refine_mapper
 from reelflow.core.inversion.ddim import inversion_timesteps
 from reelflow.core.sampling.ddim import ddim_denoise_step, denoising_timesteps
 from reelflow.core.tiny import sd15_scheduler, tiny_tokenizer
@@ -154,6 +155,38 @@ def test_word_heatmaps_are_each_words_source_attention_normalised_per_frame() ->
     expected[:, 1, 1], expected[:, 1, 2] = 1.0, 0.5
     torch.testing.assert_close(heat[0], expected, rtol=0, atol=1e-7)
     torch.testing.assert_close(heat[1], torch.ones(FRAMES, 4, 4), rtol=0, atol=1e-7)
+
+
+def test_fused_word_maps_sum_the_source_and_the_edits_own_maps_over_the_fused_steps_only() -> None:
+    steps, never = 3, torch.zeros(3, dtype=torch.bool)
+    cross = torch.zeros(FRAMES, 2, 16, 77)
+    cross[:, :, 5, 2] = 1.0  # the source word (token 2) attends to cell (1, 1)
+    replace = torch.rand(77, 77, generator=torch.Generator().manual_seed(0))
+    plan = FusionPlan(steps, torch.tensor([True, True, False]), never, replace=replace, latent_shape=(4, 4),
+                      blend_resolution=4)  # fmt: skip
+    controller = FusionController(plan, source=lambda k: {"cross": cross}, layers={"cross": (True, 16)})
+    outputs, expected_outputs = [], []
+    for step in range(steps):
+        controller.begin_step(step)
+        edit = torch.zeros(FRAMES, 2, 16, 77)
+        edit[:, :, 10, 3] = step + 1.0  # the target word (token 3) attends to cell (2, 2), more each step
+        if controller.wants("cross", True, 16):
+            expected_outputs.append(apply_cross_fusion(cross, edit.clone(), replace=replace))
+            outputs.append(controller(edit, layer="cross", is_cross=True, num_frames=FRAMES))
+
+    assert len(outputs) == 2, "the third step is outside the cross window"
+    for output, expected_output in zip(outputs, expected_outputs):  # showing the maps changes no fusion
+        torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    target = controller.shown_maps["target"]["cross"]
+    assert target.shape == (FRAMES, 1, 16, 77), "kept as the mean over heads"
+    assert torch.all(target[:, :, 10, 3] == 3.0), "steps 1 and 2 (1 + 2), not the unfused third"
+    expected = torch.zeros(FRAMES, 4, 4)
+    expected[:, 2, 2] = 1.0
+    target_heat = fused_word_maps(controller, "target", [[3]])[0]
+    torch.testing.assert_close(target_heat, expected, rtol=0, atol=1e-7)
+    expected = torch.zeros(FRAMES, 4, 4)
+    expected[:, 1, 1] = 1.0
+    torch.testing.assert_close(fused_word_maps(controller, "source", [[2]])[0], expected, rtol=0, atol=1e-7)
 
 
 # --- the two passes on a stand-in UNet --------------------------------------------------------

@@ -157,6 +157,14 @@ def test_the_bulk_table_artifact_has_a_row_per_clip(make_spec, clip: Path, tmp_p
 # run-stage ---------------------------------------------------------------------------------------
 
 
+def run_artifacts(flow_run_id) -> list:  # noqa: ANN001
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
 @pytest.mark.flow
 def test_run_stage_needs_its_inputs_in_the_store_then_computes_just_that_stage(make_spec) -> None:
     spec = make_spec()
@@ -169,6 +177,10 @@ def test_run_stage_needs_its_inputs_in_the_store_then_computes_just_that_stage(m
     store = ArtifactStore(spec.store)
     assert store.is_complete("decode_video", ref.key) and ref.arrays["frames"].shape == (6, 64, 64, 3)
     ref = run_stage(stage="encode_latents", spec=spec)
+    # Run again, the stored stage shows its card again in this run, named as the run that computed it.
+    state = run_stage(stage="encode_latents", spec=spec, return_state=True)
+    (card,) = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key and a.key.endswith("-encode-latents")]
+    assert "*cached: computed by run `" in card.data and "![latents](" in card.data
     # The full pipeline then finds both stages stored under the keys it plans.
     manifest = edit_video(spec)
     assert {r.name: r.status for r in manifest.stages}["encode_latents"] == "cached"

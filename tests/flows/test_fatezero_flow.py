@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,34 @@ def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
     assert (mask.reshape(3, -1).max(axis=1) == 1).all(), "each frame's peak of the normalised map passes 0.3"
     assert local["word_heatmaps"].shape[:2] == (1, 3) and local["word_heatmaps"].attrs["words"] == ["cat"]
     assert local.attrs["fusion"] == "refine"
+    # What the card shows is in the store too: each side's words summed over the fused steps.
+    assert local["source_word_maps"].attrs["words"] == ["cat"] and local["target_word_maps"].attrs["words"] == ["dog"]
+    assert local["target_word_maps"].shape == (1, 3, *mask.shape[1:])
+    style = store.open("denoise_latents", next(r.key for r in both.stages if r.name == "denoise_latents_0"))
+    assert "blend_mask" not in style and style["target_word_maps"].attrs["words"] == ["painting", "of"], (
+        "a style edit shows the words the target prompt adds")
+
+
+def test_every_stage_keeps_its_card_views_summary_and_output_in_the_store(fatezero_spec) -> None:
+    manifest = edit_video(fatezero_spec("stages.denoise_latents.each=[{}]"))
+    store = ArtifactStore(manifest.store)
+    kept = {r.name: {p.name for p in (Path(manifest.store) / "pictures" / r.stage / r.key).iterdir()} for r in manifest.stages}
+    assert {"card.md", "summary.json"} <= set.intersection(*kept.values())
+    assert {"frames.png"} <= kept["decode_video"] and {"frames.png", "preview.webp"} <= kept["decode_latents_0"]
+    assert {"latents.png"} <= kept["encode_latents"]
+    assert {"steps.png"} <= kept["invert_latents"] and {"steps.png", "attention.png", "latents.png"} <= kept["denoise_latents_0"]
+    record = next(r for r in manifest.stages if r.name == "encode_video_0")
+    copy = Path(manifest.store) / "pictures" / "encode_video" / record.key / "output.mp4"
+    assert copy.read_bytes() == Path(manifest.outputs["encode_video_0"]).read_bytes(), "the browser's copy is the output"
+    card = (copy.parent / "card.md").read_text()
+    assert f"(picture:pictures/encode_video/{record.key}/output.mp4)" in card
+    inversion = next(r for r in manifest.stages if r.name == "invert_latents")
+    summary = json.loads((Path(manifest.store) / "pictures" / "invert_latents" / inversion.key / "summary.json").read_text())
+    group = store.open("invert_latents", inversion.key)
+    assert summary["arrays"]["latents"]["shape"] == list(group["latents"].shape)
+    assert any(name.startswith("attention/") for name in summary["arrays"]), "the attention store's arrays too"
+    assert summary["attrs"]["provenance"]["run_id"] and summary["stored_bytes"] == store.size(
+        store.artifact_path("invert_latents", inversion.key))
 
 
 def test_the_attention_store_holds_one_chunk_per_recorded_step_and_layer(fatezero_spec) -> None:

@@ -66,6 +66,18 @@ class Browser:
 
         return wait_for(loaded, timeout, f"an image from {loaded_prefix} to load on {url}", interval=1.0)
 
+    def all_images(self, url: str, timeout: float = 120) -> list[list]:
+        """Open ``url`` and wait until every image on it has finished loading (or failed); returns them all."""
+        self.call("Page.navigate", url=url)
+
+        def settled() -> list[list] | None:
+            state = self.call("Runtime.evaluate", expression="document.readyState", returnByValue=True)["result"].get("value")
+            value = self.call("Runtime.evaluate", expression=IMAGES, returnByValue=True)["result"].get("value", "[]")
+            images = json.loads(value)
+            return images if state == "complete" and images and all(done for _, done, _ in images) else None
+
+        return wait_for(settled, timeout, f"every image on {url} to load", interval=1.0)
+
     def close(self) -> None:
         self.ws.close()
         self.proc.terminate()

@@ -13,7 +13,9 @@ from PIL import Image
 
 from reelflow.schemas.settings import Settings
 from reelflow.storage.store import ArtifactStore
-from reelflow.tasks.artifacts import EMBED_BYTES, card_key, clip_label, contact_sheet, picture_markdown, publish_markdown, resolve_pictures
+from reelflow.tasks.artifacts import (EMBED_BYTES, card_key, clip_label, contact_sheet, latent_view, overlay, picture_markdown,
+                                      publish_markdown, resolve_pictures)
+from reelflow.tasks.views import StepStrip
 
 KEY = "d4" * 32
 
@@ -145,3 +147,78 @@ def test_a_contact_sheet_wraps_at_four_columns_with_labels_and_a_colour_key() ->
     assert plain.size == (3 + 2 * (tile_w + 3), 3 + tile_h + 3)
     # two blocks (4 + 2 frames) of a label line and two rows of tiles, then the colour key
     assert sheet.size == (3 + 4 * (tile_w + 3), 2 * (16 + 3 + 2 * (tile_h + 3)) + 26)
+
+
+def test_row_names_and_a_stated_key_add_their_bands_to_the_sheet() -> None:
+    frames = np.zeros((2, 32, 48, 3), np.uint8)
+    plain = Image.open(io.BytesIO(contact_sheet(frames, rows=[frames])))
+    named = Image.open(io.BytesIO(contact_sheet(frames, rows=[frames], row_labels=["source", "overlay"], key="attention")))
+    assert named.size == (plain.width, plain.height + 2 * 18 + 26)
+
+
+def test_an_overlay_keeps_the_frame_where_the_map_is_zero_and_heats_it_where_one() -> None:
+    frames = np.full((1, 8, 8, 3), 100, np.uint8)
+    maps = np.zeros((1, 2, 2), np.float32)
+    maps[0, 1, 1] = 1.0  # the bottom-right cell, a quarter of the frame after nearest scaling
+    drawn = overlay(frames, maps, alpha=0.5)
+    assert (drawn[0, :4, :4] == 50).all(), "0 is black in the key: the frame dimmed by alpha"
+    assert (drawn[0, 4:, 4:] == round(0.5 * 100 + 0.5 * 255)).all(), "1 is white"
+
+
+def test_the_latent_view_colours_by_principal_component_for_any_channel_count() -> None:
+    ramp = np.tile(np.linspace(-1, 1, 16, dtype=np.float32), (16, 1))
+    noise = np.random.default_rng(0).normal(0, 0.01, (16, 16, 16)).astype(np.float32)
+    latents = noise.copy()
+    latents[:4] += ramp  # 16 channels (Wan's count), the strongest direction (1, 1, 1, 1, 0, ...) a ramp along x
+    view = latent_view(latents[None])
+    assert view.shape == (1, 16, 16, 3) and view.dtype == np.uint8
+    red = np.median(view[0, :, :, 0], axis=0)
+    assert (np.diff(red) >= 0).all() and red[-1] - red[0] > 200, "the first component, red, follows the ramp"
+    assert latent_view(latents[None, :2]).shape == (1, 16, 16, 3), "fewer than three channels are padded"
+
+
+def test_a_step_strip_keeps_the_middle_frame_of_a_few_spread_steps_of_the_first_window(store: ArtifactStore) -> None:
+    strip = StepStrip()
+    assert strip.markdown(lambda name, png: name) is None, "nothing kept, nothing shown"
+    strip.start(20, "denoising")
+    for window, first in ((3, 5), (1, 0)):  # window 3 computed first, resumed at step 5; then window 1 from the start
+        strip.start(20, "second window")  # a later window's start changes nothing
+        for step in range(first, 20):
+            latents = np.full((1, 5, 4, 2, 2), 100.0 * window + step + np.arange(5)[:, None, None, None])
+            strip.keep(step, latents, f"step {step}", part=window)
+    assert sorted(strip.kept) == [8, 11, 15, 19], "only the first part computed, never mixed with another window"
+    label, frame = strip.kept[8]
+    assert label == "step 8" and frame.shape == (4, 2, 2) and (frame == 300 + 8 + 2).all(), "the middle frame"
+    shown = strip.markdown(lambda name, png: f"<{name}:{Image.open(io.BytesIO(png)).width}>")
+    assert shown.startswith("**denoising**") and "<steps:" in shown
+
+
+def test_links_to_files_of_the_pictures_open_where_served_and_name_the_store_otherwise(store: ArtifactStore) -> None:
+    text = f"[summary as JSON](picture:pictures/invert_latents/{KEY}/summary.json)"
+    served = resolve_pictures(text, store, Settings(pictures_url="http://pictures:8765"))
+    assert served == f"[summary as JSON](http://pictures:8765/invert_latents/{KEY}/summary.json)"
+    named = resolve_pictures(text, store, Settings())
+    assert named == f"summary as JSON: `{store.abspath(f'pictures/invert_latents/{KEY}/summary.json')}`"
+    assert "not a file of the store" in resolve_pictures("[x](picture:pictures/../leases/k.json)", store, Settings())
+
+
+def test_stage_tasks_retry_after_a_number_of_seconds_the_ui_can_show() -> None:
+    from reelflow.tasks.stage import TASKS, load_implementations
+
+    load_implementations()
+    assert {task.retry_delay_seconds for task in TASKS.values()} == {2}
+
+
+def test_a_large_picture_of_a_stage_is_kept_as_a_jpeg_of_the_same_size(store: ArtifactStore) -> None:
+    from reelflow.schemas.calls import StageCall, StoreSpec
+    from reelflow.schemas.stages import DecodeVideo
+    from reelflow.tasks.runtime import StageContext
+
+    call = StageCall(pipeline="p", stage=DecodeVideo(id="decode_video"), key=KEY, store=StoreSpec(url=store.url), run_id="r")
+    ctx = StageContext(call, store, writer=None, progress=None, settings=Settings())  # type: ignore[arg-type]
+    big = real_size_sheet()
+    assert ctx.picture("sheet", big) == f"![sheet](picture:pictures/decode_video/{KEY}/sheet.jpeg)"
+    kept = Image.open(io.BytesIO(store.fs.cat_file(store.abspath(f"pictures/decode_video/{KEY}/sheet.jpeg"))))
+    assert kept.format == "JPEG" and kept.size == Image.open(io.BytesIO(big)).size
+    small = contact_sheet(np.zeros((2, 8, 8, 3), np.uint8))
+    assert ctx.picture("small", small).endswith("/small.png)"), "small pictures stay lossless"
