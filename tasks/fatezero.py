@@ -32,7 +32,7 @@ from reelflow.schemas.fatezero import DdimAttentionInversion, FateZeroParams
 from reelflow.schemas.kinds import Latents
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.storage.attention import ATTENTION, KEYS, QUERIES, AttentionReader, AttentionWriter, StoredTokens
-from reelflow.tasks.artifacts import contact_sheet, overlay, spread
+from reelflow.tasks.artifacts import contact_sheet, markdown_table, overlay, spread
 from reelflow.tasks.frames import decoded_frames, frame_labels
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.runtime import StageContext, run_stage
@@ -162,10 +162,8 @@ def _publish_inversion(
         ("store write time (background)", f"{maps.write_seconds:.2f} s"),
         ("inversion time", f"{seconds:.2f} s"),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    url = ctx.store.url_of(ctx.store.artifact_path(ctx.call.stage_type, ctx.call.key))
     ctx.publish(f"**attention store** of the inversion of '{ctx.call.stage.params.source_prompt}'\n\n"
-                f"| | |\n|---|---|\n{table}\n\nStore: `{url}`")
+                + markdown_table(("attention store", "measured"), rows))
 
 
 def _rel(ctx: StageContext) -> str:

@@ -77,12 +77,14 @@ def _publish(ctx: StageContext, frames, forward, occluded, backend: str) -> None
     """Up to eight pairs: the first frame, its forward flow colour-coded (hue: direction, saturation: speed), and
     its occluded pixels in white, for the UI."""
     shown = spread(forward.shape[0], SHOWN_PAIRS)
-    colours = flow_to_image(torch.from_numpy(np.asarray(forward.oindex[shown]))).permute(0, 2, 3, 1).numpy()
+    flows = torch.from_numpy(np.asarray(forward.oindex[shown], np.float32))
+    colours = flow_to_image(flows).permute(0, 2, 3, 1).numpy()  # saturation relative to the fastest pixel shown
+    fastest = float(flows.square().sum(dim=1).sqrt().max())
     mask = np.repeat(np.asarray(occluded.oindex[shown], np.uint8)[..., None] * 255, 3, axis=-1)
     labels = [f"{label} -> next" for label in frame_labels(ctx.store, ctx.input("frames"), shown)]
     picture = ctx.picture("flow", contact_sheet(np.asarray(frames.oindex[shown]), [colours, mask], labels=labels))
-    ctx.publish(f"**optical flow** ({backend}), frame to next: frame, flow (hue: direction, saturation: speed), "
-                f"occluded (white)\n\n{picture}")  # fmt: skip
+    ctx.publish(f"**optical flow** ({backend}), frame to next: frame, flow (hue: direction; saturation: speed, full at "
+                f"the fastest pixel shown, {fastest:.3g} px a frame), occluded (white)\n\n{picture}")  # fmt: skip
 
 
 @stage_check("estimate_flow", "raft")
