@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/pictures.py
+	$(BIN)/python benchmarks/flowmatch.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
