@@ -1,0 +1,79 @@
+"""Wan by role on tiny bundles built from config: kinds, shapes and the conditioning, against diffusers' pipelines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+
+from reelflow.core.inversion.flowmatch import FlowSchedule, generate, invert
+from reelflow.core.tiny_wan import build_tiny_wan_i2v, build_tiny_wan_vace, tiny_t5_tokenizer
+from reelflow.core.wan import WanVelocity, check_size, checkpoint_kind, denormalise, i2v_condition, normalise, plan_frames
+
+
+@pytest.fixture(scope="module")
+def wan_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wan")
+    return {"i2v": build_tiny_wan_i2v(root / "i2v"), "vace": build_tiny_wan_vace(root / "vace")}
+
+
+def test_the_checkpoint_kind_is_read_from_the_transformers_config(wan_bundles: dict[str, Path]) -> None:
+    for kind, bundle in wan_bundles.items():
+        config = json.loads((bundle / "transformer" / "config.json").read_text())
+        assert checkpoint_kind(config["_class_name"], config) == kind
+    assert checkpoint_kind("WanTransformer3DModel", {"in_channels": 16, "out_channels": 16}) == "t2v"
+    assert checkpoint_kind("WanTransformer3DModel", {"in_channels": 36, "out_channels": 16, "image_dim": None}) == "i2v"  # 2.2 A14B
+
+
+def test_frame_counts_meet_4k_plus_1_by_the_stated_policy() -> None:
+    assert plan_frames(14, "trim").frames == 13 and plan_frames(14, "pad").frames == 17
+    assert plan_frames(14, "pad").padded == 3 and plan_frames(17, "pad").padded == 0 and plan_frames(17, "trim").used == 17
+    assert plan_frames(81, "refuse").latent_frames == 21 and plan_frames(1, "trim").latent_frames == 1
+    with pytest.raises(ValueError, match="14 frames; Wan takes 4k\\+1 frames \\(13 or 17\\): set the frame policy"):
+        plan_frames(14, "refuse")
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_frames(0, "pad")
+
+
+def test_sizes_the_vae_and_patches_cannot_tile_are_refused_with_the_nearest_that_fit() -> None:
+    check_size(480, 832)
+    with pytest.raises(ValueError, match="width 840: use 832 or 848"):
+        check_size(480, 840)
+    with pytest.raises(ValueError, match="height 8: use 16 or 16"):
+        check_size(8, 64)
+
+
+def test_the_image_to_video_condition_is_the_pipelines(wan_bundles: dict[str, Path]) -> None:
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_bundles["i2v"])
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    _, expected = pipe.prepare_latents(image, 1, 16, 64, 64, 9, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(i2v_condition(pipe.vae, image, 9), expected, rtol=1e-5, atol=1e-5)
+    latents = torch.randn(1, 16, 3, 8, 8)
+    torch.testing.assert_close(denormalise(normalise(latents, pipe.vae.config), pipe.vae.config), latents)
+
+
+def test_the_velocity_is_the_transformers_output_with_guidance_and_drives_inversion(wan_bundles: dict[str, Path]) -> None:
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_bundles["i2v"])
+    tokenizer = tiny_t5_tokenizer()
+    ids = tokenizer(["a red car on a road", ""], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        prompt, negative = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state.split(1)
+        states = pipe.image_encoder(torch.rand(1, 3, 32, 32), output_hidden_states=True).hidden_states[-2]
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    condition = i2v_condition(pipe.vae, image, 9)
+    x = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    velocity = WanVelocity(pipe.transformer, prompt, negative, guidance_scale=3.0, condition=condition, image=states)
+
+    def direct(text: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=torch.cat([x, condition], dim=1), timestep=torch.tensor([500.0]),
+                                    encoder_hidden_states=text, encoder_hidden_states_image=states, return_dict=False)[0]  # fmt: skip
+
+    torch.testing.assert_close(velocity(x, 0.5, 500.0), direct(negative) + 3.0 * (direct(prompt) - direct(negative)))
+    schedule = FlowSchedule.from_scheduler(pipe.scheduler, 4)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and schedule.sigmas[0] == pytest.approx(1.0, abs=1e-5)
+    inverted = invert(velocity, x, schedule, strength=0.5)
+    assert inverted.shape == x.shape and torch.isfinite(generate(velocity, inverted, schedule, strength=0.5)).all()
