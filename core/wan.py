@@ -70,8 +70,8 @@ def plan_frames(count: int, policy: FramePolicy, *, what: str = "the clip") -> F
     if policy == "pad":
         return FramePlan(count, count, above - count)
     if policy == "refuse" and below != count:
-        raise ValueError(f"{what} has {count} frames; Wan takes 4k+1 frames ({below} or {above}): set the frame policy "
-                         f"to trim (keep {below}) or pad (repeat the last frame to {above}), or decode {below} or {above}")  # fmt: skip
+        raise ValueError(f"{what} has {count} frames; Wan takes 4k+1 frames ({below} or {above}): decode {below} or {above} "
+                         f"frames (decode_video's num_frames), or pad (repeat the last frame to {above})")  # fmt: skip
     return FramePlan(count, count, 0)
 
 

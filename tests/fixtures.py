@@ -38,6 +38,14 @@ def tiny_svd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Wan 2.1 image-to-video bundle (its VAE: 16 channels, 4x in time, 8x in space)."""
+    from reelflow.core.tiny_wan import build_tiny_wan_i2v
+
+    return build_tiny_wan_i2v(tmp_path_factory.mktemp("models") / "tiny-wan-i2v", seed=0)
+
+
+@pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 96x64, 24 fps, 1 s synthetic clip with motion and a sound track."""
     from reelflow.core.synthetic import write_synthetic_clip

@@ -32,7 +32,7 @@ def test_frame_counts_meet_4k_plus_1_by_the_stated_policy() -> None:
     assert plan_frames(14, "trim").frames == 13 and plan_frames(14, "pad").frames == 17
     assert plan_frames(14, "pad").padded == 3 and plan_frames(17, "pad").padded == 0 and plan_frames(17, "trim").used == 17
     assert plan_frames(81, "refuse").latent_frames == 21 and plan_frames(1, "trim").latent_frames == 1
-    with pytest.raises(ValueError, match="14 frames; Wan takes 4k\\+1 frames \\(13 or 17\\): set the frame policy"):
+    with pytest.raises(ValueError, match="14 frames; Wan takes 4k\\+1 frames \\(13 or 17\\): decode 13 or 17 frames"):
         plan_frames(14, "refuse")
     with pytest.raises(ValueError, match="at least 1"):
         plan_frames(0, "pad")
@@ -77,3 +77,16 @@ def test_the_velocity_is_the_transformers_output_with_guidance_and_drives_invers
     assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and schedule.sigmas[0] == pytest.approx(1.0, abs=1e-5)
     inverted = invert(velocity, x, schedule, strength=0.5)
     assert inverted.shape == x.shape and torch.isfinite(generate(velocity, inverted, schedule, strength=0.5)).all()
+
+
+def test_the_same_seed_rebuilds_identical_weights_and_the_roles_load_through_the_family(wan_bundles: dict[str, Path],
+                                                                                        tmp_path: Path) -> None:  # fmt: skip
+    from reelflow.core.models import load_model
+
+    again = build_tiny_wan_i2v(tmp_path / "again")
+    for component in ("transformer", "vae", "text_encoder", "image_encoder"):
+        (weights,) = sorted((wan_bundles["i2v"] / component).glob("*.safetensors"))
+        assert weights.read_bytes() == (again / component / weights.name).read_bytes(), component
+    tokenizer = load_model(str(again), family="diffusers", component="tokenizer")
+    assert tokenizer("a red car").input_ids[-1] == tokenizer.eos_token_id == 1
+    assert type(load_model(str(again), family="diffusers", component="vae")).__name__ == "AutoencoderKLWan"

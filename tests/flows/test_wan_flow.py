@@ -1,0 +1,67 @@
+"""Wan's 3D VAE stages end to end on the tiny Wan bundle: 4k+1 frames by policy, the clip's frames back, and the
+guards that refuse before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from reelflow.core.frames import to_model_range
+from reelflow.core.wan import normalise
+from reelflow.deployments import spec_path
+from reelflow.flows.edit import edit_video, prepare_run
+from reelflow.schemas.errors import SpecError
+from reelflow.schemas.loading import load_spec
+from reelflow.schemas.settings import Settings
+from reelflow.storage.store import ArtifactStore
+
+pytestmark = pytest.mark.flow
+
+
+def reconstruct(model: Path, clip: Path, tmp_path: Path, *overrides: str):
+    given = [f"models.wan.id={model}", f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}",
+             "stages.decode_video.params.num_frames=6", "stages.decode_video.params.width=64",
+             "stages.decode_video.params.height=48", "stages.encode_video.params.preset=ultrafast"]  # fmt: skip
+    return load_spec(spec_path("reconstruct-wan"), [*given, *overrides])
+
+
+def test_a_clip_is_padded_to_4k_plus_1_for_the_vae_and_decoded_back_to_its_own_frames(tiny_wan: Path, clip: Path,
+                                                                                        tmp_path: Path) -> None:  # fmt: skip
+    manifest = edit_video(reconstruct(tiny_wan, clip, tmp_path))
+    assert manifest.status == "completed"
+    stages = {r.name: r for r in manifest.stages}
+    store = ArtifactStore(manifest.store)
+    source = np.asarray(store.open("decode_video", stages["decode_video"].key)["frames"][:])
+    encoded = store.open("encode_latents", stages["encode_latents"].key)
+    assert encoded["latents"].shape == (3, 16, 6, 8) and encoded["latents"].metadata.dimension_names[0] == "latent_frame"
+    assert (encoded.attrs["frames"], encoded.attrs["padded"], encoded.attrs["latent_frames"]) == (6, 3, 3)
+    # The stored latents are the VAE's own (the posterior's mode), normalised by its per-channel statistics.
+    vae = AutoencoderKLWan.from_pretrained(tiny_wan, subfolder="vae")
+    padded = np.concatenate([source, np.repeat(source[-1:], 3, axis=0)])
+    with torch.no_grad():
+        expected = vae.encode(to_model_range(padded).permute(1, 0, 2, 3)[None]).latent_dist.mode()
+    np.testing.assert_allclose(encoded["latents"][:], normalise(expected, vae.config)[0].transpose(0, 1).numpy(), atol=1e-5)
+    decoded = store.open("decode_latents", stages["decode_latents"].key)["frames"]
+    assert decoded.shape == source.shape, "the padding is dropped again: the clip keeps its frame count"
+    # A clip that already has 4k+1 frames passes the strict policy unpadded.
+    exact = edit_video(reconstruct(tiny_wan, clip, tmp_path, "stages.decode_video.params.num_frames=5",
+                                   "stages.encode_latents.params.frame_policy=refuse"))  # fmt: skip
+    stages = {r.name: r for r in exact.stages}
+    assert store.open("encode_latents", stages["encode_latents"].key).attrs["padded"] == 0
+
+
+def test_frames_wan_cannot_take_are_refused_before_any_model_loads(tiny_wan: Path, clip: Path, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="are 72x48; Wan needs multiples of 16.*width 72: use 64 or 80"):
+        prepare_run(reconstruct(tiny_wan, clip, tmp_path, "stages.decode_video.params.width=72",
+                                "stages.decode_video.params.multiple=8"), Settings())  # fmt: skip
+    with pytest.raises(SpecError, match="6 frames; Wan takes 4k\\+1 frames \\(5 or 9\\): decode 5 or 9 frames"):
+        prepare_run(reconstruct(tiny_wan, clip, tmp_path, "stages.encode_latents.params.frame_policy=refuse"), Settings())
+
+
+def test_a_vae_that_is_not_wans_is_refused_before_it_loads(tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="the vae role needs Wan's AutoencoderKLWan.*this model's vae is a AutoencoderKL"):
+        prepare_run(reconstruct(tiny_bundle, clip, tmp_path), Settings())
