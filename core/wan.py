@@ -3,9 +3,11 @@
 Wan's VAE is causal in time: ``F`` frames give ``(F - 1) / 4 + 1`` latent frames (the first alone, then
 four per latent frame), so a clip must have ``4k + 1`` frames, and 8x8 pixels make a latent cell, which the
 transformer's 2x2 patches then pair: heights and widths must be multiples of 16. Latents are normalised per
-channel with the VAE config's ``latents_mean`` and ``latents_std`` (not one scaling factor). The
-image-to-video transformer reads 36 channels: the noisy latents, a 4-channel mask marking the given frames
-(4 per latent frame, so the first latent frame's mask says which of its 4 source frames are known), and the
+channel with the VAE config's ``latents_mean`` and ``latents_std`` (not one scaling factor). This is the VAE of
+Wan 2.1 and of Wan 2.2's A14B models (16 channels); Wan 2.2 TI2V-5B's (48 channels, 16x in space) is refused
+by the stages that read a VAE's config. The image-to-video transformer reads 36 channels: the noisy
+latents, a 4-channel mask marking the given frames (4 channels a latent frame: one per source frame it
+stands for, the first latent frame's single source frame repeated 4 times), and the
 VAE latents of the conditioning video (the first frame, then zeros); it also reads the CLIP image encoder's
 penultimate hidden states where the checkpoint has an image projection (Wan 2.1 I2V). VACE reads only the
 16 latent channels, with its control video through its own layers.
@@ -121,7 +123,8 @@ def first_frame_mask(frames: int, latent_shape: tuple[int, int], *, known: int =
 
 def i2v_condition(vae: Any, image: torch.Tensor, frames: int) -> torch.Tensor:
     """The image-to-video channels of one window, ``(1, 20, f, h, w)``: the first-frame mask, then the normalised VAE
-    latents (the distribution's mode) of ``image`` ``(1, 3, H, W)`` in [-1, 1] followed by ``frames - 1`` zero frames."""
+    latents (the distribution's mode) of ``image`` ``(1, 3, H, W)`` in [-1, 1] followed by ``frames - 1`` zero frames.
+    The VAE keeps a feature cache while it encodes: a caller sharing it between threads holds its lock."""
     height, width = image.shape[-2:]
     video = torch.cat([image.unsqueeze(2), image.new_zeros(1, 3, frames - 1, height, width)], dim=2)
     with torch.no_grad():
@@ -145,11 +148,11 @@ class WanVelocity:
     image: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, sigma: float, timestep: float) -> torch.Tensor:
-        dtype, device = self.transformer.dtype, self.transformer.device
-        hidden = x if self.condition is None else torch.cat([x, self.condition.to(x)], dim=1)
-        hidden = hidden.to(device, dtype)
-        t = torch.full((x.shape[0],), float(timestep), device=device)
-        image = None if self.image is None else self.image.to(device, dtype)
+        dtype, device, batch = self.transformer.dtype, self.transformer.device, x.shape[0]
+        condition = None if self.condition is None else self.condition.to(x).expand(batch, *self.condition.shape[1:])
+        hidden = (x if condition is None else torch.cat([x, condition], dim=1)).to(device, dtype)
+        t = torch.full((batch,), float(timestep), device=device)
+        image = None if self.image is None else self.image.to(device, dtype).expand(batch, *self.image.shape[1:])
         v = self._predict(hidden, t, self.prompt, image)
         if self.guidance_scale > 1.0 and self.negative is not None:
             unconditional = self._predict(hidden, t, self.negative, image)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from reelflow.core.frames import from_model_range, to_model_range
-from reelflow.core.wan import check_size, denormalise, normalise, plan_frames
+from reelflow.core.wan import SPATIAL, check_size, denormalise, normalise, plan_frames
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.wan import WanDecodeParams, WanEncodeParams, WanLatents
@@ -101,9 +101,14 @@ def _check_encode(ctx: PreflightContext) -> None:
 
 @stage_check("decode_latents", "wan")
 def _check_vae(ctx: PreflightContext) -> None:
-    """Refuses a VAE that is not Wan's 3D VAE, naming the fix."""
+    """Refuses a VAE that is not Wan 2.1's 3D VAE (16 channels, 8x in space), naming the fix."""
     config = ctx.model_config("vae") or {}
     found = config.get("_class_name")
     if found is not None and found != VAE_CLASS:
         raise ValueError(f"{ctx.stage_id}: the vae role needs Wan's {VAE_CLASS} (a Wan-AI/...-Diffusers bundle's vae/); "
                          f"this model's vae is a {found}")  # fmt: skip
+    shape = (config.get("z_dim", 16), config.get("scale_factor_spatial") or SPATIAL, config.get("patch_size"))
+    if found is not None and shape != (16, SPATIAL, None):
+        raise ValueError(f"{ctx.stage_id}: this {VAE_CLASS} has {shape[0]} channels, {shape[1]}x in space and patch size "
+                         f"{shape[2]} (Wan 2.2 TI2V-5B's); these stages take the 16-channel, 8x VAE of Wan 2.1 and Wan 2.2 "
+                         "A14B: use one of those bundles")  # fmt: skip

@@ -46,10 +46,11 @@ def test_inversion_visits_the_schedulers_times_and_ends_where_sampling_starts() 
         assert start == 4 and reached[-1] == schedule.sigmas[start], "inversion ends where sampling starts"
         assert seen_down[0] == (schedule.sigmas[start], schedule.timesteps[start])
         assert [t for _, t in seen_down] == list(schedule.timesteps[start:]), "sampling calls the scheduler's timesteps"
-        assert [t for _, t in seen_up] == [0.0, *reversed(schedule.timesteps[start + 1 :])], "inversion climbs them back"
+        up = [schedule.timesteps[-1], *reversed(schedule.timesteps[start + 1 :])]  # from the clean end: the first step's own
+        assert [t for _, t in seen_up] == up, "inversion climbs them back, never asking at timestep 0"
 
 
-def test_extrapolation_and_heun_each_beat_plain_reverse_euler_on_curved_paths() -> None:
+def test_extrapolation_and_heun_each_beat_plain_reverse_euler_on_curved_paths() -> None:  # benchmarks/flowmatch.py
     mean, std = 1.0, 2.0  # data far from the noise: curved paths
     velocity = gaussian_velocity(mean, std)
     x0 = mean + std * torch.randn(4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -60,7 +61,7 @@ def test_extrapolation_and_heun_each_beat_plain_reverse_euler_on_curved_paths() 
         return float((generate(velocity, x, schedule, strength=1.0, solver=options.get("solver", "euler")) - x0).pow(2).mean().sqrt())
 
     naive, extrapolated, heun = round_trip(), round_trip(extrapolate=True), round_trip(solver="heun")
-    assert extrapolated < naive / 5 and heun < extrapolated / 10, (naive, extrapolated, heun)
+    assert extrapolated < naive / 5 and heun < naive / 5, (naive, extrapolated, heun)
 
 
 def test_a_resumed_inversion_equals_an_uninterrupted_one() -> None:

@@ -48,6 +48,7 @@ def statuses(manifest) -> dict[str, str]:
 def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
     first = edit_video(fatezero_spec("stages.denoise_latents.each=[{}]"))
     assert set(statuses(first).values()) == {"computed"}
+    check_card_views(first)
     both = edit_video(fatezero_spec(f"stages.denoise_latents.each=[{{}}, {SECOND_EDIT}]"))
     status = statuses(both)
     assert status["invert_latents"] == status["denoise_latents_0"] == status["encode_video_0"] == "cached"
@@ -72,8 +73,8 @@ def test_a_second_target_prompt_reuses_the_inversion(fatezero_spec) -> None:
         "a style edit shows the words the target prompt adds")
 
 
-def test_every_stage_keeps_its_card_views_summary_and_output_in_the_store(fatezero_spec) -> None:
-    manifest = edit_video(fatezero_spec("stages.denoise_latents.each=[{}]"))
+def check_card_views(manifest) -> None:  # noqa: ANN001
+    """Every stage keeps its card, views, summary and output in the store."""
     store = ArtifactStore(manifest.store)
     kept = {r.name: {p.name for p in (Path(manifest.store) / "pictures" / r.stage / r.key).iterdir()} for r in manifest.stages}
     assert {"card.md", "summary.json"} <= set.intersection(*kept.values())

@@ -3,6 +3,8 @@ guards that refuse before any model loads."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from reelflow.core.frames import to_model_range
+from reelflow.core.frames import from_model_range, to_model_range
 from reelflow.core.wan import normalise
 from reelflow.deployments import spec_path
 from reelflow.flows.edit import edit_video, prepare_run
@@ -47,6 +49,9 @@ def test_a_clip_is_padded_to_4k_plus_1_for_the_vae_and_decoded_back_to_its_own_f
     np.testing.assert_allclose(encoded["latents"][:], normalise(expected, vae.config)[0].transpose(0, 1).numpy(), atol=1e-5)
     decoded = store.open("decode_latents", stages["decode_latents"].key)["frames"]
     assert decoded.shape == source.shape, "the padding is dropped again: the clip keeps its frame count"
+    with torch.no_grad():
+        video = vae.decode(expected).sample[0].transpose(0, 1)[:6]  # the first 6 of 9 decoded frames: the clip's own
+    np.testing.assert_array_equal(decoded[:], from_model_range(video))
     # A clip that already has 4k+1 frames passes the strict policy unpadded.
     exact = edit_video(reconstruct(tiny_wan, clip, tmp_path, "stages.decode_video.params.num_frames=5",
                                    "stages.encode_latents.params.frame_policy=refuse"))  # fmt: skip
@@ -62,6 +67,30 @@ def test_frames_wan_cannot_take_are_refused_before_any_model_loads(tiny_wan: Pat
         prepare_run(reconstruct(tiny_wan, clip, tmp_path, "stages.encode_latents.params.frame_policy=refuse"), Settings())
 
 
-def test_a_vae_that_is_not_wans_is_refused_before_it_loads(tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:
+def test_a_vae_that_is_not_wan_2_1s_is_refused_before_it_loads(tiny_bundle: Path, tiny_wan: Path, clip: Path,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
     with pytest.raises(SpecError, match="the vae role needs Wan's AutoencoderKLWan.*this model's vae is a AutoencoderKL"):
         prepare_run(reconstruct(tiny_bundle, clip, tmp_path), Settings())
+    wider = Path(shutil.copytree(tiny_wan, tmp_path / "wan-2.2-5b"))  # Wan 2.2 TI2V-5B's VAE: 48 channels, 16x
+    config = json.loads((wider / "vae" / "config.json").read_text())
+    (wider / "vae" / "config.json").write_text(json.dumps({**config, "z_dim": 48, "scale_factor_spatial": 16, "patch_size": 2}))
+    with pytest.raises(SpecError, match="has 48 channels, 16x in space and patch size 2.*use one of those bundles"):
+        prepare_run(reconstruct(wider, clip, tmp_path), Settings())
+
+
+def test_spatial_tiles_are_set_for_the_stage_and_put_back_after(tiny_wan: Path) -> None:
+    from reelflow.tasks.wan import _tiled
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_wan, subfolder="vae")
+    with _tiled(vae, True):
+        assert vae.use_tiling
+    assert vae.use_tiling is False
+    vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=16,
+                      tile_sample_stride_width=16)  # fmt: skip
+    clip = torch.rand(1, 3, 5, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        with _tiled(vae, False):
+            whole = vae.encode(clip).latent_dist.mode()
+        with _tiled(vae, True):
+            tiled = vae.encode(clip).latent_dist.mode()
+    assert vae.use_tiling is True and whole.shape == tiled.shape and not torch.equal(whole, tiled), "tiles took effect"
