@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from abc import ABC, abstractmethod
@@ -264,5 +265,14 @@ class ModelFamily(ABC):
         """
 
     def handout(self, loaded: Any) -> Any:
-        """What a caller receives for a cached ``loaded``: the shared instance, unless mutable."""
+        """What a caller receives for a cached ``loaded``: the shared instance, unless mutable.
+
+        A tokenizer is (and a processor holding one): a fast tokenizer keeps its padding and truncation
+        settings on its one Rust object and each call sets them, so two stages tokenizing at once (one
+        padding prompts, one looking up words) would trip each other. Each caller gets a copy (milliseconds).
+        """
+        from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+        if isinstance(loaded, PreTrainedTokenizerBase | ProcessorMixin):
+            return copy.deepcopy(loaded)
         return loaded

@@ -67,7 +67,7 @@ class DiffusersFamily(ModelFamily):
         # set_timesteps changes a scheduler in place, so each caller gets its own.
         if isinstance(loaded, SchedulerMixin):
             return type(loaded).from_config(loaded.config)
-        return loaded
+        return super().handout(loaded)
 
 
 def _component_class(source: ModelSource, component: str | None, cls: type | None) -> type:

@@ -235,6 +235,16 @@ def test_scheduler_is_fresh_per_call_because_set_timesteps_mutates_it(bundle: Pa
     assert other.config == scheduler.config
 
 
+def test_a_tokenizer_is_a_copy_per_call_because_each_call_sets_its_padding(bundle: Path) -> None:
+    tokenizer = load_component(str(bundle), "tokenizer")
+    tokenizer(["a cat", "a cat walking on a street"], padding="max_length", max_length=16, truncation=True)
+    other = load_component(str(bundle), "tokenizer")  # another stage, at the same time
+
+    assert other is not tokenizer
+    assert tokenizer._tokenizer.padding is not None and other._tokenizer.padding is None, "its own padding state"
+    assert other("a cat").input_ids == tokenizer("a cat").input_ids
+
+
 def test_unknown_component_lists_the_valid_ones(bundle: Path) -> None:
     with pytest.raises(ModelError, match="unknown model component 'safety_checker'") as info:
         load_component(str(bundle), "safety_checker")
