@@ -199,17 +199,18 @@ def load_model(
     source, version = _locate(model_id, revision, cache_dir, fingerprint)
     key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir, weight_name)
     named = {"weight_name": weight_name} if loader.takes_weight_name else {}
+    def load() -> Any:
+        return loader.load(source, component=component, cls=override, dtype=dtype, device=device, **named)
+
     with _cache_lock:
         # Loading under the lock means two stages asking for one UNet load it once; loads are rare.
         if key not in _cache:
-            _cache[key] = loader.load(
-                source, component=component, cls=override, dtype=dtype, device=device, **named
-            )
+            _cache[key] = load()
             while len(_cache) > CACHE_SIZE:
                 _cache.popitem(last=False)
         _cache.move_to_end(key)
         loaded = _cache[key]
-    return loader.handout(loaded)
+    return loader.handout(loaded, load)
 
 
 def check_weight_name(family: str, weight_name: str | None) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -264,15 +264,17 @@ class ModelFamily(ABC):
             ModelError: Unknown component or class, missing or mismatched files.
         """
 
-    def handout(self, loaded: Any) -> Any:
+    def handout(self, loaded: Any, reload: Callable[[], Any]) -> Any:
         """What a caller receives for a cached ``loaded``: the shared instance, unless mutable.
 
         A tokenizer is (and a processor holding one): a fast tokenizer keeps its padding and truncation
         settings on its one Rust object and each call sets them, so two stages tokenizing at once (one
-        padding prompts, one looking up words) would trip each other. Each caller gets a copy (milliseconds).
+        padding prompts, one looking up words) would trip each other. Each caller gets its own, loaded
+        again with ``reload`` (milliseconds; a deep copy is not faithful: the tokenizers library's
+        serialisation drops a BPE model's end-of-word suffix on decoding).
         """
         from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
         if isinstance(loaded, PreTrainedTokenizerBase | ProcessorMixin):
-            return copy.deepcopy(loaded)
+            return reload()
         return loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import diffusers
@@ -63,11 +64,11 @@ class DiffusersFamily(ModelFamily):
             raise ModelError(_load_failure(source, component, exc)) from exc
         return prepare(loaded, device)
 
-    def handout(self, loaded: Any) -> Any:
+    def handout(self, loaded: Any, reload: Callable[[], Any]) -> Any:
         # set_timesteps changes a scheduler in place, so each caller gets its own.
         if isinstance(loaded, SchedulerMixin):
             return type(loaded).from_config(loaded.config)
-        return super().handout(loaded)
+        return super().handout(loaded, reload)
 
 
 def _component_class(source: ModelSource, component: str | None, cls: type | None) -> type:
