@@ -77,11 +77,30 @@ def inverse_euler_step(
 
 
 @dataclass(frozen=True)
-class EdmSchedule:
-    """A sampler's sigmas (descending, ending with the appended 0) and the network's timestep per sigma."""
+class StepSchedule:
+    """A sampler's sigmas (descending, ending with the appended 0) and the network's timestep at each but the last;
+    the steps an edit of a given strength takes, as diffusers' img2img and video2video pipelines count them."""
 
     sigmas: tuple[float, ...]
     timesteps: tuple[float, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def start_index(self, strength: float) -> int:
+        """The first step an edit of ``strength`` takes: ``num_steps - int(num_steps * strength)``."""
+        return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
+
+    def steps(self, strength: float) -> int:
+        """How many steps an edit of ``strength`` takes: inversion climbs them, generation descends."""
+        return self.num_steps - self.start_index(strength)
+
+
+@dataclass(frozen=True)
+class EdmSchedule(StepSchedule):
+    """An EDM sampler's schedule, with the network's prediction type."""
+
     prediction_type: str
 
     @classmethod
@@ -95,19 +114,6 @@ class EdmSchedule:
         scheduler.set_timesteps(num_steps)
         sigmas = tuple(float(s) for s in scheduler.sigmas)
         return cls(sigmas, tuple(float(t) for t in scheduler.timesteps), scheduler.config.prediction_type)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
-    def start_index(self, strength: float) -> int:
-        """The first step an img2img edit of ``strength`` takes, as diffusers' pipelines count it:
-        ``num_steps - int(num_steps * strength)``."""
-        return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
-
-    def steps(self, strength: float) -> int:
-        """How many steps an edit of ``strength`` takes: :func:`invert` climbs them, :func:`generate` descends."""
-        return self.num_steps - self.start_index(strength)
 
     def visited(self, strength: float) -> list[float]:
         """The sigmas generation starts from, in its order: inversion climbs the same ones in reverse."""

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
-from reelflow.core.inversion.edm import InversionState, OnStep
+from reelflow.core.inversion.edm import InversionState, OnStep, StepSchedule
 
 SOLVERS = ("euler", "heun")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
@@ -57,12 +57,8 @@ class Velocity(Protocol):
 
 
 @dataclass(frozen=True)
-class FlowSchedule:
-    """A flow-matching sampler's sigmas (descending from at most 1, ending with the appended 0) and the network's
-    timestep at each sigma but the last."""
-
-    sigmas: tuple[float, ...]
-    timesteps: tuple[float, ...]
+class FlowSchedule(StepSchedule):
+    """A flow-matching sampler's sigmas (descending from at most 1, ending with the appended 0) and timesteps."""
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, num_steps: int) -> FlowSchedule:
@@ -91,19 +87,6 @@ class FlowSchedule:
             raise ValueError(f"{name} gave {len(timesteps)} timesteps and sigmas {sigmas[0]:.3g}..{sigmas[-1]:.3g}; a "
                              "flow-matching schedule has one sigma more than timesteps, at most 1, ending with 0")  # fmt: skip
         return cls(sigmas, timesteps)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
-    def start_index(self, strength: float) -> int:
-        """The first step an edit of ``strength`` takes, as diffusers' Wan video-to-video pipeline counts it:
-        ``num_steps - int(num_steps * strength)``."""
-        return self.num_steps - min(int(self.num_steps * strength), self.num_steps)
-
-    def steps(self, strength: float) -> int:
-        """How many steps an edit of ``strength`` takes: :func:`invert` climbs them, :func:`generate` descends."""
-        return self.num_steps - self.start_index(strength)
 
     def timestep(self, index: int) -> float:
         """The network's timestep at ``sigmas[index]`` (0 at the appended clean end)."""

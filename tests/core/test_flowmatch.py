@@ -50,6 +50,19 @@ def test_inversion_visits_the_schedulers_times_and_ends_where_sampling_starts() 
         assert [t for _, t in seen_up] == up, "inversion climbs them back, never asking at timestep 0"
 
 
+def test_euler_sampling_is_diffusers_flow_match_euler_scheduler_step_for_step() -> None:
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    schedule = FlowSchedule.from_scheduler(scheduler, 8)
+    velocity = gaussian_velocity(0.4, 0.8)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(3))
+    ours = generate(velocity, x, schedule, strength=1.0)
+    scheduler.set_timesteps(8)
+    theirs = x
+    for t, sigma in zip(scheduler.timesteps, scheduler.sigmas):
+        theirs = scheduler.step(velocity(theirs, float(sigma), float(t)), t, theirs).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 def test_extrapolation_and_heun_each_beat_plain_reverse_euler_on_curved_paths() -> None:  # benchmarks/flowmatch.py
     mean, std = 1.0, 2.0  # data far from the noise: curved paths
     velocity = gaussian_velocity(mean, std)
