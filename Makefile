@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/pictures.py
 	$(BIN)/python benchmarks/flowmatch.py
+	$(BIN)/python benchmarks/wan_memory.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

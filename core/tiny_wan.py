@@ -28,9 +28,9 @@ from diffusers import (
 from transformers import CLIPVisionConfig, CLIPVisionModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from reelflow.core.tiny import _CORPUS, _builder_readme, _seeded, _tiny_clip_processor, _write_staged
+from reelflow.core.wan import MAX_SEQUENCE_LENGTH
 
 TEXT_DIM = 32  # UMT5's width here (4096 in Wan); the transformer's text_dim follows it
-MAX_SEQUENCE_LENGTH = 512  # Wan's prompt length
 FLOW_SHIFT = 3.0  # Wan 2.1 480p's scheduler config
 HEADS, HEAD_DIM = 2, 16
 VACE_LAYERS = (0, 1)

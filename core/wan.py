@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 TEMPORAL, SPATIAL, PATCH = 4, 8, 2  # the VAE's time and space factors, the transformer's spatial patch
+MAX_SEQUENCE_LENGTH = 512  # Wan's prompt length in tokens
 FramePolicy = Literal["trim", "pad", "refuse"]
 KINDS = ("i2v", "vace", "t2v")
 
@@ -133,12 +134,66 @@ def i2v_condition(vae: Any, image: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([first_frame_mask(frames, tuple(latents.shape[-2:])), latents], dim=1)
 
 
+def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """UMT5 states ``(N, max_length, D)`` float32 of ``prompts``, as Wan's pipelines make them: each prompt cleaned
+    (ftfy, HTML entities, whitespace), tokenized to ``max_length``, and the states past its own tokens zeroed."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+    lengths = tokens.attention_mask.gt(0).sum(dim=1)
+    with torch.no_grad():
+        states = text_encoder(tokens.input_ids.to(text_encoder.device), tokens.attention_mask.to(text_encoder.device))
+    keep = torch.arange(max_length)[None, :] < lengths[:, None]
+    return states.last_hidden_state.float().cpu() * keep[..., None]
+
+
+def image_states(image_encoder: Any, processor: Any, image: Any) -> torch.Tensor:
+    """The CLIP image encoder's penultimate hidden states ``(1, tokens, D)`` float32 of ``image`` (uint8 ``(H, W, 3)``),
+    the image tokens Wan 2.1's image-to-video transformer reads."""
+    pixels = processor(images=image, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        out = image_encoder(pixel_values=pixels.to(image_encoder.device, image_encoder.dtype), output_hidden_states=True)
+    return out.hidden_states[-2].float().cpu()
+
+
+def vace_mask(mask: torch.Tensor) -> torch.Tensor:
+    """VACE's mask channels ``(1, 64, f, h, w)`` of a pixel mask ``(1, 1, F, H, W)`` (1: generate): each 8x8 cell's
+    pixels as 64 channels, ``F`` frames taken to the ``(F + 3) / 4`` latent frames by nearest sampling."""
+    _, _, frames, height, width = mask.shape
+    cells = mask[0, 0].reshape(frames, height // SPATIAL, SPATIAL, width // SPATIAL, SPATIAL)
+    cells = cells.permute(2, 4, 0, 1, 3).flatten(0, 1)  # (64, F, h, w): the pixel (dy, dx) of each cell
+    size = ((frames + TEMPORAL - 1) // TEMPORAL, height // SPATIAL, width // SPATIAL)
+    return torch.nn.functional.interpolate(cells[None], size=size, mode="nearest-exact")
+
+
+def vace_control(vae: Any, video: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """VACE's control input ``(1, 96, f, h, w)`` (``f + 1`` latent frames with a reference image first): the normalised
+    VAE latents of the frames it keeps (``video`` where ``mask`` is 0) and of those it makes (``video`` where it is
+    1: the structure), then :func:`vace_mask`. ``video`` ``(1, 3, F, H, W)`` and ``reference`` ``(1, 3, H, W)`` are in
+    [-1, 1]; ``mask`` ``(1, 1, F, H, W)`` is thresholded at 0.5. The caller holds the VAE's lock."""
+    mask = (mask > 0.5).to(video.dtype)
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
+        return normalise(latents, vae.config)
+
+    latents, masks = torch.cat([encode(video * (1 - mask)), encode(video * mask)], dim=1), vace_mask(mask)
+    if reference is not None:
+        image = encode(reference.unsqueeze(2))
+        latents = torch.cat([torch.cat([image, torch.zeros_like(image)], dim=1), latents], dim=2)
+        masks = torch.cat([masks.new_zeros(1, masks.shape[1], 1, *masks.shape[-2:]), masks], dim=2)
+    return torch.cat([latents, masks], dim=1)
+
+
 @dataclass
 class WanVelocity:
     """The transformer as a flow-matching velocity field ``v(x, sigma, timestep)`` on latents ``(B, 16, f, h, w)``,
     with the conditioning of one window: the prompt's embeddings, the image-to-video channels (mask and
     conditioning latents, ``(B, 20, f, h, w)``) and CLIP image states where the checkpoint reads them, and
-    classifier-free guidance against ``negative`` embeddings when ``guidance_scale > 1``."""
+    classifier-free guidance against ``negative`` embeddings when ``guidance_scale > 1``. A VACE transformer reads
+    its ``control`` input (:func:`vace_control`) through its control layers, each scaled by ``control_scale``."""
 
     transformer: Any
     prompt: torch.Tensor
@@ -146,6 +201,8 @@ class WanVelocity:
     guidance_scale: float = 1.0
     condition: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+    control_scale: float = 1.0
 
     def __call__(self, x: torch.Tensor, sigma: float, timestep: float) -> torch.Tensor:
         dtype, device, batch = self.transformer.dtype, self.transformer.device, x.shape[0]
@@ -161,6 +218,11 @@ class WanVelocity:
 
     def _predict(self, hidden: torch.Tensor, t: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
         text = text.to(hidden.device, hidden.dtype).expand(hidden.shape[0], -1, -1)
+        control: dict[str, Any] = {}
+        if self.control is not None:
+            layers = len(self.transformer.config.vace_layers)
+            control = {"control_hidden_states": self.control.to(hidden.device, hidden.dtype).expand(hidden.shape[0], -1, -1, -1, -1),
+                       "control_hidden_states_scale": torch.full((layers,), self.control_scale, device=hidden.device, dtype=hidden.dtype)}  # fmt: skip
         with torch.no_grad():
             return self.transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=text,
-                                    encoder_hidden_states_image=image, return_dict=False)[0]  # fmt: skip
+                                    encoder_hidden_states_image=image, return_dict=False, **control)[0]  # fmt: skip

@@ -124,7 +124,7 @@ def resolve_model(
     commit = fingerprint.rpartition("@")[2] if fingerprint.startswith("hub:") else None
     bundle = family == "diffusers" and is_bundle(model.id, model.revision, cache_dir)
     return ResolvedModel(id=model.id, revision=commit, family=family, bundle=bundle, dtype=model.dtype or default_dtype,
-                         fingerprint=fingerprint, weight_name=model.weight_name)  # fmt: skip
+                         fingerprint=fingerprint, weight_name=model.weight_name, offload=model.offload)  # fmt: skip
 
 
 def _fitting(node: Node, role: str, name: str, model: ResolvedModel) -> ResolvedModel:

@@ -27,6 +27,7 @@ class ResolvedModel(Model):
     dtype: DType
     fingerprint: str
     weight_name: str | None = Field(default=None, description="The one weight file read, for families that name one.")
+    offload: str = Field(default="none", description="none, or group: weights in CPU memory, onloaded a block at a time.")
 
 
 class SourceRef(Model):

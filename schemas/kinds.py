@@ -19,6 +19,14 @@ from reelflow.schemas.base import Model
 from reelflow.schemas.errors import RegistryError
 
 
+class WindowInfo(Model):
+    """How a windowed stage cut the clip: windows of one length, neighbours sharing ``overlap`` frames."""
+
+    length: int = Field(description="Frames per window (the model's frame count).")
+    overlap: int = Field(description="Frames shared by neighbouring windows.")
+    spans: list[tuple[int, int]] = Field(description="Each window's frames, [start, stop).")
+
+
 class Attrs(Model):
     """Base of a kind's attrs: written into the artifact's group attrs, read back by the next stage.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from string import Formatter
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
@@ -51,6 +51,9 @@ def check_stage_tag(entry: Any) -> None:
     raise GraphError(f"stage {stage!r} has no method {method!r}; its methods: {valid}")
 
 
+Offload = Literal["none", "group"]
+
+
 class ModelSpec(Model):
     """A model, named by hub id or local path."""
 
@@ -65,6 +68,12 @@ class ModelSpec(Model):
         default=None,
         description="The tiny model `reelflow demo` puts in its place (a name `reelflow models tiny --kind` knows); "
         "None: the one its roles name.",
+    )
+    offload: Offload = Field(
+        default="none",
+        description="How the model's weights meet a GPU too small for them: group keeps them in CPU memory and moves "
+        "one block of layers at a time onto the GPU as it runs (diffusers' group offloading; slower, a fraction of "
+        "the memory); none loads them onto the worker's device.",
     )
     weight_name: str | None = Field(
         default=None,

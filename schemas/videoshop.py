@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from reelflow.schemas.base import Model, PositiveInt
-from reelflow.schemas.kinds import Attrs, Resize, register_kind
+from reelflow.schemas.kinds import Attrs, Resize, WindowInfo, register_kind
 from reelflow.schemas.registry import Method
 from reelflow.schemas.stages import Role, StageSpec, register_stage
 
@@ -44,12 +44,6 @@ register_kind(
     ImageContent,
     "an image resized like the video, its CLIP image embedding and its VAE latents (clean and noise-augmented)",
 )
-
-
-class WindowInfo(Model):
-    length: int = Field(description="Frames per window (the model's frame count).")
-    overlap: int = Field(description="Frames shared by neighbouring windows.")
-    spans: list[tuple[int, int]] = Field(description="Each window's frames, [start, stop).")
 
 
 class EdmInversion(Attrs):

@@ -56,6 +56,7 @@ def load_role(model: ResolvedModel | None, role: str, component: str | None, set
         cache_dir=settings.model_cache_dir,
         fingerprint=model.fingerprint,
         weight_name=model.weight_name,
+        **({"offload": model.offload} if model.offload != "none" else {}),
         **options,
     )
 

@@ -9,7 +9,6 @@ on the previous one's output at the frame they share, and resumes at the first m
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -25,32 +24,28 @@ from reelflow.core.editing.videoshop import (
     ImageCondition,
     SvdDenoiser,
     added_time_ids,
-    apply_colour_map,
-    boundary_jumps,
-    channel_stats,
-    colour_map,
     condition_on_image,
-    fade_weights,
     guidance_ramp,
     inversion_latents,
     normalise_latents,
     rescale_latents,
 )
-from reelflow.core.frames import from_model_range, plan_resize, resize_frames
+from reelflow.core.frames import from_model_range
 from reelflow.core.inversion.edm import EdmSchedule, InversionState, generate, inverse_init_sigma, invert
 from reelflow.core.sources import read_image
 from reelflow.core.vae import decode_latents
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import ArtifactMismatch
-from reelflow.schemas.kinds import Resize, VideoFrames
+from reelflow.schemas.kinds import Resize
 from reelflow.schemas.refs import ArtifactRef
 from reelflow.schemas.videoshop import EdmInversion, ImageContent, VideoshopInvertParams, VideoshopParams, WindowInfo
-from reelflow.tasks.artifacts import bar_chart, contact_sheet, markdown_table
+from reelflow.tasks.artifacts import bar_chart, contact_sheet
 from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
+from reelflow.tasks.propagation import PropagationStore, plan_full_windows, resize_like, seeded_generator
 from reelflow.tasks.windows import run_windows
 
 LATENT_DIMS = ("latent_channel", "y", "x")
@@ -76,7 +71,7 @@ def _embed(ctx: StageContext) -> ImageContent:
     condition = condition_on_image(
         image, image_encoder=ctx.model("image_encoder"), vae=ctx.model("vae"),
         processor=ctx.model("image_encoder", "feature_extractor"), noise_aug_strength=p.noise_aug_strength,
-        generator=_generator(ctx.call.seed, "edited-frame", 0),
+        generator=seeded_generator(ctx.call.seed, "edited-frame", 0),
     )  # fmt: skip
     ctx.writer.write_array("image", image, dims=("y", "x", "rgb"))
     ctx.writer.write_array("image_embeds", condition.embeds.numpy(), dims=("image", "embedding"))
@@ -91,13 +86,6 @@ def _embed(ctx: StageContext) -> ImageContent:
                         resize=Resize(scaled=(plan.scaled_w, plan.scaled_h), output=(plan.out_w, plan.out_h),
                                       fit=video.resize.fit),
                         embedding_dim=int(condition.embeds.shape[-1]), noise_aug_strength=p.noise_aug_strength)  # fmt: skip
-
-
-def resize_like(image: np.ndarray, video: VideoFrames) -> tuple[np.ndarray, Any]:
-    """``image`` (uint8 ``(H, W, 3)``) resized to the video's frames by the video's policy (scale, then crop or pad)."""
-    width, height = video.resize.output
-    plan = plan_resize(image.shape[1], image.shape[0], width=width, height=height, fit=video.resize.fit, multiple=1)
-    return resize_frames(image[None], plan)[0], plan
 
 
 @stage_check("embed_content", "image")
@@ -151,7 +139,7 @@ def _invert(ctx: StageContext) -> EdmInversion:
     svd = _svd(ctx)
     schedule = EdmSchedule.from_scheduler(svd.scheduler, p.num_steps)
     _refuse_schedule(schedule, svd.scheduler.config.timestep_spacing, p)
-    plan, windows = plan_windows(_window_length(p, svd.unet.config), p.overlap, latents.shape[0])
+    plan, windows = plan_full_windows(_window_length(p, svd.unet.config), p.overlap, latents.shape[0])
     store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), plan.length, latents.shape[1:], p)
     ctx.progress.start(len(windows) * store.count * (2 if p.check_reconstruction else 1))
     ctx.steps.start(store.count, "EDM inversion (first window computed)")
@@ -177,10 +165,10 @@ def _invert_window(
     p: VideoshopInvertParams = ctx.call.stage.params
     x0, mean, std = normalise_latents(torch.from_numpy(np.asarray(latents[window.start : window.stop], np.float32)),
                                       p.normalisation)  # fmt: skip
-    noise = torch.randn(x0.shape, generator=_generator(ctx.call.seed, "proxy", window.index))
+    noise = torch.randn(x0.shape, generator=seeded_generator(ctx.call.seed, "proxy", window.index))
     condition = condition_on_image(np.asarray(frames[window.start]), image_encoder=svd.image_encoder, vae=svd.vae,
                                    processor=svd.processor, noise_aug_strength=p.noise_aug_strength,
-                                   generator=_generator(ctx.call.seed, "source-frame", window.index))  # fmt: skip
+                                   generator=seeded_generator(ctx.call.seed, "source-frame", window.index))  # fmt: skip
     model = SvdDenoiser(svd.unet, condition, added_time_ids(p.fps, p.motion_bucket_id, p.noise_aug_strength),
                         concat=inversion_latents(condition.latents, svd.vae.config.scaling_factor))  # fmt: skip
     store.begin(window.index, x0, mean, std)
@@ -255,24 +243,6 @@ class _InversionStore:
         return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
 
 
-def plan_windows(length: int, overlap: int, count: int) -> tuple[WindowPlan, list[Window]]:
-    """Windows of the model's frame count over ``count`` frames, the last moved back to end at the clip's end;
-    refuses a clip shorter than one window, or an overlap that leaves a window short."""
-    if count < length:
-        raise ValueError(
-            f"the clip gives {count} frames but the model works on {length} at a time (its num_frames, or "
-            f"params.window); take at least {length} frames (decode_video.params.num_frames) or a longer clip"
-        )
-    if 2 * overlap > length:
-        raise ValueError(f"overlap {overlap} is more than half the window of {length} frames; lower params.overlap")
-    plan = WindowPlan(length, overlap, last="full")
-    windows = plan.windows(count)
-    if any(w.stop - w.start < length for w in windows):
-        raise ValueError(f"windows of {length} frames overlapping by {overlap} cannot cover {count} frames with full "
-                         "windows that each share frames with their neighbours only; use overlap 1 (always fits)")  # fmt: skip
-    return plan, windows
-
-
 def _window_length(p: VideoshopInvertParams, unet_config: Any) -> int:
     length = p.window or _get(unet_config, "num_frames")
     if not length:
@@ -307,7 +277,7 @@ def _check_invert(ctx: PreflightContext) -> None:
         _refuse_schedule(schedule, config.get("timestep_spacing"), p)
     length, frames = p.window or (ctx.model_config("unet") or {}).get("num_frames"), ctx.input("frames")
     if length is not None and frames is not None:
-        plan_windows(int(length), p.overlap, frames.count)
+        plan_full_windows(int(length), p.overlap, frames.count)
 
 
 # denoise_latents (videoshop) -----------------------------------------------------------------
@@ -331,7 +301,7 @@ def _denoise(ctx: StageContext) -> None:
                                f"{schedule.visited(attrs.strength)}; invert with the same model")  # fmt: skip
     edit = _WindowEdit(ctx, svd, schedule, attrs, _EditInputs.read(ctx), inversion["steps"])
     run_windows(ctx, plan, edit.out.frames, edit, chain=True)
-    edit.out.publish(ctx, windows, p)
+    edit.out.publish(ctx, windows, p.window_colour)
 
 
 @dataclass(frozen=True)
@@ -351,52 +321,11 @@ class _EditInputs:
 
 
 def _windows_of(ctx: StageContext, attrs: EdmInversion) -> tuple[WindowPlan, list[Window]]:
-    plan, windows = plan_windows(attrs.windows.length, attrs.windows.overlap, attrs.windows.spans[-1][1])
+    plan, windows = plan_full_windows(attrs.windows.length, attrs.windows.overlap, attrs.windows.spans[-1][1])
     if [(w.start, w.stop) for w in windows] != [tuple(span) for span in attrs.windows.spans]:
         raise ArtifactMismatch(f"the inversion's windows {attrs.windows.spans} are not the ones {ctx.call.stage.tag} "
                                "cuts; an older version of its stage wrote it: remove it and rerun")  # fmt: skip
     return plan, windows
-
-
-@dataclass
-class _EditStore:
-    """The edit's arrays besides the stitched frames."""
-
-    frames: zarr.Array
-    latents: zarr.Array
-    conditions: zarr.Array
-    colour: zarr.Array
-    mismatch: zarr.Array
-
-    @classmethod
-    def create(cls, ctx: StageContext, windows: list[Window], image: tuple[int, ...], latent: tuple[int, ...]) -> _EditStore:
-        create, count = ctx.writer.create_array, windows[-1].stop
-        return cls(
-            create("frames", shape=(count, *image), dtype=np.uint8, dims=("frame", "y", "x", "rgb")),
-            create("window_latents", shape=(len(windows), *latent), dtype=np.float32,
-                   dims=("window", "window_frame", *LATENT_DIMS), chunks=(1, *latent)),
-            create("condition_frames", shape=(len(windows), *image), dtype=np.uint8, dims=("window", "y", "x", "rgb")),
-            create("colour_maps", shape=(len(windows), 2, 3), dtype=np.float32, dims=("window", "scale_shift", "rgb")),
-            create("boundary_mismatch", shape=(len(windows), 2), dtype=np.float32, dims=("window", "before_after")),
-        )  # fmt: skip
-
-    def publish(self, ctx: StageContext, windows: list[Window], p: VideoshopParams) -> None:
-        """Per-frame colour statistics, boundary jumps against changes inside windows, and a table of them."""
-        stats = np.concatenate([channel_stats(np.asarray(self.frames[i : i + 16])) for i in range(0, self.frames.shape[0], 16)])
-        ctx.writer.write_array("frame_stats", stats, dims=("frame", "mean_std", "rgb"))
-        jumps = boundary_jumps(stats, [(w.start, w.stop) for w in windows])
-        mismatch = np.asarray(self.mismatch[:])
-        rows = [(w.index, f"{w.start}-{w.stop - 1}", w.head, f"{mismatch[w.index, 0]:.2f}", f"{mismatch[w.index, 1]:.2f}")
-                for w in windows[1:]]  # fmt: skip
-        sheet = ctx.picture("condition-frames", contact_sheet(np.asarray(self.conditions[:]),
-                                                              labels=[f"window {w.index} (frame {w.start})" for w in windows]))
-        ctx.publish("\n".join([
-            f"**{len(windows)} windows**, colour kept by `{p.window_colour}`", "",
-            markdown_table(("window", "frames", "shared", "mismatch before", "after"), rows) if rows else "one window", "",
-            f"colour change across boundaries: largest {jumps['boundary_max']:.2f}, mean {jumps['boundary_mean']:.2f}; "
-            f"between frames inside a window: mean {jumps['within_mean']:.2f}, largest {jumps['within_max']:.2f}", "",
-            "**the frame each window is conditioned on**", "", sheet]))  # fmt: skip
-        ctx.record(colour=jumps)
 
 
 class _WindowEdit:
@@ -406,7 +335,8 @@ class _WindowEdit:
                  steps: zarr.Array) -> None:  # fmt: skip
         self.ctx, self.svd, self.schedule, self.attrs, self.edited, self.steps = ctx, svd, schedule, attrs, edited, steps
         self.p: VideoshopParams = ctx.call.stage.params
-        self.out = _EditStore.create(ctx, _windows_of(ctx, attrs)[1], edited.image.shape, steps.shape[2:])
+        self.out = PropagationStore.create(ctx, _windows_of(ctx, attrs)[1], edited.image.shape, steps.shape[2:],
+                                          ("window_frame", *LATENT_DIMS))
         self.time_ids = added_time_ids(attrs.fps, attrs.motion_bucket_id, edited.noise_aug_strength)
         self.guidance = guidance_ramp(self.p.min_guidance_scale, self.p.max_guidance_scale, attrs.windows.length)
 
@@ -424,17 +354,7 @@ class _WindowEdit:
         # 4. decode with the temporal decoder, 5. match the colour of the frames shared with the previous window
         chunk = self.p.decode_chunk_size or self.attrs.windows.length
         frames = from_model_range(decode_latents(self.svd.vae, x, chunk_size=chunk))
-        colour = np.array([[1.0] * 3, [0.0] * 3], np.float32)
-        if previous is not None:
-            before = _mismatch(frames[: window.head], previous)
-            if self.p.window_colour == "boundary":
-                colour = colour_map(frames[: window.head], previous)
-                frames = apply_colour_map(frames, colour, fade_weights(len(frames), window.head, window.tail))
-            self.out.mismatch[window.index] = [before, _mismatch(frames[: window.head], previous)]
-        self.out.latents[window.index] = x.numpy()
-        self.out.conditions[window.index] = image
-        self.out.colour[window.index] = colour
-        return frames
+        return self.out.keep(window, frames, previous, self.p.window_colour, x.numpy(), image)
 
     def _condition(self, window: Window, previous: np.ndarray | None) -> tuple[np.ndarray, ImageCondition]:
         if previous is None:
@@ -442,17 +362,4 @@ class _WindowEdit:
         image = previous[0]
         return image, condition_on_image(image, image_encoder=self.svd.image_encoder, vae=self.svd.vae,
                                          processor=self.svd.processor, noise_aug_strength=self.edited.noise_aug_strength,
-                                         generator=_generator(self.ctx.call.seed, "edited-frame", window.index))  # fmt: skip
-
-
-def _mismatch(own: np.ndarray, reference: np.ndarray) -> float:
-    """Largest per-channel |mean difference| + |std difference| between two sets of frames."""
-    a, b = channel_stats(own).mean(axis=0), channel_stats(reference).mean(axis=0)
-    return float(np.abs(a - b).sum(axis=0).max())
-
-
-def _generator(seed: int, purpose: str, index: int) -> torch.Generator:
-    """The random stream of one ``purpose`` (the proxy's noise, a conditioning frame's augmentation) in window
-    ``index``: the same on every attempt, and no two purposes share one."""
-    digest = hashlib.sha256(f"{seed}:{purpose}:{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+                                         generator=seeded_generator(self.ctx.call.seed, "edited-frame", window.index))  # fmt: skip

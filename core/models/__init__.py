@@ -160,6 +160,7 @@ def load_model(
     cache_dir: str | None = None,
     fingerprint: str | None = None,
     weight_name: str | None = None,
+    offload: str = "none",
 ) -> Any:
     """Load a model (or one component of it) from the process cache, or into it.
 
@@ -186,6 +187,9 @@ def load_model(
             commit, whatever its branch points at now; a local model must still have it.
         weight_name: The one weight file to read, for a family whose repos publish several side by
             side (``ip_adapter``: ``models/ip-adapter_sd15.safetensors``); other families take none.
+        offload: ``group``: a module's weights stay in CPU memory and each block of layers moves onto ``device``
+            only while it runs (diffusers' group offloading, on CUDA with a transfer stream); components without
+            weights ignore it.
 
     Raises:
         ModelError: Unknown family, component or dtype; a model id that is not a directory or a hub
@@ -197,10 +201,16 @@ def load_model(
     override = loader.class_override(cls)
     check_weight_name(family, weight_name)
     source, version = _locate(model_id, revision, cache_dir, fingerprint)
-    key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir, weight_name)
+    if offload not in OFFLOADS:
+        raise ModelError(f"offload {offload!r} is not one of {', '.join(OFFLOADS)}")
+    key = (family, version, component, class_key(override), dtype, str(torch.device(device)), cache_dir, weight_name, offload)
     named = {"weight_name": weight_name} if loader.takes_weight_name else {}
+
     def load() -> Any:
-        return loader.load(source, component=component, cls=override, dtype=dtype, device=device, **named)
+        if offload == "none":
+            return loader.load(source, component=component, cls=override, dtype=dtype, device=device, **named)
+        return group_offload(loader.load(source, component=component, cls=override, dtype=dtype, device="cpu", **named),
+                             device)  # fmt: skip
 
     with _cache_lock:
         # Loading under the lock means two stages asking for one UNet load it once; loads are rare.
@@ -211,6 +221,22 @@ def load_model(
         _cache.move_to_end(key)
         loaded = _cache[key]
     return loader.handout(loaded, load)
+
+
+OFFLOADS = ("none", "group")
+
+
+def group_offload(model: Any, device: str) -> Any:
+    """``model`` (on the CPU) with diffusers' block-level group offloading onto ``device``: each block of layers is
+    moved there just before it runs and back after; a component without weights comes back as it is."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    from diffusers.hooks import apply_group_offloading
+
+    onload = torch.device(device)
+    apply_group_offloading(model, onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=onload.type == "cuda")  # fmt: skip
+    return model
 
 
 def check_weight_name(family: str, weight_name: str | None) -> None:

@@ -200,7 +200,10 @@ def prepare(module: Any, device: str, dtype: torch.dtype | None = None) -> Any:
     """A loaded ``torch.nn.Module`` on ``device`` (and in ``dtype``), in eval mode, without grads."""
     if not isinstance(module, torch.nn.Module):
         return module
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # No dtype unless one is asked for: a diffusers model loaded with torch_dtype keeps its _keep_in_fp32_modules
+    # (Wan's norms and time embedding) in float32, and `.to(dtype=...)` would warn that it casts them.
+    moved = module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+    return moved.eval().requires_grad_(False)
 
 
 def no_component(family: str, component: str | None, cls: type | None) -> None:

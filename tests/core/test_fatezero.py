@@ -72,7 +72,7 @@ def test_recording_then_replaying_everything_reproduces_the_output(parts: dict) 
     fusion = FusionController(replay_plan(parts), source=lambda step: maps, layers=layers)
     fusion.begin_step(0)
     replayed = run_unet(parts, z, fusion)
-    torch.testing.assert_close(replayed, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(replayed, plain, rtol=1e-5, atol=1e-6)  # float32 rounding: kernels sum in their own order
 
 
 def test_replaying_another_clips_maps_changes_the_output(parts: dict) -> None:

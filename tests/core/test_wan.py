@@ -7,11 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanVACEPipeline
 
 from reelflow.core.inversion.flowmatch import FlowSchedule, generate, invert
 from reelflow.core.tiny_wan import build_tiny_wan_i2v, build_tiny_wan_vace, tiny_t5_tokenizer
-from reelflow.core.wan import WanVelocity, check_size, checkpoint_kind, denormalise, i2v_condition, normalise, plan_frames
+from reelflow.core.wan import (
+    WanVelocity,
+    check_size,
+    checkpoint_kind,
+    denormalise,
+    encode_prompts,
+    i2v_condition,
+    image_states,
+    normalise,
+    plan_frames,
+    vace_control,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +88,44 @@ def test_the_velocity_is_the_transformers_output_with_guidance_and_drives_invers
     assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and schedule.sigmas[0] == pytest.approx(1.0, abs=1e-5)
     inverted = invert(velocity, x, schedule, strength=0.5)
     assert inverted.shape == x.shape and torch.isfinite(generate(velocity, inverted, schedule, strength=0.5)).all()
+
+
+def test_prompts_and_image_tokens_are_the_pipelines(wan_bundles: dict[str, Path]) -> None:
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_bundles["i2v"])
+    prompts = ["a  red car &amp; a road", ""]
+    expected = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=24, device="cpu")
+    got = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, max_length=24)
+    torch.testing.assert_close(got, expected)
+    assert got[1, 1:].abs().sum() == 0 and got[0, 5].abs().sum() > 0  # past each prompt's own tokens: zeros
+    image = (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    from PIL import Image
+
+    torch.testing.assert_close(image_states(pipe.image_encoder, pipe.image_processor, image),
+                               pipe.encode_image(Image.fromarray(image), "cpu"))  # fmt: skip
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_the_vace_control_is_the_pipelines_and_its_layers_read_it(wan_bundles: dict[str, Path], reference: bool) -> None:
+    pipe = WanVACEPipeline.from_pretrained(wan_bundles["vace"])
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, 9, 32, 48, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, 9, 32, 48, generator=g) > 0.5).float()
+    image = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1 if reference else None
+    refs = [[image[0]]] if reference else [[]]
+    expected = torch.cat([pipe.prepare_video_latents(video, mask.expand(-1, 3, -1, -1, -1), refs, device="cpu"),
+                          pipe.prepare_masks(mask.expand(-1, 3, -1, -1, -1), refs)], dim=1)  # fmt: skip
+    control = vace_control(pipe.vae, video, mask, image)
+    assert control.shape == (1, 96, 3 + reference, 4, 6)
+    torch.testing.assert_close(control, expected, rtol=1e-5, atol=1e-5)
+    prompt = torch.randn(1, 8, 32, generator=g)
+    x = torch.randn(1, 16, 3 + reference, 4, 6, generator=g)
+    with torch.no_grad():
+        direct = pipe.transformer(hidden_states=x, timestep=torch.tensor([700.0]), encoder_hidden_states=prompt,
+                                  control_hidden_states=control, control_hidden_states_scale=torch.full((2,), 0.5),
+                                  return_dict=False)[0]  # fmt: skip
+    velocity = WanVelocity(pipe.transformer, prompt, control=control, control_scale=0.5)
+    torch.testing.assert_close(velocity(x, 0.7, 700.0), direct)
+    assert not torch.allclose(WanVelocity(pipe.transformer, prompt, control=control, control_scale=0.0)(x, 0.7, 700.0), direct)
 
 
 def test_the_same_seed_rebuilds_identical_weights_and_the_roles_load_through_the_family(wan_bundles: dict[str, Path],

@@ -214,7 +214,8 @@ def test_missing_model_path_fails_before_anything_runs(capsys, clip, tmp_path) -
 def test_unknown_preset_lists_presets(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "run", "no-such-preset")
     listed = ("presets: fatezero-attribute, fatezero-local, fatezero-lowcost, fatezero-style, gen1-controlnet, "
-              "gen1-depth2img, gen1-reference, reconstruct, reconstruct-wan, soundini, soundini-sd, videoshop, videoshop-naive")
+              "gen1-depth2img, gen1-reference, gen1-vace, reconstruct, reconstruct-wan, soundini, soundini-sd, videoshop, videoshop-naive, "
+              "videoshop-wan")
     assert code == 1 and listed in err
 
 

@@ -39,24 +39,35 @@ def test_a_clip_is_padded_to_4k_plus_1_for_the_vae_and_decoded_back_to_its_own_f
     store = ArtifactStore(manifest.store)
     source = np.asarray(store.open("decode_video", stages["decode_video"].key)["frames"][:])
     encoded = store.open("encode_latents", stages["encode_latents"].key)
-    assert encoded["latents"].shape == (3, 16, 6, 8) and encoded["latents"].metadata.dimension_names[0] == "latent_frame"
+    assert encoded["latents"].shape == (1, 3, 16, 6, 8) and encoded["latents"].metadata.dimension_names[:2] == ("window", "latent_frame")
     assert (encoded.attrs["frames"], encoded.attrs["padded"], encoded.attrs["latent_frames"]) == (6, 3, 3)
     # The stored latents are the VAE's own (the posterior's mode), normalised by its per-channel statistics.
     vae = AutoencoderKLWan.from_pretrained(tiny_wan, subfolder="vae")
     padded = np.concatenate([source, np.repeat(source[-1:], 3, axis=0)])
     with torch.no_grad():
         expected = vae.encode(to_model_range(padded).permute(1, 0, 2, 3)[None]).latent_dist.mode()
-    np.testing.assert_allclose(encoded["latents"][:], normalise(expected, vae.config)[0].transpose(0, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoded["latents"][:], normalise(expected, vae.config)[0].transpose(0, 1).numpy()[None],
+                               atol=1e-4)  # fmt: skip
     decoded = store.open("decode_latents", stages["decode_latents"].key)["frames"]
     assert decoded.shape == source.shape, "the padding is dropped again: the clip keeps its frame count"
     with torch.no_grad():
         video = vae.decode(expected).sample[0].transpose(0, 1)[:6]  # the first 6 of 9 decoded frames: the clip's own
-    np.testing.assert_array_equal(decoded[:], from_model_range(video))
+    # Equal but for rounding: the stored latents went through the VAE's normalisation and back (a level at most).
+    np.testing.assert_allclose(decoded[:].astype(int), from_model_range(video).astype(int), atol=1)
     # A clip that already has 4k+1 frames passes the strict policy unpadded.
     exact = edit_video(reconstruct(tiny_wan, clip, tmp_path, "stages.decode_video.params.num_frames=5",
                                    "stages.encode_latents.params.frame_policy=refuse"))  # fmt: skip
     stages = {r.name: r for r in exact.stages}
     assert store.open("encode_latents", stages["encode_latents"].key).attrs["padded"] == 0
+    # Windows of 5 frames: each encoded on its own (no padding), decoded and cross-faded back to the clip's 6 frames.
+    windowed = edit_video(reconstruct(tiny_wan, clip, tmp_path, "stages.encode_latents.params.window=5"))
+    stages = {r.name: r for r in windowed.stages}
+    encoded = store.open("encode_latents", stages["encode_latents"].key)
+    assert encoded["latents"].shape == (2, 2, 16, 6, 8) and encoded.attrs["windows"]["spans"] == [[0, 5], [1, 6]]
+    with torch.no_grad():
+        second = vae.encode(to_model_range(source[1:6]).permute(1, 0, 2, 3)[None]).latent_dist.mode()
+    np.testing.assert_allclose(encoded["latents"][1], normalise(second, vae.config)[0].transpose(0, 1).numpy(), atol=1e-4)
+    assert store.open("decode_latents", stages["decode_latents"].key)["frames"].shape == source.shape
 
 
 def test_frames_wan_cannot_take_are_refused_before_any_model_loads(tiny_wan: Path, clip: Path, tmp_path: Path) -> None:

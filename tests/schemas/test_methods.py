@@ -32,7 +32,7 @@ def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_severa
     raw = load_spec(spec_path("videoshop")).model_dump(mode="json", exclude_unset=True)
     entry = next(stage for stage in raw["stages"] if stage["stage"] == "embed_content")
     del entry["method"]
-    with pytest.raises(GraphError, match=r"stage 'embed_content' has several methods \('clip_text', 'image', 'ip_adapter', 'reference', 'text'\); set `method:`"):
+    with pytest.raises(GraphError, match=r"stage 'embed_content' has several methods \('clip_text', 'image', 'ip_adapter', 'reference', 'text', 'wan_text'\); set `method:`"):
         load_spec(raw)
     # With one implementation left, the tag is implied.
     only = {key: cls for key, cls in STAGE_TYPES.items() if key[0] != "embed_content" or key[1] == "image"}
@@ -44,7 +44,7 @@ def test_a_stage_with_one_implementation_needs_no_method_tag_and_one_with_severa
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero', 'gen1', 'gen1_controlnet', 'videoshop'"]),
+        ("stages.invert_latents.method=videoshopp", ["no method 'videoshopp'", "its methods: 'fatezero', 'flowmatch', 'gen1', 'gen1_controlnet', 'videoshop'"]),
         ("stages.decode_video.method=fast", ["stage 'decode_video' has no method 'fast'", "leave `method` out"]),
         ("stages.invert_latents.stage=invert_latent", ["'invert_latent' is not a stage", "'invert_latents'"]),
     ],
