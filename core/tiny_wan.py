@@ -71,6 +71,27 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
     )
 
 
+def build_tiny_wan22_i2v(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Wan 2.2 A14B image-to-video bundle (two experts, no image encoder) into ``out_dir``."""
+
+    def write(staging: Path) -> None:
+        tiny_wan22_i2v_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+
+    return _write_staged(Path(out_dir), write, _builder_readme("Wan 2.2 A14B image-to-video bundle", "build_tiny_wan22_i2v",
+                                                               seed, module="reelflow.core.tiny_wan"))  # fmt: skip
+
+
+def tiny_wan22_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+    """Wan 2.2 A14B's layout: ``transformer`` (high noise) and ``transformer_2`` (low noise), switched at
+    ``boundary_ratio`` 0.9 of the training timesteps (the published I2V config), no CLIP image encoder."""
+    expert = lambda: WanTransformer3DModel(in_channels=36, **_transformer_shape())  # noqa: E731
+    return WanImageToVideoPipeline(
+        tokenizer=tiny_t5_tokenizer(), text_encoder=_seeded(seed, 0, _tiny_umt5), vae=_seeded(seed, 1, _tiny_wan_vae),
+        scheduler=wan_scheduler(), transformer=_seeded(seed, 3, expert), transformer_2=_seeded(seed, 4, expert),
+        boundary_ratio=0.9,
+    )  # fmt: skip
+
+
 def tiny_wan_vace_pipeline(seed: int = 0) -> WanVACEPipeline:
     """The pipeline :func:`build_tiny_wan_vace` writes, in memory."""
     return WanVACEPipeline(

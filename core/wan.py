@@ -226,3 +226,17 @@ class WanVelocity:
         with torch.no_grad():
             return self.transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=text,
                                     encoder_hidden_states_image=image, return_dict=False, **control)[0]  # fmt: skip
+
+
+@dataclass
+class BoundaryVelocity:
+    """Wan 2.2 A14B's two experts as one velocity field: ``high`` (the checkpoint's ``transformer``) at timesteps at or
+    above ``boundary`` (``boundary_ratio`` of the training timesteps), ``low`` (``transformer_2``) below, as diffusers'
+    Wan 2.2 pipelines switch them."""
+
+    high: Any
+    low: Any
+    boundary: float
+
+    def __call__(self, x: torch.Tensor, sigma: float, timestep: float) -> torch.Tensor:
+        return (self.high if timestep >= self.boundary else self.low)(x, sigma, timestep)

@@ -40,6 +40,7 @@ WAN_I2V = Role(description="an image-to-video WanTransformer3DModel (with its fl
 WAN_VACE = Role(description="a WanVACETransformer3DModel (with its flow-matching scheduler config)", tiny="wan-vace")
 FramePolicy = Literal["pad", "refuse"]
 Solver = Literal["euler", "heun"]
+Sampler = Literal["euler", "heun", "scheduler"]
 Normalisation = Literal["per_frame", "per_channel", "none"]
 WindowColour = Literal["boundary", "first_frame", "none"]
 
@@ -239,7 +240,11 @@ class WanPropagateParams(Model):
     """Generation conditioned on the edited frame, and how windows are kept consistent."""
 
     guidance_scale: float = Field(default=5.0, ge=1.0, le=30.0, description="Classifier-free guidance (Wan I2V's 5).")
-    solver: Solver = Field(default="euler", description="euler (one network call a step) or heun (two).")
+    solver: Sampler = Field(
+        default="euler",
+        description="euler (one network call a step: the exact reverse of the inversion's steps), heun (two), or "
+        "scheduler (the checkpoint's own multistep update, as diffusers' pipeline samples).",
+    )
     rescale: bool = Field(
         default=False,
         description="Videoshop's latent rescaling: map each window's latents so its first latent frame has the "
@@ -290,7 +295,11 @@ class VaceParams(Model):
         "(blur and 2x downsampling of the frame-sized depth), letting shapes change more.",
     )  # fmt: skip
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="Weight of VACE's control layers.")
-    solver: Solver = Field(default="euler", description="euler (one network call a step) or heun (two).")
+    solver: Sampler = Field(
+        default="scheduler",
+        description="scheduler (the checkpoint's own multistep update: UniPC on Wan's flow sigmas, step for step "
+        "diffusers' WanVACEPipeline), euler or heun (one or two network calls a step).",
+    )
     tiling: bool = Field(default=False, description="Decode in overlapping spatial tiles: less memory for large frames.")
 
     @model_validator(mode="after")
@@ -327,5 +336,6 @@ METHOD = Method(
     description="Wan 2.x backbones: the 3D VAE, flow-matching inversion, first-frame propagation (I2V) and "
     "structure + content editing (VACE).",
     implementations=("reelflow.tasks.wan", "reelflow.tasks.wan_edit"),
-    tiny={"wan-i2v": "reelflow.core.tiny_wan:build_tiny_wan_i2v", "wan-vace": "reelflow.core.tiny_wan:build_tiny_wan_vace"},
+    tiny={"wan-i2v": "reelflow.core.tiny_wan:build_tiny_wan_i2v", "wan-vace": "reelflow.core.tiny_wan:build_tiny_wan_vace",
+          "wan2.2-i2v": "reelflow.core.tiny_wan:build_tiny_wan22_i2v"},
 )

@@ -67,8 +67,8 @@ def role_json(
     """The JSON file ``name`` of the model planned for ``role``, read without loading weights.
 
     A diffusers bundle's file is ``<component>/<name>``, the component defaulting to the role's name
-    (``unet/config.json``); any other model's is ``<name>`` at its root, or under ``component`` when given.
-    None when the model has no such file.
+    (``unet/config.json``; ``component=""`` reads the bundle's own, ``model_index.json``); any other model's is
+    ``<name>`` at its root, or under ``component`` when given. None when the model has no such file.
 
     Raises:
         ModelError: The stage has no model for ``role``, or the model's files changed since planning.
@@ -76,7 +76,7 @@ def role_json(
     model = models.get(role)
     if model is None:
         raise ModelError(f"stage {stage!r} has no model as its {role}; its roles: {', '.join(models) or 'none'}")
-    folder = (component or role) if model.bundle else component
+    folder = (role if component is None else component) if model.bundle else component  # "": the bundle's root
     path = f"{folder}/{name}" if folder else name
     return read_model_json(model.id, path, revision=model.revision, cache_dir=settings.model_cache_dir,
                            fingerprint=model.fingerprint)  # fmt: skip

@@ -72,4 +72,10 @@ def thumbnails(group: zarr.Group, store: object, picture: Picture) -> list[str]:
         tiles = latent_view(np.asarray(latents.oindex[shown], np.float32))
         sheet = contact_sheet(tiles, labels=frame_labels(store, group, shown))
         sections.append(f"**latents** {tuple(latents.shape)} ({LATENT_KEY})\n\n{picture('latents', sheet)}")
+    elif isinstance(latents, zarr.Array) and latents.ndim == 5:  # by window (Wan): the first window's latent frames
+        shown = spread(latents.shape[1])
+        tiles = latent_view(np.asarray(latents[0], np.float32)[shown])
+        sheet = contact_sheet(tiles, labels=[f"latent frame {i}" for i in shown])
+        sections.append(f"**latents** {tuple(latents.shape)}, the first of {latents.shape[0]} windows ({LATENT_KEY})\n\n"
+                        f"{picture('latents', sheet)}")
     return sections

@@ -70,8 +70,8 @@ def decode_window(vae: Any, latents: torch.Tensor, keep: int, tiling: bool) -> n
 
 @stage_task("encode_latents", "wan")
 def encode_latents(call: StageCall) -> ArtifactRef:
-    """Normalised Wan latents ``(window, latent_frame, 16, H/8, W/8)`` float32 of the clip, window by window."""
-    return run_stage(call, _encode)
+    """Normalised Wan latents ``(window, latent_frame, 16, H/8, W/8)`` float32 of the clip. Resumable by window."""
+    return run_stage(call, _encode, resumable=True)
 
 
 def _encode(ctx: StageContext) -> WanLatents:
@@ -87,11 +87,15 @@ def _encode(ctx: StageContext) -> WanLatents:
                                   chunks=(1, *shape))  # fmt: skip
     ctx.progress.start(len(windows), unit="windows")
     for window in windows:
+        if ctx.writer.is_done(f"window-{window.index}"):
+            ctx.progress.advance()
+            continue
         clip = to_model_range(window_video(frames, window, plan.length)).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
         with _tiled(vae, p.tiling), torch.no_grad():
             dist = vae.encode(clip.to(vae.device, vae.dtype)).latent_dist
             latents = dist.sample(seeded_generator(ctx.call.seed, "posterior", window.index)) if p.sample else dist.mode()
         out[window.index] = normalise(latents.float().cpu(), vae.config)[0].transpose(0, 1).numpy()  # (f, 16, h, w)
+        ctx.writer.mark_done(f"window-{window.index}")
         ctx.progress.advance()
     ctx.record(latents_mean=list(vae.config.latents_mean), latents_std=list(vae.config.latents_std))
     info = WindowInfo(length=plan.length, overlap=plan.overlap, spans=[(w.start, w.stop) for w in windows])
@@ -149,11 +153,11 @@ def _check_encode(ctx: PreflightContext) -> None:
                             frames.count, plan.frames)  # fmt: skip
         if len(windows) > 1:
             ctx.logger.info("%s: %d frames in %d windows of %d", ctx.stage_id, frames.count, len(windows), p.window)
-    _check_vae(ctx)
+    check_vae(ctx)
 
 
 @stage_check("decode_latents", "wan")
-def _check_vae(ctx: PreflightContext) -> None:
+def check_vae(ctx: PreflightContext) -> None:
     """Refuses a VAE that is not Wan 2.1's 3D VAE (16 channels, 8x in space), naming the fix."""
     config = ctx.model_config("vae") or {}
     found = config.get("_class_name")

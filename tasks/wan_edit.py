@@ -9,6 +9,7 @@ VACE's known frames), and resume at the first missing window.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from reelflow.core.editing.videoshop import normalise_latents, rescale_latents
 from reelflow.core.frames import to_model_range
 from reelflow.core.guidance.structure import structure_level
 from reelflow.core.inversion.edm import InversionState
-from reelflow.core.inversion.flowmatch import FlowSchedule, generate, invert
+from reelflow.core.models import is_offloaded
+from reelflow.core.inversion.flowmatch import FlowSchedule, generate, generate_scheduled, invert
 from reelflow.core.sources import read_image
-from reelflow.core.wan import WanVelocity, checkpoint_kind, encode_prompts, i2v_condition, image_states, vace_control
+from reelflow.core.wan import BoundaryVelocity, WanVelocity, checkpoint_kind, encode_prompts, i2v_condition, image_states, vace_control
 from reelflow.core.windows import Window
 from reelflow.schemas.calls import StageCall
 from reelflow.schemas.errors import ArtifactMismatch
@@ -45,10 +47,11 @@ from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.propagation import PropagationStore, resize_like, seeded_generator
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
-from reelflow.tasks.wan import LATENT_DIMS, decode_window, window_video, windows_of
+from reelflow.tasks.wan import LATENT_DIMS, check_vae, decode_window, window_video, windows_of
 from reelflow.tasks.windows import run_windows
 
 STEP_DIMS = ("window", "level", *LATENT_DIMS)  # level k: after k inversion steps (0: clean)
+ARTICLE = {"i2v": "an", "vace": "a"}
 
 
 # embed_content (wan_text) --------------------------------------------------------------------
@@ -63,7 +66,8 @@ def embed_content(call: StageCall) -> ArtifactRef:
 def _embed_text(ctx: StageContext) -> WanText:
     p: EmbedWanTextParams = ctx.call.stage.params
     encoder, tokenizer = ctx.model("text_encoder"), ctx.model("text_encoder", "tokenizer")
-    states = encode_prompts(encoder, tokenizer, [p.negative_prompt, p.prompt], p.max_sequence_length)
+    with model_lock(encoder):  # its offloading hooks, where set, move shared weights
+        states = encode_prompts(encoder, tokenizer, [p.negative_prompt, p.prompt], p.max_sequence_length)
     ctx.writer.write_array("prompt_embeds", states.numpy(), dims=("prompt", "token", "embedding"), dtype=np.float32)
     ctx.publish(f"**prompt** {p.prompt!r}, negative {p.negative_prompt!r}: "
                 f"{int(states[1].abs().sum(-1).gt(0).sum())} tokens of {p.max_sequence_length}")  # fmt: skip
@@ -83,17 +87,42 @@ class _Wan:
     scheduler: Any
     image_encoder: Any = None
     processor: Any = None
+    low_noise: Any = None  # Wan 2.2 A14B's transformer_2, below the boundary timestep
+    boundary: float | None = None
 
-    def velocity(self, prompts: torch.Tensor, guidance_scale: float, **condition: Any) -> WanVelocity:
+    def velocity(self, prompts: torch.Tensor, guidance_scale: float, **condition: Any) -> WanVelocity | BoundaryVelocity:
         negative, prompt = prompts[:1], prompts[1:]
-        return WanVelocity(self.transformer, prompt, negative, guidance_scale=guidance_scale, **condition)
+        high = WanVelocity(self.transformer, prompt, negative, guidance_scale=guidance_scale, **condition)
+        if self.low_noise is None:
+            return _one_at_a_time(high, self.transformer)
+        low = WanVelocity(self.low_noise, prompt, negative, guidance_scale=guidance_scale, **condition)
+        return _one_at_a_time(BoundaryVelocity(high, low, self.boundary), self.transformer, self.low_noise)
 
     def i2v(self, image: np.ndarray, frames: int) -> dict[str, torch.Tensor | None]:
         """The image-to-video conditioning of a window of ``frames`` frames on ``image`` (uint8 ``(H, W, 3)``)."""
         with model_lock(self.vae):
             condition = i2v_condition(self.vae, to_model_range(image[None]), frames)
-        states = None if self.image_encoder is None else image_states(self.image_encoder, self.processor, image)
+        states = None
+        if self.image_encoder is not None:
+            with model_lock(self.image_encoder):  # its offloading hooks move shared weights
+                states = image_states(self.image_encoder, self.processor, image)
         return {"condition": condition, "image": states}
+
+
+def _one_at_a_time(velocity: Any, *transformers: Any) -> Any:
+    """``velocity`` taking the transformers' locks while it runs where they are offloaded: the offloading hooks move
+    the shared model's weights between devices, so two stages (an ``each:`` sweep) must not run it at once."""
+    offloaded = [model_lock(t) for t in transformers if is_offloaded(t)]
+    if not offloaded:
+        return velocity
+
+    def locked(x: torch.Tensor, sigma: float, timestep: float) -> torch.Tensor:
+        with contextlib.ExitStack() as held:
+            for lock in offloaded:
+                held.enter_context(lock)
+            return velocity(x, sigma, timestep)
+
+    return locked
 
 
 def _wan(ctx: StageContext) -> _Wan:
@@ -102,7 +131,18 @@ def _wan(ctx: StageContext) -> _Wan:
     if transformer.config.get("image_dim"):
         wan.image_encoder = ctx.model("transformer", "image_encoder")
         wan.processor = ctx.model("transformer", "image_processor")
+    _two_experts(ctx, wan)
     return wan
+
+
+def _two_experts(ctx: StageContext, wan: _Wan) -> None:
+    """Wan 2.2 A14B's low-noise expert and the timestep it takes over at, from the bundle's ``model_index.json``
+    (``transformer_2`` and ``boundary_ratio``); nothing for a bundle of one transformer."""
+    index = ctx.model_config("transformer", "", "model_index.json") or {}
+    ratio, second = index.get("boundary_ratio"), index.get("transformer_2")
+    if ratio is not None and second and second[0] is not None:
+        wan.low_noise = ctx.model("transformer", "transformer_2")
+        wan.boundary = float(ratio) * wan.scheduler.config.num_train_timesteps
 
 
 def _prompts(ctx: StageContext) -> torch.Tensor:
@@ -119,12 +159,30 @@ def _four(latents: torch.Tensor) -> torch.Tensor:
     return latents[0].transpose(0, 1)
 
 
+def _sample(wan: _Wan, velocity: Any, x: torch.Tensor, schedule: FlowSchedule, strength: float, solver: str,
+            on_step: Callable[[int, float, torch.Tensor], None]) -> torch.Tensor:  # fmt: skip
+    """Generate from ``x`` at the start of an edit of ``strength`` down to 0 by ``solver``."""
+    if solver == "scheduler":
+        return generate_scheduled(velocity, x, wan.scheduler, schedule.num_steps, strength=strength, on_step=on_step)
+    return generate(velocity, x, schedule, strength=strength, solver=solver, on_step=on_step)
+
+
+def _same_frames(encoded: int, **inputs: int) -> None:
+    """Refuses inputs that stand for another number of frames than the latents."""
+    other = {name: count for name, count in inputs.items() if count != encoded}
+    if other:
+        found = ", ".join(f"{name} {count}" for name, count in other.items())
+        raise ArtifactMismatch(f"the latents stand for {encoded} frames but the inputs hold {found}; wire every input "
+                               "to the same decode_video")  # fmt: skip
+
+
 def _label(i: int, sigma: float) -> str:
     return f"step {i + 1} · σ={float(sigma):.3g}"
 
 
 def _check_kind(ctx: PreflightContext, needs: str) -> None:
     """Refuses, before any model loads, a transformer that is not the kind the method needs, naming the fix."""
+    check_vae(ctx)
     config = ctx.model_config("transformer")
     if config is None:
         return
@@ -132,19 +190,18 @@ def _check_kind(ctx: PreflightContext, needs: str) -> None:
     if kind != needs:
         fixes = {"i2v": "an image-to-video bundle such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
                  "vace": "a VACE bundle such as Wan-AI/Wan2.1-VACE-1.3B-diffusers"}  # fmt: skip
-        raise ValueError(f"{ctx.stage_id}: method {ctx.spec.method} needs a {needs.upper()} transformer, but this model's "
+        raise ValueError(f"method {ctx.spec.method} needs {ARTICLE[needs]} {needs.upper()} transformer, but this model's "
                          f"is {kind.upper()} ({config.get('_class_name')}); use {fixes[needs]}")  # fmt: skip
     scheduler = ctx.model_config("transformer", "scheduler", "scheduler_config.json")
     if scheduler is not None:
-        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+        import diffusers
 
-        classes = {"FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
-                   "UniPCMultistepScheduler": UniPCMultistepScheduler}  # fmt: skip
-        cls = classes.get(scheduler.get("_class_name", ""), UniPCMultistepScheduler)
-        try:
-            FlowSchedule.from_scheduler(cls.from_config(scheduler), 2)
-        except ValueError as exc:
-            raise ValueError(f"{ctx.stage_id}: {exc}") from None
+        name = scheduler.get("_class_name", "")
+        cls = getattr(diffusers, name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(f"the transformer's scheduler config names {name!r}, which is no diffusers scheduler; use the "
+                             "checkpoint's own scheduler/scheduler_config.json")  # fmt: skip
+        FlowSchedule.from_scheduler(cls.from_config(scheduler), 2)  # refuses one that is not flow matching, naming the fix
 
 
 # invert_latents (flowmatch) ------------------------------------------------------------------
@@ -183,6 +240,7 @@ def _invert(ctx: StageContext) -> FlowInversion:
     p: FlowInvertParams = ctx.call.stage.params
     latents, attrs, frames = ctx.input("latents")["latents"], ctx.attrs("latents"), ctx.input("frames")["frames"]
     _, windows = windows_of(attrs.windows, attrs.frames)
+    _same_frames(attrs.frames, frames=frames.shape[0])
     wan, prompts = _wan(ctx), _prompts(ctx)
     schedule = FlowSchedule.from_scheduler(wan.scheduler, p.num_steps)
     store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), latents.shape[1:], p)
@@ -291,8 +349,8 @@ def _propagate(ctx: StageContext) -> None:
         first = condition["condition"][0, 4:, 0]  # (16, h, w): the conditioning frame's own latents
         velocity = wan.velocity(prompts, p.guidance_scale, **condition)
         ctx.steps.start(schedule.steps(attrs.strength), "flow-matching generation (first window)")
-        x = generate(velocity, _five(steps[window.index, -1]), schedule, strength=attrs.strength, solver=p.solver,
-                     on_step=lambda i, sigma, x: ctx.steps.keep(i, _four(x), _label(i, sigma), part=window.index))  # fmt: skip
+        x = _sample(wan, velocity, _five(steps[window.index, -1]), schedule, attrs.strength, p.solver,
+                    lambda i, sigma, x: ctx.steps.keep(i, _four(x), _label(i, sigma), part=window.index))  # fmt: skip
         x = _four(x)
         if p.rescale or p.window_colour == "first_frame":
             x = rescale_latents(x, edited_latents() if p.window_colour == "first_frame" else first)
@@ -329,10 +387,13 @@ def _vace(ctx: StageContext) -> None:
     latents, source = ctx.input("latents")["latents"], ctx.input("frames")["frames"]
     plan, windows = windows_of(attrs.windows, attrs.frames)
     height, width = source.shape[1:3]
-    structure = _write_structure(ctx, ctx.input("depth")["depth"], p.t_s, (height, width))
-    mask = _mask(ctx, (height, width))
+    depth = ctx.input("depth")["depth"]
+    _same_frames(attrs.frames, frames=source.shape[0], depth=depth.shape[0])
+    structure = _write_structure(ctx, depth, p.t_s, (height, width))
+    mask = _mask(ctx)
     reference = _reference(ctx, (height, width))
     wan = _Wan(ctx.model("transformer"), ctx.model("vae"), ctx.model("transformer", "scheduler"))
+    _two_experts(ctx, wan)
     prompts = _prompts(ctx)
     schedule = FlowSchedule.from_scheduler(wan.scheduler, p.num_steps)
     start = schedule.start_index(p.strength)
@@ -357,8 +418,8 @@ def _vace(ctx: StageContext) -> None:
         sigma = schedule.sigmas[start]
         velocity = wan.velocity(prompts, p.guidance_scale, control=control, control_scale=p.conditioning_scale)
         ctx.steps.start(schedule.steps(p.strength), "VACE generation (first window)")
-        x = generate(velocity, (1 - sigma) * x0 + sigma * noise, schedule, strength=p.strength, solver=p.solver,
-                     on_step=lambda i, s, x: ctx.steps.keep(i, _four(x), _label(i, s), part=window.index))  # fmt: skip
+        x = _sample(wan, velocity, (1 - sigma) * x0 + sigma * noise, schedule, p.strength, p.solver,
+                    lambda i, s, x: ctx.steps.keep(i, _four(x), _label(i, s), part=window.index))  # fmt: skip
         x = _four(x)[1:] if reference is not None else _four(x)
         out_latents[window.index] = x.numpy()
         return decode_window(wan.vae, x, window.stop - window.start, p.tiling)
@@ -400,14 +461,16 @@ def _control_video(structure: np.ndarray, source: np.ndarray, mask: torch.Tensor
     return video, torch.where(keep, 0.0, generate_mask)
 
 
-def _mask(ctx: StageContext, size: tuple[int, int]) -> torch.Tensor | None:
-    """The optional mask (white: edit) on the frames' grid, ``(1, 1, 1, H, W)``: give it at the frames' size (it is
-    squashed, not cropped)."""
+def _mask(ctx: StageContext) -> torch.Tensor | None:
+    """The optional mask (white: edit) on the frames' grid, ``(1, 1, 1, H, W)``, resized like the video's frames (drawn
+    on a source frame, it stays on what it covers when the frames were cropped or padded)."""
     if "mask" not in ctx.call.sources:
         return None
     with ctx.open_source("mask") as handle:
-        mask = torch.from_numpy(read_image("mask", handle, mask=True))[None, None]
-    return F.interpolate(mask, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)[:, :, None]
+        mask = read_image("mask", handle, mask=True)
+    grey = np.repeat(np.round(mask * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    resized, _ = resize_like(grey, ctx.attrs("frames"))
+    return torch.from_numpy(resized[..., 0].astype(np.float32) / 255.0)[None, None, None]
 
 
 def _reference(ctx: StageContext, size: tuple[int, int]) -> torch.Tensor | None:
@@ -428,4 +491,9 @@ def _reference(ctx: StageContext, size: tuple[int, int]) -> torch.Tensor | None:
 
 @stage_check("denoise_latents", "vace")
 def _check_vace(ctx: PreflightContext) -> None:
+    """Refuses, before any model loads, a transformer that is not VACE's, a VAE that is not Wan's, and a mask source
+    that is not one image."""
     _check_kind(ctx, "vace")
+    if ctx.has_source("mask") and ctx.source("mask").num_frames != 1:
+        raise ValueError(f"VACE takes one mask image for every frame; this mask source holds "
+                         f"{ctx.source('mask').num_frames} masks (a folder or a video): give one PNG")  # fmt: skip

@@ -156,6 +156,27 @@ def generate(
     return x
 
 
+def generate_scheduled(
+    velocity: Velocity, x: torch.Tensor, scheduler: Any, num_steps: int, *, strength: float, on_step: OnStep | None = None
+) -> torch.Tensor:
+    """Sample as :func:`generate`, with the scheduler's own update instead of Euler or Heun: UniPC's multistep
+    predictor-corrector on Wan's flow sigmas, exactly as diffusers' Wan pipelines step (on a copy of ``scheduler``).
+    For generation only: its multistep updates have no step-by-step inverse, so an inversion cannot be undone by it."""
+    schedule = FlowSchedule.from_scheduler(scheduler, num_steps)  # refuses a scheduler that is not flow matching
+    scheduler = type(scheduler).from_config(scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    start = schedule.start_index(strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    for i, k in enumerate(range(start, schedule.num_steps)):
+        t = scheduler.timesteps[k]
+        v = velocity(x, schedule.sigmas[k], schedule.timestep(k)).to(x.dtype)
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i, schedule.sigmas[k + 1], x)
+    return x
+
+
 def _step(velocity: Velocity, x: torch.Tensor, sigma: float, t: float, sigma_next: float, t_next: float, solver: str) -> torch.Tensor:
     h = sigma_next - sigma
     v = velocity(x, sigma, t).to(x.dtype)

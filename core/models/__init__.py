@@ -59,6 +59,8 @@ __all__ = [
     "infer_family",
     "load_component",
     "load_model",
+    "group_offload",
+    "is_offloaded",
     "read_model_json",
     "resolve_revision",
     "torch_dtype",
@@ -209,8 +211,10 @@ def load_model(
     def load() -> Any:
         if offload == "none":
             return loader.load(source, component=component, cls=override, dtype=dtype, device=device, **named)
-        return group_offload(loader.load(source, component=component, cls=override, dtype=dtype, device="cpu", **named),
-                             device)  # fmt: skip
+        loaded = loader.load(source, component=component, cls=override, dtype=dtype, device="cpu", **named)
+        if not isinstance(loaded, torch.nn.Module):  # a tokenizer, a scheduler, weights held otherwise: as without offload
+            return loader.load(source, component=component, cls=override, dtype=dtype, device=device, **named)
+        return group_offload(loaded, device)
 
     with _cache_lock:
         # Loading under the lock means two stages asking for one UNet load it once; loads are rare.
@@ -226,17 +230,24 @@ def load_model(
 OFFLOADS = ("none", "group")
 
 
-def group_offload(model: Any, device: str) -> Any:
-    """``model`` (on the CPU) with diffusers' block-level group offloading onto ``device``: each block of layers is
-    moved there just before it runs and back after; a component without weights comes back as it is."""
-    if not isinstance(model, torch.nn.Module):
-        return model
+def group_offload(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` (on the CPU) with diffusers' group offloading onto ``device``: a diffusers model by blocks (its
+    top-level lists of layers, one block at a time), any other module (UMT5, CLIP) by its leaf layers, each moved
+    there just before it runs and back after. The hooks move shared weights: a caller running the model from
+    several threads holds its lock (:func:`is_offloaded` tells)."""
+    from diffusers import ModelMixin
     from diffusers.hooks import apply_group_offloading
 
     onload = torch.device(device)
-    apply_group_offloading(model, onload_device=onload, offload_device=torch.device("cpu"), offload_type="block_level",
-                           num_blocks_per_group=1, use_stream=onload.type == "cuda")  # fmt: skip
+    by_block = {"offload_type": "block_level", "num_blocks_per_group": 1} if isinstance(model, ModelMixin) else {"offload_type": "leaf_level"}
+    apply_group_offloading(model, onload_device=onload, offload_device=torch.device("cpu"), use_stream=onload.type == "cuda",
+                           **by_block)  # fmt: skip
     return model
+
+
+def is_offloaded(model: Any) -> bool:
+    """Whether ``model`` runs under offloading hooks (see :func:`group_offload`)."""
+    return isinstance(model, torch.nn.Module) and any(hasattr(m, "_diffusers_hook") for m in model.modules())
 
 
 def check_weight_name(family: str, weight_name: str | None) -> None:

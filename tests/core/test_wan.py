@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanVACEPipeline
 
-from reelflow.core.inversion.flowmatch import FlowSchedule, generate, invert
+from reelflow.core.frames import to_model_range
+from reelflow.core.inversion.flowmatch import FlowSchedule, generate, generate_scheduled, invert
 from reelflow.core.tiny_wan import build_tiny_wan_i2v, build_tiny_wan_vace, tiny_t5_tokenizer
 from reelflow.core.wan import (
     WanVelocity,
@@ -139,3 +140,40 @@ def test_the_same_seed_rebuilds_identical_weights_and_the_roles_load_through_the
     tokenizer = load_model(str(again), family="diffusers", component="tokenizer")
     assert tokenizer("a red car").input_ids[-1] == tokenizer.eos_token_id == 1
     assert type(load_model(str(again), family="diffusers", component="vae")).__name__ == "AutoencoderKLWan"
+
+
+def test_vace_sampled_with_the_schedulers_own_steps_is_the_pipelines(wan_bundles: dict[str, Path]) -> None:
+    from PIL import Image
+
+    pipe = WanVACEPipeline.from_pretrained(wan_bundles["vace"])
+    g = torch.Generator().manual_seed(4)
+    frames = (torch.rand(9, 32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+    prompts = torch.randn(2, 8, 32, generator=g)
+    noise = torch.randn(1, 16, 3, 4, 6, generator=g)
+    expected = pipe(video=[Image.fromarray(f) for f in frames], prompt_embeds=prompts[1:], negative_prompt_embeds=prompts[:1],
+                    height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=3.0, conditioning_scale=0.7,
+                    latents=noise.clone(), output_type="latent").frames  # fmt: skip
+    video = to_model_range(frames).transpose(0, 1)[None]
+    control = vace_control(pipe.vae, video, torch.ones(1, 1, 9, 32, 48))
+    velocity = WanVelocity(pipe.transformer, prompts[1:], prompts[:1], guidance_scale=3.0, control=control, control_scale=0.7)
+    got = generate_scheduled(velocity, noise.clone(), pipe.scheduler, 4, strength=1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    euler = generate(velocity, noise.clone(), FlowSchedule.from_scheduler(pipe.scheduler, 4), strength=1.0)
+    assert not torch.allclose(euler, expected, atol=1e-3)  # Euler on the same sigmas is another sampler
+
+
+def test_group_offload_moves_blocks_and_leaves_and_changes_no_output(wan_bundles: dict[str, Path]) -> None:
+    from reelflow.core.models import is_offloaded, load_model
+
+    vace = str(wan_bundles["vace"])
+    plain, offloaded = (load_model(vace, family="diffusers", component="transformer", offload=o) for o in ("none", "group"))
+    assert offloaded is not plain and is_offloaded(offloaded) and not is_offloaded(plain)
+    g = torch.Generator().manual_seed(5)
+    x, control, text = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 96, 2, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    outputs = [WanVelocity(model, text, control=control)(x, 0.5, 500.0) for model in (plain, offloaded)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    encoder = load_model(vace, family="diffusers", component="text_encoder", offload="group")  # UMT5: by leaf layers
+    tokenizer = load_model(vace, family="diffusers", component="tokenizer", offload="group")  # no weights: as without
+    assert is_offloaded(encoder) and not is_offloaded(tokenizer)
+    reference = load_model(vace, family="diffusers", component="text_encoder")
+    torch.testing.assert_close(encode_prompts(encoder, tokenizer, ["a fox"], 16), encode_prompts(reference, tokenizer, ["a fox"], 16))

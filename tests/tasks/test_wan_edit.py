@@ -17,7 +17,8 @@ from reelflow.core.models import FAMILIES, load_model
 from reelflow.core.sources import read_image
 from reelflow.core.synthetic import write_edited_first_frame
 from reelflow.core.tiny_depth import build_tiny_depth_anything
-from reelflow.core.tiny_wan import build_tiny_wan_vace
+from reelflow.core.tiny_wan import build_tiny_wan22_i2v, build_tiny_wan_vace
+from reelflow.core.wan import WanVelocity
 from reelflow.deployments import spec_path
 from reelflow.flows.dag import plan_run
 from reelflow.flows.edit import prepare_run
@@ -253,6 +254,29 @@ def test_vace_with_a_reference_image_and_a_mask_keeps_the_source_outside_it(
     assert group["window_latents"].shape == (1, 2, 16, 6, 8) and group.attrs["reference"] and group.attrs["mask"]
 
 
+def test_wan_2_2s_two_experts_take_the_steps_on_either_side_of_the_boundary(
+    clip: Path, edit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build_tiny_wan22_i2v(tmp_path / "tiny-wan22")
+    stages = plan(propagate_spec(model, edit, "stages.invert_latents.params.strength=1.0"), clip, str(tmp_path / "store"), edit)
+    run(stages, *PROPAGATE[:3])
+    asked: list[tuple[float, str]] = []
+    original = WanVelocity.__call__
+
+    def spy(self, x, sigma, timestep):
+        asked.append((timestep, id(self.transformer)))
+        return original(self, x, sigma, timestep)
+
+    monkeypatch.setattr(WanVelocity, "__call__", spy)
+    run(stages, "invert_latents")
+    by_expert: dict[int, set[float]] = {}
+    for timestep, expert in asked:
+        by_expert.setdefault(expert, set()).add(timestep)
+    assert len(asked) == 2 * STEPS and len(by_expert) == 2  # two windows, every step; two transformers asked
+    high, low = sorted(by_expert.values(), key=max, reverse=True)
+    assert min(high) >= 900 > max(low)  # boundary_ratio 0.9 of 1000 training timesteps
+
+
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
@@ -266,7 +290,7 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_loading(
 ) -> None:
     given = [f"input={clip}", f"store={tmp_path / 'store'}", f"output={tmp_path / 'out'}"]
     spec = propagate_spec(vace_models[0], edit, *given)
-    with pytest.raises(SpecError, match=r"method flowmatch needs a I2V transformer, but this model's is VACE "
+    with pytest.raises(SpecError, match=r"method flowmatch needs an I2V transformer, but this model's is VACE "
                                         r"\(WanVACETransformer3DModel\); use an image-to-video bundle"):  # fmt: skip
         prepare_run(spec, Settings())
     spec = vace_spec((tiny_wan, vace_models[1]), *given)
