@@ -240,6 +240,11 @@ class WanPropagateParams(Model):
     """Generation conditioned on the edited frame, and how windows are kept consistent."""
 
     guidance_scale: float = Field(default=5.0, ge=1.0, le=30.0, description="Classifier-free guidance (Wan I2V's 5).")
+    guidance_scale_2: float | None = Field(
+        default=None, ge=1.0, le=30.0,
+        description="Guidance of Wan 2.2 A14B's low-noise expert (transformer_2); None: guidance_scale, as diffusers' "
+        "pipelines default. Only for bundles of two experts.",
+    )  # fmt: skip
     solver: Sampler = Field(
         default="euler",
         description="euler (one network call a step: the exact reverse of the inversion's steps), heun (two), or "
@@ -289,6 +294,11 @@ class VaceParams(Model):
         "the content alone), lower keeps more of the source's appearance.",
     )  # fmt: skip
     guidance_scale: float = Field(default=5.0, ge=1.0, le=30.0, description="Content (classifier-free) guidance.")
+    guidance_scale_2: float | None = Field(
+        default=None, ge=1.0, le=30.0,
+        description="Guidance of Wan 2.2 A14B's low-noise expert (transformer_2); None: guidance_scale, as diffusers' "
+        "pipelines default. Only for bundles of two experts.",
+    )  # fmt: skip
     t_s: int = Field(
         default=0, ge=0, le=10,
         description="Structure level: 0 follows the depth exactly; each level halves the finest depth detail kept "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -20,12 +21,14 @@ import zarr
 
 from reelflow.core.editing.videoshop import apply_colour_map, boundary_jumps, channel_stats, colour_map, fade_weights
 from reelflow.core.frames import plan_resize, resize_frames
+from reelflow.core.inversion.edm import InversionState
 from reelflow.core.windows import Window, WindowPlan
 from reelflow.schemas.kinds import VideoFrames
 from reelflow.tasks.artifacts import contact_sheet, markdown_table
 from reelflow.tasks.runtime import StageContext
 
 WindowColour = Literal["boundary", "first_frame", "none"]
+LATENT_DIMS = ("latent_channel", "y", "x")
 IDENTITY = np.array([[1.0] * 3, [0.0] * 3], np.float32)  # a colour map that changes nothing: scale 1, shift 0
 
 
@@ -124,3 +127,59 @@ class PropagationStore:
             f"between frames inside a window: mean {jumps['within_mean']:.2f}, largest {jumps['within_max']:.2f}", "",
             "**the frame each window is conditioned on**", "", sheet]))  # fmt: skip
         ctx.record(colour=jumps)
+
+
+@dataclass
+class InversionStore:
+    """A windowed inversion's arrays: every step of every window (``steps (window, level, frame, C, h, w)``, level 0
+    the normalised clean latents), the normalisation statistics and, when checked, each frame's reconstruction
+    error; and the steps done, so an interrupted inversion resumes at its last stored step. ``to_model`` and
+    ``from_model`` map stored latents ``(F, C, h, w)`` to the model's layout and back."""
+
+    steps: zarr.Array
+    mean: zarr.Array
+    std: zarr.Array
+    errors: zarr.Array | None
+    count: int
+    to_model: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    from_model: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+    @classmethod
+    def create(cls, ctx: StageContext, windows: int, count: int, frames: int, latent: tuple[int, ...], normalisation: str,
+               check: bool, frame_dim: str, **layout: Callable[[torch.Tensor], torch.Tensor]) -> InversionStore:  # fmt: skip
+        """Arrays for ``windows`` windows of ``count`` steps on ``frames`` latent frames ``latent`` ``(C, h, w)`` each."""
+        stats = (windows, *((frames, 1) if normalisation == "per_frame" else (1, latent[0])), 1, 1)
+        create, dims = ctx.writer.create_array, ("window", frame_dim, *LATENT_DIMS)
+        return cls(
+            create("steps", shape=(windows, count + 1, frames, *latent), dtype=np.float32, dims=(dims[0], "level", *dims[1:]),
+                   chunks=(1, 1, frames, *latent)),
+            create("norm_mean", shape=stats, dtype=np.float32, dims=dims),
+            create("norm_std", shape=stats, dtype=np.float32, dims=dims),
+            create("reconstruction_error", shape=(windows, frames), dtype=np.float32, dims=dims[:2]) if check else None,
+            count,
+            **layout,
+        )  # fmt: skip
+
+    def begin(self, index: int, x0: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store window ``index``'s normalised clean latents and the statistics they were normalised by."""
+        self.steps[index, 0] = x0.numpy()
+        self.mean[index] = mean.expand(self.mean.shape[1:]).numpy()
+        self.std[index] = std.expand(self.std.shape[1:]).numpy()
+
+    def resume(self, ctx: StageContext, index: int) -> InversionState | None:
+        """Where window ``index``'s inversion stands: after its last step marked done, or None for a fresh start."""
+        done = next((k for k in range(self.count) if not ctx.writer.is_done(f"window-{index}-step-{k}")), self.count)
+        ctx.progress.advance(done)
+        return InversionState(done, self.to_model(torch.from_numpy(np.asarray(self.steps[index, done])))) if done else None
+
+    def stream(self, ctx: StageContext, index: int) -> Callable[[int, float, torch.Tensor], None]:
+        """``on_step`` of window ``index``: store each step's latents, then mark the step done."""
+
+        def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
+            stored = self.from_model(x)
+            self.steps[index, i + 1] = stored.numpy()
+            ctx.steps.keep(i, stored, f"step {i + 1} · σ={float(sigma):.3g}", part=index)
+            ctx.writer.mark_done(f"window-{index}-step-{i}")
+            ctx.progress.advance()
+
+        return on_step

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ from reelflow.core.editing.videoshop import (
     rescale_latents,
 )
 from reelflow.core.frames import from_model_range
-from reelflow.core.inversion.edm import EdmSchedule, InversionState, generate, inverse_init_sigma, invert
+from reelflow.core.inversion.edm import EdmSchedule, generate, inverse_init_sigma, invert
 from reelflow.core.sources import read_image
 from reelflow.core.vae import decode_latents
 from reelflow.core.windows import Window, WindowPlan
@@ -45,11 +44,10 @@ from reelflow.tasks.frames import frame_labels
 from reelflow.tasks.preflight import PreflightContext, stage_check
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
-from reelflow.tasks.propagation import PropagationStore, plan_full_windows, resize_like, seeded_generator
+from reelflow.tasks.propagation import InversionStore, PropagationStore, plan_full_windows, resize_like, seeded_generator
 from reelflow.tasks.windows import run_windows
 
 LATENT_DIMS = ("latent_channel", "y", "x")
-STEP_DIMS = ("window", "level", "window_frame", *LATENT_DIMS)  # level k: after k inversion steps (0: clean)
 logger = logging.getLogger(__name__)
 
 
@@ -140,7 +138,8 @@ def _invert(ctx: StageContext) -> EdmInversion:
     schedule = EdmSchedule.from_scheduler(svd.scheduler, p.num_steps)
     _refuse_schedule(schedule, svd.scheduler.config.timestep_spacing, p)
     plan, windows = plan_full_windows(_window_length(p, svd.unet.config), p.overlap, latents.shape[0])
-    store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), plan.length, latents.shape[1:], p)
+    store = InversionStore.create(ctx, len(windows), schedule.steps(p.strength), plan.length, latents.shape[1:],
+                                  p.normalisation, p.check_reconstruction, "window_frame")  # fmt: skip
     ctx.progress.start(len(windows) * store.count * (2 if p.check_reconstruction else 1))
     ctx.steps.start(store.count, "EDM inversion (first window computed)")
     for window in windows:
@@ -149,7 +148,7 @@ def _invert(ctx: StageContext) -> EdmInversion:
             continue
         _invert_window(ctx, svd, schedule, store, window, latents, frames)
         ctx.writer.mark_done(f"window-{window.index}")
-    ctx.record(reconstruction=store.publish(ctx, windows) if p.check_reconstruction else None)
+    ctx.record(reconstruction=_publish_reconstruction(ctx, store, windows) if p.check_reconstruction else None)
     spans = [(w.start, w.stop) for w in windows]
     return EdmInversion(num_steps=p.num_steps, strength=p.strength, sigmas=schedule.visited(p.strength),
                         threshold=p.threshold, naive=p.naive, normalisation=p.normalisation, fps=p.fps,
@@ -158,7 +157,7 @@ def _invert(ctx: StageContext) -> EdmInversion:
 
 
 def _invert_window(
-    ctx: StageContext, svd: _Svd, schedule: EdmSchedule, store: _InversionStore, window: Window, latents: zarr.Array,
+    ctx: StageContext, svd: _Svd, schedule: EdmSchedule, store: InversionStore, window: Window, latents: zarr.Array,
     frames: zarr.Array,
 ) -> None:  # fmt: skip
     """Invert one window from its last stored step, conditioned on the window's source first frame."""
@@ -173,74 +172,24 @@ def _invert_window(
                         concat=inversion_latents(condition.latents, svd.vae.config.scaling_factor))  # fmt: skip
     store.begin(window.index, x0, mean, std)
     x = invert(model, x0, schedule, strength=p.strength, noise=noise, threshold=p.threshold, naive=p.naive,
-               resume=_resume(ctx, store, window.index), on_step=_stream(ctx, store, window.index))  # fmt: skip
+               resume=store.resume(ctx, window.index), on_step=store.stream(ctx, window.index))  # fmt: skip
     if p.check_reconstruction:
         back = generate(model, x, schedule, strength=p.strength, on_step=lambda *_: ctx.progress.advance())
         store.errors[window.index] = (back - x0).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
 
 
-def _resume(ctx: StageContext, store: _InversionStore, index: int) -> InversionState | None:
-    """Where window ``index``'s inversion stands: after its last step marked done, or None for a fresh start."""
-    done = next((k for k in range(store.count) if not ctx.writer.is_done(f"window-{index}-step-{k}")), store.count)
-    ctx.progress.advance(done)
-    return InversionState(done, torch.from_numpy(np.asarray(store.steps[index, done]))) if done else None
-
-
-def _stream(ctx: StageContext, store: _InversionStore, index: int) -> Callable[[int, float, torch.Tensor], None]:
-    """``on_step`` of window ``index``: store each step's latents, then mark the step done."""
-
-    def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
-        store.steps[index, i + 1] = x.numpy()
-        ctx.steps.keep(i, x, f"step {i + 1} · σ={float(sigma):.3g}", part=index)
-        ctx.writer.mark_done(f"window-{index}-step-{i}")
-        ctx.progress.advance()
-
-    return on_step
-
-
-@dataclass
-class _InversionStore:
-    """The inversion's arrays: every step of every window, the normalisation, the reconstruction errors."""
-
-    steps: zarr.Array
-    mean: zarr.Array
-    std: zarr.Array
-    errors: zarr.Array | None
-    count: int
-
-    @classmethod
-    def create(cls, ctx: StageContext, windows: int, count: int, length: int, latent: tuple[int, ...],
-               p: VideoshopInvertParams) -> _InversionStore:  # fmt: skip
-        channels = latent[0]
-        stats = (windows, *((length, 1) if p.normalisation == "per_frame" else (1, channels)), 1, 1)
-        create = ctx.writer.create_array
-        return cls(
-            create("steps", shape=(windows, count + 1, length, *latent), dtype=np.float32, dims=STEP_DIMS,
-                   chunks=(1, 1, length, *latent)),
-            create("norm_mean", shape=stats, dtype=np.float32, dims=("window", "window_frame", *LATENT_DIMS)),
-            create("norm_std", shape=stats, dtype=np.float32, dims=("window", "window_frame", *LATENT_DIMS)),
-            create("reconstruction_error", shape=(windows, length), dtype=np.float32, dims=("window", "window_frame"))
-            if p.check_reconstruction else None,
-            count,
-        )  # fmt: skip
-
-    def begin(self, index: int, x0: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.steps[index, 0] = x0.numpy()
-        self.mean[index] = mean.expand(self.mean.shape[1:]).numpy()
-        self.std[index] = std.expand(self.std.shape[1:]).numpy()
-
-    def publish(self, ctx: StageContext, windows: list[Window]) -> dict[str, Any]:
-        """Each frame's reconstruction error (from the window that owns it first) as a picture; returns a summary."""
-        per_window = np.asarray(self.errors[:])
-        per_frame = np.zeros(windows[-1].stop, np.float32)
-        for window in reversed(windows):
-            per_frame[window.start : window.stop] = per_window[window.index, : window.stop - window.start]
-        chart = ctx.picture("reconstruction-error", bar_chart(per_frame))
-        ctx.publish((
-            f"**reconstruction error** per frame\n\nRMS latent error of each frame regenerated "
-            f"from its inversion with the source conditioning (mean {per_frame.mean():.4f}, largest "
-            f"{per_frame.max():.4f} at frame {int(per_frame.argmax())}).\n\n{chart}"))  # fmt: skip
-        return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
+def _publish_reconstruction(ctx: StageContext, store: InversionStore, windows: list[Window]) -> dict[str, Any]:
+    """Each frame's reconstruction error (from the window that owns it first) as a picture; returns a summary."""
+    per_window = np.asarray(store.errors[:])
+    per_frame = np.zeros(windows[-1].stop, np.float32)
+    for window in reversed(windows):
+        per_frame[window.start : window.stop] = per_window[window.index, : window.stop - window.start]
+    chart = ctx.picture("reconstruction-error", bar_chart(per_frame))
+    ctx.publish((
+        f"**reconstruction error** per frame\n\nRMS latent error of each frame regenerated "
+        f"from its inversion with the source conditioning (mean {per_frame.mean():.4f}, largest "
+        f"{per_frame.max():.4f} at frame {int(per_frame.argmax())}).\n\n{chart}"))  # fmt: skip
+    return {"mean": float(per_frame.mean()), "max": float(per_frame.max()), "per_frame": per_frame.round(5).tolist()}
 
 
 def _window_length(p: VideoshopInvertParams, unet_config: Any) -> int:

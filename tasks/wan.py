@@ -26,6 +26,7 @@ from reelflow.tasks.windows import run_windows
 
 LATENT_DIMS = ("latent_frame", "latent_channel", "y", "x")
 VAE_CLASS = "AutoencoderKLWan"
+MODEL_FRAMES = 81  # the frame count Wan 2.1/2.2 and VACE are trained on
 
 
 def plan_wan_windows(count: int, window: int | None, overlap: int, policy: str, *, what: str = "the clip") -> tuple[WindowPlan, list[Window], FramePlan]:  # fmt: skip
@@ -153,6 +154,10 @@ def _check_encode(ctx: PreflightContext) -> None:
                             frames.count, plan.frames)  # fmt: skip
         if len(windows) > 1:
             ctx.logger.info("%s: %d frames in %d windows of %d", ctx.stage_id, frames.count, len(windows), p.window)
+        if p.window is None and plan.frames > MODEL_FRAMES:
+            ctx.logger.warning("%s: the clip's %d frames are one window; Wan's transformers are trained on %d frames "
+                               "and an edit holds a whole window at once: set params.window to %d for edits",
+                               ctx.stage_id, plan.frames, MODEL_FRAMES, MODEL_FRAMES)  # fmt: skip
     check_vae(ctx)
 
 

@@ -23,7 +23,6 @@ import zarr
 from reelflow.core.editing.videoshop import normalise_latents, rescale_latents
 from reelflow.core.frames import to_model_range
 from reelflow.core.guidance.structure import structure_level
-from reelflow.core.inversion.edm import InversionState
 from reelflow.core.models import is_offloaded
 from reelflow.core.inversion.flowmatch import FlowSchedule, generate, generate_scheduled, invert
 from reelflow.core.sources import read_image
@@ -44,13 +43,12 @@ from reelflow.schemas.wan import (
 from reelflow.tasks.artifacts import bar_chart, contact_sheet, spread
 from reelflow.tasks.models import model_lock
 from reelflow.tasks.preflight import PreflightContext, stage_check
-from reelflow.tasks.propagation import PropagationStore, resize_like, seeded_generator
+from reelflow.tasks.propagation import InversionStore, PropagationStore, resize_like, seeded_generator
 from reelflow.tasks.runtime import StageContext, run_stage
 from reelflow.tasks.stage import stage_task
 from reelflow.tasks.wan import LATENT_DIMS, check_vae, decode_window, window_video, windows_of
 from reelflow.tasks.windows import run_windows
 
-STEP_DIMS = ("window", "level", *LATENT_DIMS)  # level k: after k inversion steps (0: clean)
 ARTICLE = {"i2v": "an", "vace": "a"}
 
 
@@ -90,12 +88,15 @@ class _Wan:
     low_noise: Any = None  # Wan 2.2 A14B's transformer_2, below the boundary timestep
     boundary: float | None = None
 
-    def velocity(self, prompts: torch.Tensor, guidance_scale: float, **condition: Any) -> WanVelocity | BoundaryVelocity:
+    def velocity(self, prompts: torch.Tensor, guidance_scale: float, guidance_scale_2: float | None = None,
+                 **condition: Any) -> WanVelocity | BoundaryVelocity:  # fmt: skip
+        """The guided velocity field (both experts of Wan 2.2 A14B, the second with ``guidance_scale_2``)."""
         negative, prompt = prompts[:1], prompts[1:]
         high = WanVelocity(self.transformer, prompt, negative, guidance_scale=guidance_scale, **condition)
         if self.low_noise is None:
             return _one_at_a_time(high, self.transformer)
-        low = WanVelocity(self.low_noise, prompt, negative, guidance_scale=guidance_scale, **condition)
+        low_scale = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        low = WanVelocity(self.low_noise, prompt, negative, guidance_scale=low_scale, **condition)
         return _one_at_a_time(BoundaryVelocity(high, low, self.boundary), self.transformer, self.low_noise)
 
     def i2v(self, image: np.ndarray, frames: int) -> dict[str, torch.Tensor | None]:
@@ -186,6 +187,10 @@ def _check_kind(ctx: PreflightContext, needs: str) -> None:
     config = ctx.model_config("transformer")
     if config is None:
         return
+    index = ctx.model_config("transformer", "", "model_index.json") or {}
+    if getattr(ctx.spec.params, "guidance_scale_2", None) is not None and not (index.get("transformer_2") or [None])[0]:
+        raise ValueError("guidance_scale_2 guides Wan 2.2 A14B's low-noise expert, but this bundle has one transformer; "
+                         "leave it out")  # fmt: skip
     kind = checkpoint_kind(config.get("_class_name", ""), config)
     if kind != needs:
         fixes = {"i2v": "an image-to-video bundle such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
@@ -214,28 +219,6 @@ def invert_latents(call: StageCall) -> ArtifactRef:
     return run_stage(call, _invert, resumable=True)
 
 
-@dataclass
-class _InversionStore:
-    steps: zarr.Array
-    mean: zarr.Array
-    std: zarr.Array
-    errors: zarr.Array | None
-    count: int
-
-    @classmethod
-    def create(cls, ctx: StageContext, windows: int, count: int, latent: tuple[int, ...], p: FlowInvertParams) -> _InversionStore:
-        stats = (windows, *((latent[0], 1) if p.normalisation == "per_frame" else (1, latent[1])), 1, 1)
-        create = ctx.writer.create_array
-        return cls(
-            create("steps", shape=(windows, count + 1, *latent), dtype=np.float32, dims=STEP_DIMS, chunks=(1, 1, *latent)),
-            create("norm_mean", shape=stats, dtype=np.float32, dims=("window", *LATENT_DIMS)),
-            create("norm_std", shape=stats, dtype=np.float32, dims=("window", *LATENT_DIMS)),
-            create("reconstruction_error", shape=(windows, latent[0]), dtype=np.float32, dims=("window", "latent_frame"))
-            if p.check_reconstruction else None,
-            count,
-        )  # fmt: skip
-
-
 def _invert(ctx: StageContext) -> FlowInversion:
     p: FlowInvertParams = ctx.call.stage.params
     latents, attrs, frames = ctx.input("latents")["latents"], ctx.attrs("latents"), ctx.input("frames")["frames"]
@@ -243,7 +226,8 @@ def _invert(ctx: StageContext) -> FlowInversion:
     _same_frames(attrs.frames, frames=frames.shape[0])
     wan, prompts = _wan(ctx), _prompts(ctx)
     schedule = FlowSchedule.from_scheduler(wan.scheduler, p.num_steps)
-    store = _InversionStore.create(ctx, len(windows), schedule.steps(p.strength), latents.shape[1:], p)
+    store = InversionStore.create(ctx, len(windows), schedule.steps(p.strength), latents.shape[1], latents.shape[2:],
+                                  p.normalisation, p.check_reconstruction, "latent_frame", to_model=_five, from_model=_four)  # fmt: skip
     calls = store.count * (2 if p.check_reconstruction else 1)
     ctx.progress.start(len(windows) * calls)
     ctx.steps.start(store.count, "flow-matching inversion (first window computed)")
@@ -252,13 +236,11 @@ def _invert(ctx: StageContext) -> FlowInversion:
             ctx.progress.advance(calls)
             continue
         x0, mean, std = normalise_latents(torch.from_numpy(np.asarray(latents[window.index], np.float32)), p.normalisation)
-        store.steps[window.index, 0] = x0.numpy()
-        store.mean[window.index] = mean.expand(store.mean.shape[1:]).numpy()
-        store.std[window.index] = std.expand(store.std.shape[1:]).numpy()
+        store.begin(window.index, x0, mean, std)
         source = window_video(frames, window, attrs.windows.length)[0]  # the window's own first frame
         velocity = wan.velocity(prompts, p.guidance_scale, **wan.i2v(source, attrs.windows.length))
         x = invert(velocity, _five(x0), schedule, strength=p.strength, solver=p.solver, extrapolate=p.extrapolate,
-                   resume=_resume(ctx, store, window.index), on_step=_stream(ctx, store, window.index))  # fmt: skip
+                   resume=store.resume(ctx, window.index), on_step=store.stream(ctx, window.index))  # fmt: skip
         if p.check_reconstruction:
             back = generate(velocity, x, schedule, strength=p.strength, solver=p.solver, on_step=lambda *_: ctx.progress.advance())
             store.errors[window.index] = (_four(back) - x0).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
@@ -272,25 +254,6 @@ def _invert(ctx: StageContext) -> FlowInversion:
         extrapolate=p.extrapolate, normalisation=p.normalisation, guidance_scale=p.guidance_scale, frames=attrs.frames,
         windows=attrs.windows,
     )  # fmt: skip
-
-
-def _resume(ctx: StageContext, store: _InversionStore, index: int) -> InversionState | None:
-    """Where window ``index``'s inversion stands: after its last step marked done, or None for a fresh start."""
-    done = next((k for k in range(store.count) if not ctx.writer.is_done(f"window-{index}-step-{k}")), store.count)
-    ctx.progress.advance(done)
-    return InversionState(done, _five(store.steps[index, done])) if done else None
-
-
-def _stream(ctx: StageContext, store: _InversionStore, index: int) -> Callable[[int, float, torch.Tensor], None]:
-    """``on_step`` of window ``index``: store each step's latents, then mark the step done."""
-
-    def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
-        store.steps[index, i + 1] = _four(x).numpy()
-        ctx.steps.keep(i, _four(x), _label(i, sigma), part=index)
-        ctx.writer.mark_done(f"window-{index}-step-{i}")
-        ctx.progress.advance()
-
-    return on_step
 
 
 def _publish_errors(ctx: StageContext, errors: np.ndarray) -> None:
@@ -347,7 +310,7 @@ def _propagate(ctx: StageContext) -> None:
         image = edited if previous is None else previous[0]
         condition = wan.i2v(image, attrs.windows.length)
         first = condition["condition"][0, 4:, 0]  # (16, h, w): the conditioning frame's own latents
-        velocity = wan.velocity(prompts, p.guidance_scale, **condition)
+        velocity = wan.velocity(prompts, p.guidance_scale, p.guidance_scale_2, **condition)
         ctx.steps.start(schedule.steps(attrs.strength), "flow-matching generation (first window)")
         x = _sample(wan, velocity, _five(steps[window.index, -1]), schedule, attrs.strength, p.solver,
                     lambda i, sigma, x: ctx.steps.keep(i, _four(x), _label(i, sigma), part=window.index))  # fmt: skip
@@ -416,7 +379,8 @@ def _vace(ctx: StageContext) -> None:
             x0 = torch.cat([control[:, :16, :1], x0], dim=2)
         noise = torch.randn(x0.shape, generator=seeded_generator(ctx.call.seed, "start", window.index))
         sigma = schedule.sigmas[start]
-        velocity = wan.velocity(prompts, p.guidance_scale, control=control, control_scale=p.conditioning_scale)
+        velocity = wan.velocity(prompts, p.guidance_scale, p.guidance_scale_2, control=control,
+                                control_scale=p.conditioning_scale)  # fmt: skip
         ctx.steps.start(schedule.steps(p.strength), "VACE generation (first window)")
         x = _sample(wan, velocity, (1 - sigma) * x0 + sigma * noise, schedule, p.strength, p.solver,
                     lambda i, s, x: ctx.steps.keep(i, _four(x), _label(i, s), part=window.index))  # fmt: skip

@@ -296,6 +296,9 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused_before_loading(
     spec = vace_spec((tiny_wan, vace_models[1]), *given)
     with pytest.raises(SpecError, match=r"method vace needs a VACE transformer, but this model's is I2V"):
         prepare_run(spec, Settings())
+    spec = propagate_spec(tiny_wan, edit, *given, "stages.denoise_latents.params.guidance_scale_2=3")
+    with pytest.raises(SpecError, match="guidance_scale_2 guides Wan 2.2 A14B's low-noise expert, but this bundle has one"):
+        prepare_run(spec, Settings())
 
 
 def test_windows_wan_cannot_take_are_refused_when_the_spec_loads(tiny_wan: Path, edit: Path) -> None:
