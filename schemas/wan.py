@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 import reelflow.schemas.depth  # noqa: F401  (the depth kind vace reads)
+from reelflow.schemas.gen1 import EmbedTextParams, TextContent
 from reelflow.schemas.base import Model, PositiveInt
 from reelflow.schemas.kinds import Attrs, WindowInfo, register_kind
 from reelflow.schemas.registry import Method
@@ -129,11 +130,9 @@ class DecodeLatentsWan(StageSpec):
     params: WanDecodeParams = Field(default_factory=WanDecodeParams, description="Decoding options.")
 
 
-class WanText(Attrs):
+class WanText(TextContent):
     """The prompts a Wan prompt embedding was made from."""
 
-    prompt: str = Field(description="What the edited video should show.")
-    negative_prompt: str = Field(description="The unconditional prompt of classifier-free guidance.")
     max_sequence_length: int = Field(description="Tokens per prompt (states past a prompt's own are zeros).")
 
 
@@ -163,9 +162,7 @@ register_kind(
 )
 
 
-class EmbedWanTextParams(Model):
-    prompt: str = Field(description="What the edited video should show.")
-    negative_prompt: str = Field(default="", description="The unconditional prompt of classifier-free guidance.")
+class EmbedWanTextParams(EmbedTextParams):
     max_sequence_length: int = Field(default=512, ge=1, le=512, description="Tokens per prompt (Wan's 512).")
 
 
